@@ -1,0 +1,923 @@
+"""Ozwell: an OpenAI-compatible API server on Tornado.
+
+Point the official OpenAI SDKs at it by changing only ``base_url`` and ``api_key``:
+
+    python ozwell.py --port 3000          # or the console script `ozwell`, or ./build/ozwell.pyz
+    ozwell spec > openapi.json            # print the OpenAPI document and exit
+
+Chat completions are proxied to a Llama backend (Ollama, llama.cpp, any OpenAI-compatible
+server); the built-in model ``ozwell-deterministic`` answers offline. In a test suite:
+
+    app = make_app(Settings(data_dir=str(tmp_path)))
+"""
+from __future__ import annotations
+
+import sys
+
+# Checked before anything else is imported, so an old interpreter gets one line, not a traceback.
+if sys.version_info < (3, 11):
+    sys.exit("ozwell needs Python 3.11 or newer; this is Python %d.%d." % sys.version_info[:2])
+
+import argparse
+import asyncio
+import copy
+import dataclasses
+import functools
+import hashlib
+import importlib.resources
+import json
+import logging
+import os
+import re
+import signal
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jsonschema
+import jsonschema.exceptions
+import tornado.httpserver
+import tornado.httputil
+import tornado.web
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIError",
+    "Settings",
+    "SettingsError",
+    "SchemaRegistry",
+    "OFFLINE_MODEL",
+    "build_openapi",
+    "count_tokens",
+    "deterministic_reply",
+    "main",
+    "make_app",
+    "tokenize",
+]
+
+log = logging.getLogger("ozwell")
+
+MiB = 1024 * 1024
+
+
+# =============================================================================
+# Settings
+# =============================================================================
+
+def _comma_list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _setting(default: Any, env: str, help: str, parse=str, flag: bool = True):
+    """A setting: its environment variable, its parser, and its line in --help."""
+    return dataclasses.field(
+        default=default, metadata={"env": env, "help": help, "parse": parse, "flag": flag})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the server is configured with; built once, handed to make_app()."""
+
+    host: str = _setting("0.0.0.0", "HOST", "address to listen on")
+    port: int = _setting(3000, "PORT", "port to listen on (0 picks a free one)", int)
+    data_dir: str = _setting("./data", "OZWELL_DATA_DIR", "where files and stored responses live")
+    llama_base_url: str = _setting(
+        "http://localhost:11434/v1", "LLAMA_BASE_URL",
+        "OpenAI-compatible upstream for chat completions", flag=False)
+    llama_api_key: str = _setting(
+        "", "LLAMA_API_KEY", "bearer token sent to the upstream (never the client's)", flag=False)
+    llama_models: tuple[str, ...] = _setting(
+        ("llama3",), "LLAMA_MODELS", "comma-separated upstream model ids listed in /v1/models",
+        _comma_list, flag=False)
+    api_keys: tuple[str, ...] = _setting(
+        (), "OZWELL_API_KEYS", "comma-separated accepted API keys (empty: any non-empty key)",
+        _comma_list, flag=False)
+    max_request_bytes: int = _setting(
+        32 * MiB, "OZWELL_MAX_REQUEST_BYTES", "largest JSON request body, in bytes", int)
+    upstream_connect_timeout: float = _setting(
+        10.0, "OZWELL_UPSTREAM_CONNECT_TIMEOUT", "seconds to connect to the upstream", float)
+    upstream_header_timeout: float = _setting(
+        300.0, "OZWELL_UPSTREAM_HEADER_TIMEOUT",
+        "seconds to wait for the upstream's response headers (then 504)", float)
+    keepalive_seconds: float = _setting(
+        15.0, "OZWELL_KEEPALIVE_SECONDS", "idle seconds before a `: keep-alive` line on a stream",
+        float)
+    stream_tokens_per_second: float = _setting(
+        0.0, "OZWELL_STREAM_TOKENS_PER_SECOND",
+        "pace of the built-in model's streams (0: as fast as possible)", float)
+    max_upload_bytes: int = _setting(
+        512 * MiB, "OZWELL_MAX_UPLOAD_BYTES", "largest file upload, in bytes", int)
+    shutdown_grace_seconds: float = _setting(
+        30.0, "OZWELL_SHUTDOWN_GRACE", "on SIGTERM, how long in-flight requests may finish", float)
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
+        """Environment first, then `overrides` (the flags) on top."""
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = environ.get(field.metadata["env"])
+            if raw is not None and raw != "":
+                values[field.name] = _parse_setting(field, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port {self.port} is out of range: use 0 to 65535")
+        if self.max_request_bytes < 1:
+            raise SettingsError("OZWELL_MAX_REQUEST_BYTES must be a positive number of bytes")
+
+
+class SettingsError(Exception):
+    """A setting that cannot work; main() prints it in one line and exits non-zero."""
+
+
+def _parse_setting(field: dataclasses.Field, raw: str) -> Any:
+    try:
+        return field.metadata["parse"](raw)
+    except ValueError:
+        raise SettingsError(
+            f"{field.metadata['env']}={raw!r} is not valid for {field.name}") from None
+
+
+def _argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ozwell",
+        description="An OpenAI-compatible API server. Flags win over environment variables.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_settings_table())
+    parser.add_argument("command", nargs="?", choices=("serve", "spec"), default="serve",
+                        help="serve (default) or spec: print the OpenAPI document and exit")
+    parser.add_argument("--version", action="version", version=f"ozwell {__version__}")
+    for field in dataclasses.fields(Settings):
+        if field.metadata["flag"]:
+            parser.add_argument(
+                "--" + field.name.replace("_", "-"), dest=field.name, default=None,
+                metavar=field.metadata["env"],
+                help=f"{field.metadata['help']} (env {field.metadata['env']}, "
+                     f"default {_shown_default(field.default)})")
+    return parser
+
+
+def _shown_default(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = ",".join(value)
+    return repr(value) if value == "" else str(value)
+
+
+def _settings_table() -> str:
+    rows = [f"  {f.metadata['env']:<26} {_shown_default(f.default):<28} {f.metadata['help']}"
+            for f in dataclasses.fields(Settings)]
+    return "settings (environment variable, default, meaning):\n" + "\n".join(rows)
+
+
+def settings_from_command_line(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, Settings]:
+    args = _argument_parser().parse_args(argv)
+    flags = {}
+    for field in dataclasses.fields(Settings):
+        raw = getattr(args, field.name, None)
+        if raw is not None:
+            flags[field.name] = _parse_setting(field, raw)
+    return args.command, Settings.from_environment(environ, **flags)
+
+
+# =============================================================================
+# Errors
+# =============================================================================
+
+class APIError(tornado.web.HTTPError):
+    """An error the client sees, rendered as OpenAI's error body by write_error."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(status)
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+
+def not_found(what: str, ident: str, code: str | None = None, param: str | None = None) -> APIError:
+    return APIError(404, f"No {what} found with id '{ident}'.", param=param, code=code)
+
+
+SERVER_ERROR_MESSAGE = ("The server had an error while processing your request (request id {}). "
+                        "The details are in the server's log.")
+
+
+# =============================================================================
+# Schemas
+# =============================================================================
+
+SCHEMA_PACKAGE = "ozwell_schemas"
+
+
+class SchemaRegistry:
+    """Every JSON Schema in `schemas/`, by name; validates requests and feeds /openapi.json.
+
+    A schema refers to another by file name (`{"$ref": "Error.json"}`), which is both how
+    jsonschema resolves it here and what build_openapi() rewrites into a component reference.
+    """
+
+    def __init__(self, schemas: Mapping[str, dict]) -> None:
+        self.schemas = dict(schemas)
+        store = {f"{name}.json": schema for name, schema in self.schemas.items()}
+        self._validators = {
+            name: jsonschema.Draft202012Validator(
+                schema, resolver=jsonschema.RefResolver(f"{name}.json", schema, store=store))
+            for name, schema in self.schemas.items()}
+
+    @classmethod
+    def load(cls) -> SchemaRegistry:
+        found = {}
+        for entry in importlib.resources.files(SCHEMA_PACKAGE).iterdir():
+            if entry.name.endswith(".json") and not entry.name.startswith("."):
+                found[entry.name[:-len(".json")]] = json.loads(entry.read_text(encoding="utf-8"))
+        return cls(found)
+
+    def errors(self, name: str, instance: Any) -> Iterator[jsonschema.exceptions.ValidationError]:
+        return self._validators[name].iter_errors(instance)
+
+    def validate(self, name: str, instance: Any) -> None:
+        """Raise a 400 APIError naming the first offending field, as OpenAI does."""
+        error = jsonschema.exceptions.best_match(self.errors(name, instance))
+        if error is not None:
+            raise _api_error_from_validation(error)
+
+
+def param_path(path: Sequence[str | int]) -> str:
+    """['messages', 0, 'role'] -> 'messages[0].role', the way OpenAI names a field."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def _describe_json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _api_error_from_validation(error: jsonschema.exceptions.ValidationError) -> APIError:
+    path = list(error.absolute_path)
+    if error.validator == "required":
+        missing = next((key for key in error.validator_value
+                        if isinstance(error.instance, dict) and key not in error.instance),
+                       error.validator_value[0])
+        param = param_path(path + [missing])
+        return APIError(400, f"Missing required parameter: '{param}'.", param=param,
+                        code="missing_required_parameter")
+    param = param_path(path) or None
+    where = f"'{param}'" if param else "the request body"
+    if error.validator == "type":
+        expected = error.validator_value
+        expected = " or ".join(expected) if isinstance(expected, list) else expected
+        message = (f"Invalid type for {where}: expected {expected}, "
+                   f"but got {_describe_json_type(error.instance)} instead.")
+        return APIError(400, message, param=param, code="invalid_type")
+    if error.validator == "enum":
+        allowed = ", ".join(json.dumps(v) for v in error.validator_value)
+        message = (f"Invalid value for {where}: {json.dumps(error.instance)}. "
+                   f"Supported values are: {allowed}.")
+        return APIError(400, message, param=param, code="invalid_value")
+    if error.validator == "const":
+        message = (f"Invalid value for {where}: {json.dumps(error.instance)}. "
+                   f"It must be {json.dumps(error.validator_value)}.")
+        return APIError(400, message, param=param, code="invalid_value")
+    if error.validator == "additionalProperties":
+        return APIError(400, f"Invalid parameter in {where}: {error.message}.", param=param,
+                        code="unknown_parameter")
+    return APIError(400, f"Invalid value for {where}: {error.message}.", param=param,
+                    code="invalid_value")
+
+
+# =============================================================================
+# Storage
+# =============================================================================
+
+def ensure_data_dir(path: str) -> str:
+    """Create the data dir if needed and prove it is writable, or raise SettingsError."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise SettingsError(f"data dir {path!r} is not usable: {exc.strerror or exc}. "
+                            "Set --data-dir or OZWELL_DATA_DIR to a writable directory.") from None
+    return os.path.abspath(path)
+
+
+# =============================================================================
+# Generators
+# =============================================================================
+
+OFFLINE_MODEL = "ozwell-deterministic"
+
+# Every model the server answers for locally, with its owner, as /v1/models lists them.
+LOCAL_MODELS: dict[str, str] = {OFFLINE_MODEL: "ozwell"}
+
+# One fixed creation time, so /v1/models is the same on every run.
+MODELS_CREATED_AT = 1767225600
+
+# The one token rule, used for usage counts and stream deltas everywhere: a token is a word of
+# at most six letters or digits (a longer word makes several tokens), or one punctuation mark,
+# together with the white space before it. Joining the tokens gives back the text exactly.
+TOKEN_PATTERN = re.compile(r"\s*(?:\w{1,6}|[^\w\s])|\s+")
+
+
+def tokenize(text: str) -> list[str]:
+    return TOKEN_PATTERN.findall(text)
+
+
+def count_tokens(text: str) -> int:
+    return sum(1 for _ in TOKEN_PATTERN.finditer(text))
+
+
+_VOCABULARY = (
+    "steady", "signal", "harbor", "lantern", "river", "quiet", "answer", "orbit", "meadow",
+    "copper", "window", "thread", "summit", "kettle", "ember", "compass", "garden", "ledger",
+    "willow", "beacon", "canvas", "marble", "pepper", "violet", "tunnel", "feather", "island",
+    "rocket", "saddle", "timber", "velvet", "anchor", "bridge", "candle", "dragon", "forest",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What the offline model says: its tokens, why it stopped, and what it read."""
+
+    tokens: tuple[str, ...]
+    finish_reason: str          # "stop", or "length" when max_tokens cut it short
+    prompt_tokens: int
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+
+def _seed_words(seed: bytes, count: int) -> Iterator[str]:
+    """Words picked by SHA-256 in counter mode: identical on every platform and Python."""
+    for counter in range(count):
+        digest = hashlib.sha256(seed + counter.to_bytes(4, "big")).digest()
+        yield _VOCABULARY[int.from_bytes(digest[:4], "big") % len(_VOCABULARY)]
+
+
+def deterministic_reply(model: str, conversation: Sequence[tuple[str, str]],
+                        max_tokens: int | None = None, variant: int = 0) -> Generation:
+    """The offline model: the same (model, conversation, max_tokens, variant) gives the same text.
+
+    `conversation` is (role, text) pairs, instructions included. The reply quotes the last user
+    turn, so different prompts give visibly different answers; `variant` tells apart the n
+    choices of one chat request.
+    """
+    seed = hashlib.sha256(json.dumps([model, list(conversation), variant]).encode()).digest()
+    last_user = next((text for role, text in reversed(conversation) if role == "user"), "")
+    quoted = " ".join(last_user.split())
+    if len(quoted) > 160:
+        quoted = quoted[:157].rstrip() + "..."
+    length = 12 + seed[0] % 13
+    words = list(_seed_words(seed, length))
+    sentence = " ".join(words).capitalize()
+    text = (f'You said: "{quoted}". ' if quoted else "") + (
+        f"Here is a deterministic answer from {model} (turn {len(conversation)}): {sentence}.")
+    tokens = tokenize(text)
+    finish_reason = "stop"
+    if max_tokens is not None and len(tokens) > max_tokens:
+        tokens, finish_reason = tokens[:max_tokens], "length"
+    prompt_tokens = sum(count_tokens(text) for _, text in conversation)
+    return Generation(tuple(tokens), finish_reason, prompt_tokens)
+
+
+# =============================================================================
+# SSE helpers
+# =============================================================================
+
+
+# =============================================================================
+# Upstream client
+# =============================================================================
+
+
+# =============================================================================
+# Base handler
+# =============================================================================
+
+@dataclasses.dataclass(frozen=True)
+class QueryParam:
+    name: str
+    schema: dict
+    description: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    """What one verb of one handler does, as /openapi.json tells it.
+
+    `request` and `response` name schemas in `schemas/`; `stream` names the schema of one
+    server-sent event when the operation can answer with `text/event-stream` instead.
+    """
+
+    summary: str
+    tag: str
+    response: str | None = None
+    request: str | None = None
+    stream: str | None = None
+    query: tuple[QueryParam, ...] = ()
+    request_media: str = "application/json"
+    response_media: str = "application/json"
+    errors: tuple[int, ...] = (400, 401, 404, 500)
+
+
+class Context:
+    """What every handler of one application shares: settings, schemas, stores, clients."""
+
+    def __init__(self, settings: Settings, schemas: SchemaRegistry) -> None:
+        self.settings = settings
+        self.schemas = schemas
+        self.started_at = time.monotonic()
+        self.in_flight = 0
+        self.openapi: dict[str, Any] = {}
+
+    def models(self) -> list[dict[str, Any]]:
+        owners = dict(LOCAL_MODELS)
+        for model_id in self.settings.llama_models:
+            owners.setdefault(model_id, "llama")
+        return [{"id": model_id, "object": "model", "created": MODELS_CREATED_AT,
+                 "owned_by": owner} for model_id, owner in owners.items()]
+
+
+@tornado.web.stream_request_body
+class BaseHandler(tornado.web.RequestHandler):
+    """JSON in, JSON out, OpenAI's errors, CORS, and a request id on every response.
+
+    Bodies are streamed in (so a body over the limit gets a 413 before it is read, and memory
+    stays bounded); `self.payload` parses and validates the body once it has fully arrived.
+    """
+
+    api: dict[str, Operation] = {}
+    requires_auth = True
+
+    # A refused body up to this size is still read and dropped, so the client, which sends
+    # the whole body before it reads the answer, gets to see the 413.
+    DRAIN_LIMIT = 1024 * MiB
+
+    def initialize(self, context: Context) -> None:
+        self.context = context
+        self._body_parts: list[bytes] = []
+        self._body_size = 0
+        self._counted = False
+
+    def set_default_headers(self) -> None:
+        # Called by the constructor, before initialize(), and again when an error clears
+        # the response: the id is made once and kept.
+        if not hasattr(self, "request_id"):
+            self.request_id = "req_" + uuid.uuid4().hex
+        self.set_header("x-request-id", self.request_id)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Access-Control-Allow-Origin", "*")
+        self.set_header("Access-Control-Expose-Headers", "x-request-id")
+
+    def prepare(self) -> None:
+        self.context.in_flight += 1
+        self._counted = True
+        if self.request.method == "OPTIONS":
+            return
+        self._limit_body()
+        if self.requires_auth:
+            self._authenticate()
+
+    def on_finish(self) -> None:
+        if self._counted:
+            self.context.in_flight -= 1
+            self._counted = False
+
+    def on_connection_close(self) -> None:
+        self.on_finish()
+
+    def _limit_body(self) -> None:
+        limit = self.body_limit()
+        declared = self.request.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            self.request.connection.set_max_body_size(min(int(declared), self.DRAIN_LIMIT))
+            raise APIError(413, f"The request body is {int(declared)} bytes; the limit is "
+                                f"{limit} bytes.", code="request_too_large")
+        self.request.connection.set_max_body_size(
+            limit if declared is not None else self.DRAIN_LIMIT)
+
+    def body_limit(self) -> int:
+        return self.context.settings.max_request_bytes
+
+    def _authenticate(self) -> None:
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise APIError(401, "You didn't provide an API key. You need to provide your API key "
+                                "in an Authorization header using Bearer auth "
+                                "(i.e. Authorization: Bearer YOUR_KEY).")
+        allowed = self.context.settings.api_keys
+        if allowed and token not in allowed:
+            shown = token[:3] + "*" * 4 + token[-4:] if len(token) > 8 else "*" * len(token)
+            raise APIError(401, f"Incorrect API key provided: {shown}. The server accepts only "
+                                "the keys listed in OZWELL_API_KEYS.", code="invalid_api_key")
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._finished:
+            return
+        self._body_size += len(chunk)
+        if self._body_size <= self.body_limit():
+            self._body_parts.append(chunk)
+
+    @functools.cached_property
+    def payload(self) -> dict[str, Any]:
+        """The request body as JSON, validated against the operation's request schema."""
+        limit = self.body_limit()
+        if self._body_size > limit:
+            raise APIError(413, f"The request body is over the limit of {limit} bytes.",
+                           code="request_too_large")
+        raw = b"".join(self._body_parts)
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise APIError(400, "We could not parse the JSON body of your request: "
+                                f"{exc}. Send a JSON object with Content-Type: application/json."
+                           ) from None
+        if not isinstance(body, dict):
+            raise APIError(400, "The request body must be a JSON object, not "
+                                f"{_describe_json_type(body)}.")
+        operation = self.api.get(self.request.method.lower())
+        if operation is not None and operation.request and operation.request_media == "application/json":
+            self.context.schemas.validate(operation.request, body)
+        return body
+
+    def compute_etag(self) -> None:
+        return None  # API replies change with every call; hashing each body is wasted work
+
+    def write_json(self, body: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(body, separators=(",", ":"), ensure_ascii=False))
+
+    def options(self, *args: Any, **kwargs: Any) -> None:
+        requested = self.request.headers.get("Access-Control-Request-Headers")
+        self.set_header("Access-Control-Allow-Methods", ", ".join(self._allowed_methods() + ["OPTIONS"]))
+        self.set_header("Access-Control-Allow-Headers", requested or
+                        "Authorization, Content-Type, Accept, OpenAI-Organization, OpenAI-Project, "
+                        "X-Stainless-Lang, X-Stainless-Package-Version, X-Stainless-OS, "
+                        "X-Stainless-Arch, X-Stainless-Runtime, X-Stainless-Runtime-Version, "
+                        "X-Stainless-Retry-Count, X-Stainless-Timeout, X-Stainless-Read-Timeout")
+        self.set_header("Access-Control-Max-Age", "86400")
+        self.set_status(204)
+        self.clear_header("Content-Type")
+        self.finish()
+
+    def _allowed_methods(self) -> list[str]:
+        return [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE")
+                if getattr(type(self), m.lower()) is not getattr(tornado.web.RequestHandler, m.lower())]
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        error = self._as_api_error(status_code, exc)
+        for name, value in error.headers.items():
+            self.set_header(name, value)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(error.body()))
+
+    def _as_api_error(self, status_code: int, exc: BaseException | None) -> APIError:
+        if isinstance(exc, APIError):
+            return exc
+        if status_code == 405:
+            allowed = self._allowed_methods()
+            return APIError(405, f"Method {self.request.method} is not allowed on "
+                                 f"{self.request.path}; use {' or '.join(allowed) or 'another route'}.",
+                            headers={"Allow": ", ".join(allowed + ["OPTIONS"])})
+        if status_code == 404:
+            return APIError(404, f"Invalid URL ({self.request.method} {self.request.path}).")
+        if status_code >= 500:
+            return APIError(status_code, SERVER_ERROR_MESSAGE.format(self.request_id),
+                            type="server_error")
+        reason = getattr(exc, "log_message", None) or tornado.httputil.responses.get(status_code, "")
+        return APIError(status_code, f"{reason}.")
+
+
+class NotFoundHandler(BaseHandler):
+    """Every path the route table does not know."""
+
+    requires_auth = False
+
+    def prepare(self) -> None:
+        super().prepare()
+        if self.request.method != "OPTIONS":
+            raise APIError(404, f"Invalid URL ({self.request.method} {self.request.path}).")
+
+
+# =============================================================================
+# Endpoint handlers
+# =============================================================================
+
+class HealthHandler(BaseHandler):
+    requires_auth = False
+    api = {"get": Operation("Health check", "System", response="HealthResponse", errors=(500,))}
+
+    def get(self) -> None:
+        self.write_json({"status": "ok", "version": __version__,
+                         "uptime_seconds": round(time.monotonic() - self.context.started_at, 3)})
+
+
+class OpenAPIHandler(BaseHandler):
+    requires_auth = False
+    api = {"get": Operation("This OpenAPI document", "System", errors=(500,))}
+
+    def get(self) -> None:
+        self.write_json(self.context.openapi)
+
+
+SWAGGER_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>Ozwell API</title>
+  <link rel="stylesheet" href="/docs/assets/swagger-ui.css">
+  <link rel="icon" type="image/png" href="/docs/assets/favicon-32x32.png">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="/docs/assets/swagger-ui-bundle.js"></script>
+  <script>
+    window.ui = SwaggerUIBundle({
+      url: "/openapi.json",
+      dom_id: "#swagger-ui",
+      deepLinking: true,
+      persistAuthorization: true,
+      validatorUrl: null,
+      layout: "BaseLayout"
+    });
+  </script>
+</body>
+</html>
+"""
+
+
+class DocsHandler(BaseHandler):
+    """Swagger UI from the assets inside the package: no CDN, works offline."""
+
+    requires_auth = False
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(SWAGGER_PAGE)
+
+
+def swagger_ui_assets() -> str:
+    """The folder of Swagger UI's files, from the swagger-ui-bundle package (5.x renders 3.1)."""
+    bundle = importlib.resources.files("swagger_ui_bundle") / "vendor"
+    folders = sorted(entry.name for entry in bundle.iterdir() if entry.name.startswith("swagger-ui-"))
+    return str(bundle / folders[-1])
+
+
+class DocsAssetHandler(tornado.web.StaticFileHandler):
+    def set_default_headers(self) -> None:
+        self.set_header("Access-Control-Allow-Origin", "*")
+
+
+class ModelsHandler(BaseHandler):
+    api = {"get": Operation("List models", "Models", response="ListModelsResponse")}
+
+    def get(self) -> None:
+        self.write_json({"object": "list", "data": self.context.models()})
+
+
+class ModelHandler(BaseHandler):
+    api = {"get": Operation("Retrieve a model", "Models", response="Model")}
+
+    def get(self, model: str) -> None:
+        for entry in self.context.models():
+            if entry["id"] == model:
+                return self.write_json(entry)
+        raise APIError(404, f"The model '{model}' does not exist. GET /v1/models lists the "
+                            "models this server answers for.", param="model", code="model_not_found")
+
+
+# =============================================================================
+# Route table
+# =============================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One path: `{name}` matches one segment, `{name:path}` the rest of the path (with '/')."""
+
+    template: str
+    handler: type[tornado.web.RequestHandler]
+    in_openapi: bool = True
+
+    _PARAMETER = re.compile(r"\{(\w+)(:path)?\}")
+
+    @property
+    def pattern(self) -> str:
+        def group(match: re.Match) -> str:
+            return f"(?P<{match.group(1)}>{'.+' if match.group(2) else '[^/]+'})"
+        return self._PARAMETER.sub(group, re.escape(self.template).replace(r"\{", "{").replace(r"\}", "}"))
+
+    @property
+    def openapi_path(self) -> str:
+        return self._PARAMETER.sub(r"{\1}", self.template)
+
+    @property
+    def path_parameters(self) -> list[str]:
+        return [match.group(1) for match in self._PARAMETER.finditer(self.template)]
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("/health", HealthHandler),
+    Route("/openapi.json", OpenAPIHandler, in_openapi=False),
+    Route("/docs", DocsHandler, in_openapi=False),
+    Route("/v1/models", ModelsHandler),
+    Route("/v1/models/{model:path}", ModelHandler),
+)
+
+
+def build_openapi(routes: Sequence[Route], schemas: SchemaRegistry) -> dict[str, Any]:
+    """The OpenAPI 3.1 document: paths from the route table, components from `schemas/`."""
+    paths: dict[str, Any] = {}
+    for route in routes:
+        if not route.in_openapi:
+            continue
+        item = paths.setdefault(route.openapi_path, {})
+        for method, operation in route.handler.api.items():
+            item[method] = _openapi_operation(route, method, operation)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Ozwell", "version": __version__,
+                 "description": "An OpenAI-compatible API server.",
+                 "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"}},
+        "paths": paths,
+        "components": {
+            "schemas": {name: _component(schema) for name, schema in sorted(schemas.schemas.items())},
+            "securitySchemes": {"ApiKeyAuth": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _openapi_operation(route: Route, method: str, operation: Operation) -> dict[str, Any]:
+    name = route.handler.__name__.removesuffix("Handler")
+    spec: dict[str, Any] = {"operationId": f"{method}{name}", "summary": operation.summary,
+                            "tags": [operation.tag]}
+    parameters = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for p in route.path_parameters]
+    parameters += [{"name": q.name, "in": "query", "required": False, "schema": q.schema,
+                    "description": q.description} for q in operation.query]
+    if parameters:
+        spec["parameters"] = parameters
+    if operation.request:
+        spec["requestBody"] = {"required": True, "content": {
+            operation.request_media: {"schema": _ref(operation.request)}}}
+    ok: dict[str, Any] = {"description": "OK"}
+    content: dict[str, Any] = {}
+    if operation.response:
+        content[operation.response_media] = {"schema": _ref(operation.response)}
+    elif operation.response_media != "application/json":
+        content[operation.response_media] = {"schema": {"type": "string", "format": "binary"}}
+    else:
+        content["application/json"] = {"schema": {"type": "object"}}
+    if operation.stream:
+        content["text/event-stream"] = {"schema": _ref(operation.stream),
+                                        "description": "Sent when the request has `stream: true`."}
+    ok["content"] = content
+    responses = {"200": ok}
+    for status in operation.errors:
+        responses[str(status)] = {"description": tornado.httputil.responses.get(status, "Error"),
+                                  "content": {"application/json": {"schema": _ref("ErrorResponse")}}}
+    spec["responses"] = responses
+    if route.handler.requires_auth:
+        spec["security"] = [{"ApiKeyAuth": []}]
+    return spec
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _component(schema: dict) -> dict:
+    """A schema file as an OpenAPI component: file references become component references."""
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
+                    file_name, _, pointer = value.partition("#")
+                    out[key] = f"#/components/schemas/{file_name.removesuffix('.json')}{pointer}"
+                elif key in ("$schema", "$id"):
+                    continue
+                else:
+                    out[key] = rewrite(value)
+            return out
+        if isinstance(node, list):
+            return [rewrite(item) for item in node]
+        return node
+    return rewrite(copy.deepcopy(schema))
+
+
+def make_app(settings: Settings | None = None) -> tornado.web.Application:
+    """The Tornado application for `settings`; several can live in one process."""
+    settings = settings or Settings()
+    context = Context(settings, SchemaRegistry.load())
+    context.openapi = build_openapi(ROUTES, context.schemas)
+    handlers: list[Any] = [(route.pattern, route.handler, {"context": context}) for route in ROUTES]
+    handlers.append((r"/docs/assets/(.*)", DocsAssetHandler, {"path": swagger_ui_assets()}))
+    return tornado.web.Application(
+        handlers,
+        default_handler_class=NotFoundHandler,
+        default_handler_args={"context": context},
+        log_function=_access_log,
+        ozwell=context,
+    )
+
+
+def _access_log(handler: tornado.web.RequestHandler) -> None:
+    status = handler.get_status()
+    logger = logging.getLogger("tornado.access")
+    level = logging.INFO if status < 500 else logging.ERROR
+    logger.log(level, "%d %s %s %.1fms %s", status, handler.request.method, handler.request.uri,
+               1000.0 * handler.request.request_time(), getattr(handler, "request_id", "-"))
+
+
+# =============================================================================
+# Main
+# =============================================================================
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: `ozwell [serve]` runs the server, `ozwell spec` prints the document."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        command, settings = settings_from_command_line(argv, os.environ)
+        if command == "spec":
+            print(json.dumps(build_openapi(ROUTES, SchemaRegistry.load()), indent=2))
+            return 0
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        ensure_data_dir(settings.data_dir)
+        return asyncio.run(serve(settings))
+    except SettingsError as exc:
+        print(f"ozwell: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+async def serve(settings: Settings) -> int:
+    app = make_app(settings)
+    context: Context = app.settings["ozwell"]
+    server = tornado.httpserver.HTTPServer(app, max_body_size=settings.max_request_bytes)
+    try:
+        server.listen(settings.port, settings.host)
+    except OSError as exc:
+        raise SettingsError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}. "
+                            "Pick another --port or stop the program using it.") from None
+    port = next(iter(server._sockets.values())).getsockname()[1]
+    shown_host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    log.info("ozwell %s listening on http://%s:%d (docs at http://%s:%d/docs)",
+             __version__, settings.host, port, shown_host, port)
+
+    stopping = asyncio.Event()
+    _on_stop_signals(stopping.set)
+    await stopping.wait()
+
+    log.info("stopping: no new connections; waiting for %d in-flight request(s)", context.in_flight)
+    server.stop()
+    deadline = time.monotonic() + settings.shutdown_grace_seconds
+    while context.in_flight > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await server.close_all_connections()
+    log.info("stopped")
+    return 0
+
+
+def _on_stop_signals(callback) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, callback)
+        except (NotImplementedError, RuntimeError):  # Windows: no loop signal handlers
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(callback))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

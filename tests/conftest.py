@@ -1,0 +1,100 @@
+"""Shared fixtures, in pytest-tornado's idiom: `app` is served at `base_url` for each test."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+import ozwell
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture
+def settings(tmp_path):
+    """The settings `app` is built from; override this fixture in a module to change them."""
+    return ozwell.Settings(data_dir=str(tmp_path / "data"))
+
+
+@pytest.fixture
+def app(settings):
+    return ozwell.make_app(settings)
+
+
+@pytest.fixture
+def base_url(http_port):
+    # pytest-tornado says "localhost", which may resolve to ::1 first; the server listens on
+    # 127.0.0.1 only.
+    return f"http://127.0.0.1:{http_port}"
+
+
+@pytest.fixture
+def client(base_url, http_server):
+    """The official SDK's async client, on the test's own event loop (no retries)."""
+    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_health(url: str, process: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}: "
+                               f"{process.stderr.read() if process.stderr else ''}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"no /health answer from {url} within {timeout} s")
+
+
+class ServerProcess:
+    """A real `python ozwell.py` process on a free port: for the sync SDK, signals, kill -9."""
+
+    def __init__(self, data_dir: Path, env: dict | None = None, args: tuple = ()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "ozwell.py"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--data-dir", str(data_dir), *args],
+            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for_health(self.url, self.process)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+@pytest.fixture
+def server_process(tmp_path):
+    """Start real server processes: `server_process(env={...})`; all are stopped at the end."""
+    started = []
+
+    def start(env: dict | None = None, args: tuple = (), data_dir: Path | None = None) -> ServerProcess:
+        server = ServerProcess(data_dir or tmp_path / "data", env, args)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
