@@ -39,12 +39,15 @@ import jsonschema
 import jsonschema.exceptions
 import tornado.httpserver
 import tornado.httputil
+import tornado.iostream
 import tornado.web
 
 __version__ = "0.1.0"
 
 __all__ = [
     "APIError",
+    "BaseHandler",
+    "EventStream",
     "Settings",
     "SettingsError",
     "SchemaRegistry",
@@ -411,6 +414,77 @@ def deterministic_reply(model: str, conversation: Sequence[tuple[str, str]],
 # =============================================================================
 # SSE helpers
 # =============================================================================
+
+class EventStream:
+    """Server-sent events on one response.
+
+    Each event is written and flushed at once; awaiting the flush is the backpressure, so a
+    slow client slows whoever produces the events. While nothing is sent for
+    `keepalive_seconds`, a `: keep-alive` comment goes out: an empty `data:` line would crash
+    the SDKs' parsers. Once open, the status is sent and cannot change: later errors go
+    inside the stream (`send_error`).
+    """
+
+    def __init__(self, handler: tornado.web.RequestHandler, keepalive_seconds: float) -> None:
+        self.handler = handler
+        self.keepalive_seconds = keepalive_seconds
+        self.is_open = False
+        self._last_write = time.monotonic()
+        self._keepalive: asyncio.Task | None = None
+
+    async def open(self) -> None:
+        self.handler.set_status(200)
+        self.handler.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.handler.set_header("Cache-Control", "no-cache")
+        self.handler.set_header("X-Accel-Buffering", "no")
+        self.is_open = True
+        await self._write("")
+        if self.keepalive_seconds > 0:
+            self._keepalive = asyncio.create_task(self._keep_alive())
+
+    async def send(self, data: Any, event: str | None = None) -> None:
+        """One event: `data` is JSON-encoded unless it is already a string (`[DONE]`)."""
+        text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"),
+                                                             ensure_ascii=False)
+        await self._write((f"event: {event}\n" if event else "") + f"data: {text}\n\n")
+
+    async def send_raw(self, chunk: bytes | str) -> None:
+        """Bytes already in SSE form (a relayed upstream event), passed on untouched."""
+        await self._write(chunk)
+
+    async def send_error(self, error: APIError) -> None:
+        await self.send(error.body())
+
+    async def comment(self, text: str) -> None:
+        await self._write(f": {text}\n\n")
+
+    async def _write(self, chunk: bytes | str) -> None:
+        if chunk:
+            self.handler.write(chunk)
+        self._last_write = time.monotonic()
+        await self.handler.flush()
+
+    async def _keep_alive(self) -> None:
+        try:
+            while True:
+                idle = time.monotonic() - self._last_write
+                if idle >= self.keepalive_seconds:
+                    await self.comment("keep-alive")
+                    idle = 0.0
+                await asyncio.sleep(self.keepalive_seconds - idle)
+        except (tornado.iostream.StreamClosedError, asyncio.CancelledError):
+            pass
+
+    def close(self) -> None:
+        """Stop the keep-alives and finish the response (if the client is still there)."""
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        if not self.handler._finished:
+            try:
+                self.handler.finish()
+            except tornado.iostream.StreamClosedError:
+                pass  # the client left; there is nobody to finish for
 
 
 # =============================================================================
