@@ -20,6 +20,7 @@ if sys.version_info < (3, 11):
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -58,6 +59,7 @@ __all__ = [
     "main",
     "make_app",
     "tokenize",
+    "write_atomically",
 ]
 
 log = logging.getLogger("ozwell")
@@ -325,6 +327,32 @@ def ensure_data_dir(path: str) -> str:
         raise SettingsError(f"data dir {path!r} is not usable: {exc.strerror or exc}. "
                             "Set --data-dir or OZWELL_DATA_DIR to a writable directory.") from None
     return os.path.abspath(path)
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Replace `path` with `data` so a reader sees the old bytes or the new, never a mix.
+
+    Written to a temporary file beside it, fsynced, then renamed over it; the directory is
+    fsynced too (on POSIX) so the rename itself survives a crash.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+    if hasattr(os, "O_DIRECTORY"):
+        descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 # =============================================================================

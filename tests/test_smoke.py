@@ -41,3 +41,11 @@ async def test_event_stream_flushes_events_and_keeps_alive(http_client, base_url
     assert body.startswith('data: {"n":1}\n\n')
     assert ": keep-alive\n\n" in body
     assert body.endswith('event: second\ndata: {"n":2}\n\ndata: [DONE]\n\n')
+
+
+def test_write_atomically_replaces_whole_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "index.json"
+    ozwell.write_atomically(str(target), b"old")
+    ozwell.write_atomically(str(target), b"new contents")
+    assert target.read_bytes() == b"new contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["index.json"]
