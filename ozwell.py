@@ -975,8 +975,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         command, settings = settings_from_command_line(argv, os.environ)
         if command == "spec":
-            print(json.dumps(build_openapi(ROUTES, SchemaRegistry.load()), indent=2))
-            return 0
+            return _print_spec()
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         ensure_data_dir(settings.data_dir)
         return asyncio.run(serve(settings))
@@ -985,6 +984,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 0
+
+
+def _print_spec() -> int:
+    try:
+        print(json.dumps(build_openapi(ROUTES, SchemaRegistry.load()), indent=2))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader (`| head`) has gone; say nothing more, and let Python's final flush of
+        # stdout go nowhere instead of raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 async def serve(settings: Settings) -> int:

@@ -98,3 +98,12 @@ def server_process(tmp_path):
     yield start
     for server in started:
         server.stop()
+
+
+def require(found, what: str):
+    """Something the test needs from the machine: in CI its absence fails, elsewhere it skips."""
+    if not found:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{what} is missing; .ci/run installs it")
+        pytest.skip(f"{what} is missing here (CI installs it)")
+    return found

@@ -1,0 +1,62 @@
+"""Build build/ozwell.pyz: one pure-Python file that runs on any OS and CPU with Python 3.11+.
+
+    python build/pyz.py            # writes build/ozwell.pyz and prints its size and sha256
+
+The packages inside are exactly build/pyz-requirements.txt (pinned, installed without their
+own dependencies). tornado and pyrsistent are built from source with their optional C
+speed-ups switched off, so no compiled module lands in the archive; the build fails if one
+does. Pinned versions and fixed timestamps make the same sources give the same bytes.
+"""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUT = ROOT / "build" / "ozwell.pyz"
+COMPILED_SUFFIXES = (".so", ".pyd", ".dylib", ".dll")
+PURE_PYTHON_BUILD = {"TORNADO_EXTENSION": "0", "PYRSISTENT_SKIP_EXTENSION": "1",
+                     "SOURCE_DATE_EPOCH": "1767225600", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+                     # A tornado wheel cached from a build with its extension would slip the
+                     # compiled module back in.
+                     "PIP_NO_CACHE_DIR": "1"}
+
+
+def build(output: Path = OUTPUT) -> Path:
+    env = {**os.environ, **PURE_PYTHON_BUILD}
+    with tempfile.TemporaryDirectory() as scratch:
+        site_packages = Path(scratch) / "site-packages"
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
+             str(site_packages), "--no-binary", "tornado,pyrsistent",
+             "-r", str(ROOT / "build" / "pyz-requirements.txt"), str(ROOT)],
+            check=True, env=env)
+        _prune(site_packages)
+        compiled = sorted(str(p.relative_to(site_packages)) for p in site_packages.rglob("*")
+                          if p.suffix in COMPILED_SUFFIXES)
+        if compiled:
+            sys.exit(f"build/pyz.py: compiled modules would tie the pyz to one platform: {compiled}")
+        subprocess.run(
+            [sys.executable, "-m", "shiv", "--reproducible", "--compressed",
+             "--python", "/usr/bin/env python3", "--entry-point", "ozwell:main",
+             "--site-packages", str(site_packages), "--output-file", str(output)],
+            check=True, env=env, stdout=subprocess.DEVNULL)
+    return output
+
+
+def _prune(site_packages: Path) -> None:
+    """Drop what never runs: source maps, byte code compiled here, pip's scripts."""
+    for path in list(site_packages.rglob("*.map")):
+        path.unlink()
+    for path in list(site_packages.rglob("__pycache__")):
+        shutil.rmtree(path)
+    shutil.rmtree(site_packages / "bin", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    path = build()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    print(f"{path.relative_to(ROOT)}  {path.stat().st_size / 1e6:.1f} MB  sha256 {digest}")
