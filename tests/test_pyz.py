@@ -7,16 +7,16 @@ import re
 import shutil
 import subprocess
 import sys
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, require, wait_for_health
+from conftest import ROOT, require
 
 sys.path.insert(0, str(ROOT / "build"))
 import pyz  # noqa: E402  (build/pyz.py, the one build command)
+import smoke  # noqa: E402  (build/smoke.py, also run by the release workflow)
 
 SUPPORTED = ("3.11", "3.12", "3.13")
 
@@ -52,43 +52,18 @@ def test_build_is_pure_python_and_reproducible(built, tmp_path):
     assert hashlib.sha256(again.read_bytes()).digest() == hashlib.sha256(built.read_bytes()).digest()
 
 
-def _get(url: str):
-    with urllib.request.urlopen(urllib.request.Request(
-            url, headers={"Authorization": "Bearer k"}), timeout=10) as reply:
-        return reply.status, reply.read()
-
-
 def test_runs_from_an_empty_folder_on_every_supported_python(built, tmp_path):
     found = {version: find_python(version) for version in SUPPORTED}
     missing = [version for version, path in found.items() if not path]
     if missing and os.environ.get("CI") == "true":
         pytest.fail(f"CI must test the pyz on every supported Python; missing: {missing}")
     require([v for v in found.values() if v], "a Python 3.11 to 3.13")
-    tried = []
     for version, python in found.items():
-        if not python:
-            continue
-        folder = tmp_path / version
-        folder.mkdir()
-        shutil.copy(built, folder / "ozwell.pyz")
-        port = free_port()
-        env = {**os.environ, "SHIV_ROOT": str(tmp_path / "shiv"), "PORT": str(port), "HOST": "127.0.0.1"}
-        process = subprocess.Popen([python, "ozwell.pyz"], cwd=folder, env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_for_health(url, process, timeout=60)
-            assert json.loads(_get(f"{url}/health")[1])["status"] == "ok"
-            assert "ozwell-deterministic" in {m["id"] for m in json.loads(_get(f"{url}/v1/models")[1])["data"]}
-            assert json.loads(_get(f"{url}/openapi.json")[1])["openapi"] == "3.1.0"
-            assert b"swagger-ui" in _get(f"{url}/docs")[1]
-            assert _get(f"{url}/docs/assets/swagger-ui-bundle.js")[0] == 200
-            assert (folder / "data").is_dir()  # the default ./data, beside where it runs
-        finally:
-            process.terminate()
-            assert process.wait(10) == 0, process.stderr.read()
-        tried.append(version)
-    print(f"pyz ran on Python {', '.join(tried)}; missing here: {', '.join(missing) or 'none'}")
+        if python:
+            (tmp_path / version).mkdir()
+            smoke.check(built, python, tmp_path / version, tmp_path / "shiv")
+    print(f"pyz ran on Python {', '.join(v for v in SUPPORTED if found[v])}; "
+          f"missing here: {', '.join(missing) or 'none'}")
 
 
 def test_spec_command_from_the_pyz(built, tmp_path):
