@@ -31,7 +31,9 @@ import logging
 import os
 import re
 import signal
+import socket
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -41,6 +43,7 @@ import jsonschema.exceptions
 import tornado.httpserver
 import tornado.httputil
 import tornado.iostream
+import tornado.netutil
 import tornado.web
 
 __version__ = "0.1.0"
@@ -117,6 +120,8 @@ class Settings:
         "pace of the built-in model's streams (0: as fast as possible)", float)
     max_upload_bytes: int = _setting(
         512 * MiB, "OZWELL_MAX_UPLOAD_BYTES", "largest file upload, in bytes", int)
+    workers: int = _setting(
+        1, "OZWELL_WORKERS", "processes serving the port (0: one per CPU; POSIX only)", int)
     shutdown_grace_seconds: float = _setting(
         30.0, "OZWELL_SHUTDOWN_GRACE", "on SIGTERM, how long in-flight requests may finish", float)
 
@@ -136,6 +141,8 @@ class Settings:
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"port {self.port} is out of range: use 0 to 65535")
+        if self.workers < 0:
+            raise SettingsError("OZWELL_WORKERS must be 0 (one per CPU) or more")
         if self.max_request_bytes < 1:
             raise SettingsError("OZWELL_MAX_REQUEST_BYTES must be a positive number of bytes")
 
@@ -744,7 +751,7 @@ class HealthHandler(BaseHandler):
     api = {"get": Operation("Health check", "System", response="HealthResponse", errors=(500,))}
 
     def get(self) -> None:
-        self.write_json({"status": "ok", "version": __version__,
+        self.write_json({"status": "ok", "version": __version__, "pid": os.getpid(),
                          "uptime_seconds": round(time.monotonic() - self.context.started_at, 3)})
 
 
@@ -976,9 +983,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         command, settings = settings_from_command_line(argv, os.environ)
         if command == "spec":
             return _print_spec()
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
         ensure_data_dir(settings.data_dir)
-        return asyncio.run(serve(settings))
+        sockets = _bind(settings)
+        workers = _worker_count(settings)
+        _log_banner(settings, sockets, workers)
+        _log_upstream_reachability(settings)
+        if workers > 1:
+            return _run_workers(settings, sockets, workers)
+        return asyncio.run(serve(settings, sockets))
     except SettingsError as exc:
         print(f"ozwell: {exc}", file=sys.stderr)
         return 2
@@ -997,19 +1010,111 @@ def _print_spec() -> int:
     return 0
 
 
-async def serve(settings: Settings) -> int:
+def _bind(settings: Settings) -> list[socket.socket]:
+    try:
+        return tornado.netutil.bind_sockets(settings.port, settings.host)
+    except OSError as exc:
+        raise SettingsError(f"cannot listen on {settings.host}:{settings.port}: "
+                            f"{exc.strerror or exc}. Pick another --port or stop the program "
+                            "using it.") from None
+
+
+def _worker_count(settings: Settings) -> int:
+    wanted = settings.workers or os.cpu_count() or 1
+    if wanted > 1 and not hasattr(os, "fork"):
+        log.warning("%d workers asked for, but this platform cannot fork: serving with one "
+                    "process", wanted)
+        return 1
+    return wanted
+
+
+def _log_banner(settings: Settings, sockets: list[socket.socket], workers: int) -> None:
+    port = sockets[0].getsockname()[1]
+    host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    local = ", ".join(f"{model} (built in)" for model in LOCAL_MODELS)
+    upstream = ", ".join(settings.llama_models)
+    log.info("ozwell %s listening on %s:%d with %d worker%s\n"
+             "  docs:     http://%s:%d/docs\n"
+             "  data dir: %s\n"
+             "  models:   %s%s\n"
+             "  upstream: %s (chat completions for any other model)",
+             __version__, settings.host, port, workers, "" if workers == 1 else "s", host, port,
+             os.path.abspath(settings.data_dir), local, f", {upstream} (upstream)" if upstream else "",
+             settings.llama_base_url)
+
+
+def _log_upstream_reachability(settings: Settings) -> None:
+    """One line at start when the Llama backend is not there yet; the server serves anyway."""
+    url = urllib.parse.urlsplit(settings.llama_base_url)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=1.0).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        log.warning("upstream %s is not reachable now (%s): chat completions for %s answer 502 "
+                    "until it is (start Ollama, or set LLAMA_BASE_URL). The built-in model %s "
+                    "works meanwhile.", settings.llama_base_url, reason.lower(),
+                    ", ".join(settings.llama_models) or "upstream models", OFFLINE_MODEL)
+
+
+def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -> int:
+    """Tornado's pre-fork model: the workers share the listening sockets; this process watches.
+
+    A worker that dies while no stop was asked for is replaced; SIGTERM or SIGINT is passed
+    on to every worker, each finishes its in-flight requests, and the exit code is 0 when
+    all of them stopped cleanly.
+    """
+    workers: dict[int, int] = {}
+    stopping = False
+    restarts_left = 5 * count
+
+    def start(number: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = asyncio.run(serve(settings, sockets))
+            except BaseException:
+                log.exception("worker %d failed", number)
+            finally:
+                os._exit(code)
+        workers[pid] = number
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    for number in range(count):
+        start(number)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    clean = True
+    while workers:
+        pid, status = os.wait()
+        number = workers.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            clean = clean and code == 0
+        elif restarts_left > 0:
+            restarts_left -= 1
+            log.warning("worker %d (pid %d) exited with %d; starting another", number, pid, code)
+            start(number)
+        else:
+            log.error("workers keep dying; stopping")
+            stop(signal.SIGTERM, None)
+            clean = False
+    return 0 if clean else 1
+
+
+async def serve(settings: Settings, sockets: list[socket.socket]) -> int:
+    """Serve on `sockets` until SIGTERM or SIGINT, then let in-flight requests finish."""
     app = make_app(settings)
     context: Context = app.settings["ozwell"]
     server = tornado.httpserver.HTTPServer(app, max_body_size=settings.max_request_bytes)
-    try:
-        server.listen(settings.port, settings.host)
-    except OSError as exc:
-        raise SettingsError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}. "
-                            "Pick another --port or stop the program using it.") from None
-    port = next(iter(server._sockets.values())).getsockname()[1]
-    shown_host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    log.info("ozwell %s listening on http://%s:%d (docs at http://%s:%d/docs)",
-             __version__, settings.host, port, shown_host, port)
+    server.add_sockets(sockets)
 
     stopping = asyncio.Event()
     _on_stop_signals(stopping.set)
