@@ -1,10 +1,12 @@
 """Shared fixtures, in pytest-tornado's idiom: `app` is served at `base_url` for each test."""
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import openai
@@ -107,3 +109,31 @@ def require(found, what: str):
             pytest.fail(f"{what} is missing; .ci/run installs it")
         pytest.skip(f"{what} is missing here (CI installs it)")
     return found
+
+
+NODE_SDK_VERSION = "7"
+
+
+@pytest.fixture(scope="session")
+def node_sdk():
+    """Run an ES module with the official Node SDK: `node_sdk(source) -> CompletedProcess`.
+
+    The `openai` npm package is installed once per machine into a cache folder; scripts are
+    written there so that `import OpenAI from "openai"` resolves.
+    """
+    node, npm = require(shutil.which("node"), "node"), require(shutil.which("npm"), "npm")
+    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ozwell-tests" / f"node-openai-{NODE_SDK_VERSION}"
+    if not (folder / "node_modules" / "openai" / "package.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "package.json").write_text('{"private": true, "type": "module"}')
+        subprocess.run([npm, "install", "--no-audit", "--no-fund", "--silent", f"openai@{NODE_SDK_VERSION}"],
+                       cwd=folder, check=True, capture_output=True, timeout=300)
+    def run(source: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        script = folder / f"script-{uuid.uuid4().hex}.mjs"
+        script.write_text(source)
+        try:
+            return subprocess.run([node, str(script)], capture_output=True, text=True, timeout=timeout)
+        finally:
+            script.unlink()
+
+    return run

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import ozwell
-from conftest import ROOT
+from conftest import ROOT, free_port, wait_for_health
 
 
 def run_cli(*args, env=None, timeout=30):
@@ -101,7 +101,15 @@ def test_stop_signal_lets_in_flight_requests_finish_then_exits_0(server_process,
     assert "Traceback" not in log and "stopped" in log
 
 
-def test_console_script_is_installed():
+def test_console_script_starts_the_server(tmp_path):
     script = os.path.join(os.path.dirname(sys.executable), "ozwell")
-    result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=30)
-    assert result.stdout.strip() == f"ozwell {ozwell.__version__}"
+    version = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=30)
+    assert version.stdout.strip() == f"ozwell {ozwell.__version__}"
+    port = free_port()
+    process = subprocess.Popen([script, "--host", "127.0.0.1", "--port", str(port), "--data-dir",
+                                str(tmp_path / "data")], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_health(f"http://127.0.0.1:{port}", process)
+    finally:
+        process.terminate()
+    assert process.wait(10) == 0

@@ -57,3 +57,10 @@ def test_python_examples_work_as_written(server_process):
         result = subprocess.run([sys.executable, "-c", _on(server, block)], capture_output=True,
                                 text=True, timeout=60)
         assert result.returncode == 0, result.stderr
+
+
+def test_node_examples_work_as_written(server_process, node_sdk):
+    server = server_process()
+    for block in code_blocks("javascript", 'from "openai"'):
+        result = node_sdk(_on(server, block))
+        assert result.returncode == 0, result.stderr
