@@ -1194,8 +1194,9 @@ def _openapi_operation(route: Route, method: str, operation: Operation) -> dict[
     else:
         content["application/json"] = {"schema": {"type": "object"}}
     if operation.stream:
-        content["text/event-stream"] = {"schema": _ref(operation.stream),
-                                        "description": "Sent when the request has `stream: true`."}
+        # A media type object has no description in OpenAPI 3.1: the response's says it.
+        ok["description"] = "OK; server-sent events when the request asks for a stream."
+        content["text/event-stream"] = {"schema": _ref(operation.stream)}
     ok["content"] = content
     responses = {"200": ok}
     for status in operation.errors:

@@ -4,6 +4,7 @@ import os
 import time
 
 import openai
+import openapi_spec_validator
 import pytest
 
 import ozwell
@@ -448,6 +449,7 @@ async def test_stored_as_one_json_file_per_response_and_read_by_a_new_app(client
 
 def test_openapi_documents_the_responses_routes():
     document = ozwell.build_openapi(ozwell.ROUTES, ozwell.SchemaRegistry.load())
+    openapi_spec_validator.validate_spec(document)
     create = document["paths"]["/v1/responses"]["post"]
     assert create["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/CreateResponse")
     assert create["responses"]["200"]["content"]["text/event-stream"]["schema"]["$ref"].endswith(
