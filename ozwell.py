@@ -993,10 +993,10 @@ async def _stream_response(handler: BaseHandler, response: dict[str, Any],
     settings = handler.context.settings
     pace = settings.stream_tokens_per_second
     stream = EventStream(handler, settings.keepalive_seconds)
-    await stream.open()
-    started = time.monotonic()
-    deltas = 0
     try:
+        await stream.open()
+        started = time.monotonic()
+        deltas = 0
         for number, event in enumerate(response_events(response)):
             if starting_after is not None and number <= starting_after:
                 continue
