@@ -365,6 +365,51 @@ def write_atomically(path: str, data: bytes) -> None:
             os.close(descriptor)
 
 
+class ResponseStore:
+    """Stored responses: one JSON file per response under `<data_dir>/responses/`.
+
+    A record is `{"response", "input_items", "turns"}`: the Response object, the input items
+    input_items lists, and the (role, text) turns a response that continues it builds on.
+    Only ids of the form this server makes are looked up, so no id can name a path outside
+    the folder.
+    """
+
+    _ID = re.compile(r"resp_[0-9a-f]{32}")
+
+    def __init__(self, data_dir: str) -> None:
+        self.directory = os.path.join(data_dir, "responses")
+
+    def save(self, record: dict[str, Any]) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        path = self._path(record["response"]["id"])
+        write_atomically(path, json.dumps(record, ensure_ascii=False).encode())
+
+    def load(self, response_id: str) -> dict[str, Any] | None:
+        path = self._path(response_id)
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as stored:
+                return json.load(stored)
+        except FileNotFoundError:
+            return None
+
+    def delete(self, response_id: str) -> bool:
+        path = self._path(response_id)
+        if path is None:
+            return False
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _path(self, response_id: str) -> str | None:
+        if not self._ID.fullmatch(response_id):
+            return None
+        return os.path.join(self.directory, f"{response_id}.json")
+
+
 # =============================================================================
 # Generators
 # =============================================================================
@@ -569,6 +614,7 @@ class Context:
         self.started_at = time.monotonic()
         self.in_flight = 0
         self.openapi: dict[str, Any] = {}
+        self.responses = ResponseStore(settings.data_dir)
 
     def models(self) -> list[dict[str, Any]]:
         owners = dict(LOCAL_MODELS)
@@ -829,6 +875,250 @@ class ModelHandler(BaseHandler):
                             "models this server answers for.", param="model", code="model_not_found")
 
 
+# What a Response echoes of its request, and the value it shows when the request has none.
+RESPONSE_ECHOED_FIELDS: dict[str, Any] = {
+    "instructions": None, "max_output_tokens": None, "max_tool_calls": None,
+    "parallel_tool_calls": True, "previous_response_id": None,
+    "reasoning": {"effort": None, "summary": None}, "temperature": 1.0, "tool_choice": "auto",
+    "tools": [], "top_logprobs": 0, "top_p": 1.0, "truncation": "disabled", "user": None,
+    "metadata": {}, "background": False, "prompt_cache_key": None, "safety_identifier": None,
+}
+
+
+def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
+    """Answer a CreateResponse body with the deterministic generator; store it unless told not to.
+
+    The generator reads the instructions (as a developer turn), the turns of the response
+    named by `previous_response_id` (whose own instructions are not carried over, as with
+    OpenAI), then this input.
+    """
+    model = body["model"]
+    if model not in {entry["id"] for entry in context.models()}:
+        raise APIError(400, f"The requested model '{model}' does not exist. GET /v1/models lists "
+                            "the models this server answers for.", param="model",
+                       code="model_not_found")
+    if body.get("conversation") is not None:
+        raise APIError(400, "This server has no Conversations API: continue a conversation by "
+                            "passing the last response's id as 'previous_response_id'.",
+                       param="conversation")
+    turns: list[list[str]] = []
+    previous_id = body.get("previous_response_id")
+    if previous_id is not None:
+        previous = context.responses.load(previous_id)
+        if previous is None:
+            raise not_found("previous response", previous_id, param="previous_response_id",
+                            code="previous_response_not_found")
+        turns = previous["turns"]
+    input_items = _input_items(body["input"])
+    turns = turns + [[item["role"], _message_text(item)] for item in input_items]
+    instructions = body.get("instructions")
+    conversation = ([("developer", instructions)] if instructions else []) + [tuple(t) for t in turns]
+    generation = deterministic_reply(model, conversation, body.get("max_output_tokens"))
+
+    cut_short = generation.finish_reason == "length"
+    status = "incomplete" if cut_short else "completed"
+    now = int(time.time())
+    response = {
+        "id": "resp_" + uuid.uuid4().hex, "object": "response", "created_at": now,
+        "status": status, "completed_at": None if cut_short else now, "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if cut_short else None,
+        "model": model,
+        "output": [_output_message("msg_" + uuid.uuid4().hex, generation.text, status)],
+        "service_tier": "default", "store": body.get("store") is not False,
+        "text": {"format": {"type": "text"}, "verbosity": "medium", **(body.get("text") or {})},
+        "usage": {
+            "input_tokens": generation.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": generation.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+        },
+    }
+    for field, default in RESPONSE_ECHOED_FIELDS.items():
+        value = body.get(field)
+        response[field] = copy.deepcopy(default) if value is None else value
+    if response["store"]:
+        context.responses.save({"response": response, "input_items": input_items,
+                                "turns": turns + [["assistant", generation.text]]})
+    return response
+
+
+def _input_items(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The input as input_items lists it: messages with ids, their text in parts."""
+    messages = [{"role": "user", "content": given}] if isinstance(given, str) else given
+    items = []
+    for message in messages:
+        content = message["content"]
+        texts = [content] if isinstance(content, str) else [part["text"] for part in content]
+        if message["role"] == "assistant":
+            items.append(_output_message("msg_" + uuid.uuid4().hex, "\n".join(texts), "completed"))
+        else:
+            items.append({"id": "msg_" + uuid.uuid4().hex, "type": "message",
+                          "role": message["role"], "status": "completed",
+                          "content": [{"type": "input_text", "text": text} for text in texts]})
+    return items
+
+
+def _message_text(item: dict[str, Any]) -> str:
+    return "\n".join(part["text"] for part in item["content"])
+
+
+def _output_message(item_id: str, text: str, status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status,
+            "content": [_output_text(text)]}
+
+
+def _output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def response_events(response: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The semantic events that stream a finished `response`, in OpenAI's order.
+
+    A stream and a replay (GET ?stream=true) both come from here, so they are the same;
+    there is one text delta per token, and the deltas joined are the text.
+    """
+    message = response["output"][0]
+    part = message["content"][0]
+    started = dict(response, status="in_progress", completed_at=None, incomplete_details=None,
+                   output=[], usage=None)
+    where = {"item_id": message["id"], "output_index": 0, "content_index": 0}
+    yield {"type": "response.created", "response": started}
+    yield {"type": "response.in_progress", "response": started}
+    yield {"type": "response.output_item.added", "output_index": 0,
+           "item": dict(message, status="in_progress", content=[])}
+    yield {"type": "response.content_part.added", **where, "part": _output_text("")}
+    for token in tokenize(part["text"]):
+        yield {"type": "response.output_text.delta", **where, "delta": token, "logprobs": []}
+    yield {"type": "response.output_text.done", **where, "text": part["text"], "logprobs": []}
+    yield {"type": "response.content_part.done", **where, "part": part}
+    yield {"type": "response.output_item.done", "output_index": 0, "item": message}
+    finished = "response.completed" if response["status"] == "completed" else "response.incomplete"
+    yield {"type": finished, "response": response}
+
+
+async def _stream_response(handler: BaseHandler, response: dict[str, Any],
+                           starting_after: int | None = None) -> None:
+    """Send the events of `response` after `starting_after`, text deltas at the set pace."""
+    settings = handler.context.settings
+    pace = settings.stream_tokens_per_second
+    stream = EventStream(handler, settings.keepalive_seconds)
+    try:
+        await stream.open()
+        started = time.monotonic()
+        deltas = 0
+        for number, event in enumerate(response_events(response)):
+            if starting_after is not None and number <= starting_after:
+                continue
+            if pace > 0 and event["type"] == "response.output_text.delta":
+                deltas += 1
+                # Paced from the start of the stream, so slow writes do not add up to drift.
+                delay = started + deltas / pace - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await stream.send({**event, "sequence_number": number}, event=event["type"])
+    except tornado.iostream.StreamClosedError:
+        pass  # the client left; a stored response is saved whole already
+    finally:
+        stream.close()
+
+
+def _stored_response(context: Context, response_id: str) -> dict[str, Any]:
+    record = context.responses.load(response_id)
+    if record is None:
+        raise not_found("response", response_id)
+    return record
+
+
+def _query_value(handler: BaseHandler, param: QueryParam) -> Any:
+    """A query parameter read as its schema's type and checked against it; a 400 if it fails."""
+    raw = handler.get_query_argument(param.name, None)
+    if raw is None:
+        return param.schema.get("default")
+    value: Any = raw
+    kind = param.schema.get("type")
+    if kind == "integer" and re.fullmatch(r"-?\d+", raw):
+        value = int(raw)
+    elif kind == "boolean" and raw.lower() in ("true", "false", "1", "0"):
+        value = raw.lower() in ("true", "1")
+    if next(jsonschema.Draft202012Validator(param.schema).iter_errors(value), None) is not None:
+        raise APIError(400, f"Invalid value for '{param.name}': '{raw}'. {param.description}",
+                       param=param.name, code="invalid_value")
+    return value
+
+
+class ResponsesHandler(BaseHandler):
+    api = {"post": Operation("Create a model response", "Responses", request="CreateResponse",
+                             response="Response", stream="ResponseStreamEvent")}
+
+    async def post(self) -> None:
+        body = self.payload
+        response = create_response(self.context, body)
+        if body.get("stream"):
+            await _stream_response(self, response)
+        else:
+            self.write_json(response)
+
+
+_STREAM = QueryParam("stream", {"type": "boolean", "default": False},
+                     "Use true to get the response again as its stream of events.")
+_STARTING_AFTER = QueryParam("starting_after", {"type": "integer", "minimum": 0},
+                             "With stream=true, a sequence number: only later events are sent.")
+
+
+class ResponseHandler(BaseHandler):
+    api = {
+        "get": Operation("Retrieve a model response", "Responses", response="Response",
+                         stream="ResponseStreamEvent", query=(_STREAM, _STARTING_AFTER)),
+        "delete": Operation("Delete a model response", "Responses",
+                            response="DeleteResponseResponse"),
+    }
+
+    async def get(self, response_id: str) -> None:
+        response = _stored_response(self.context, response_id)["response"]
+        if _query_value(self, _STREAM):
+            await _stream_response(self, response, _query_value(self, _STARTING_AFTER))
+        else:
+            self.write_json(response)
+
+    def delete(self, response_id: str) -> None:
+        if not self.context.responses.delete(response_id):
+            raise not_found("response", response_id)
+        self.write_json({"id": response_id, "object": "response", "deleted": True})
+
+
+_AFTER = QueryParam("after", {"type": "string"},
+                    "An item id from the previous page (its last_id): the page starts after it.")
+_LIMIT = QueryParam("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+                    "How many items a page holds: an integer from 1 to 100 (default 20).")
+_ORDER = QueryParam("order", {"enum": ["asc", "desc"], "default": "desc"},
+                    "asc (oldest first) or desc (newest first, the default).")
+
+
+class ResponseInputItemsHandler(BaseHandler):
+    api = {"get": Operation("List the input items of a model response", "Responses",
+                            response="ResponseItemList", query=(_AFTER, _LIMIT, _ORDER))}
+
+    def get(self, response_id: str) -> None:
+        items = _stored_response(self.context, response_id)["input_items"]
+        after, limit, order = (_query_value(self, p) for p in (_AFTER, _LIMIT, _ORDER))
+        if order == "desc":
+            items = items[::-1]
+        start = 0
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise APIError(400, f"Invalid value for 'after': response '{response_id}' has no "
+                                    f"input item '{after}'. Use the last_id of the page before.",
+                               param="after", code="invalid_value")
+            start = ids.index(after) + 1
+        page = items[start:start + limit]
+        self.write_json({"object": "list", "data": page,
+                         "first_id": page[0]["id"] if page else None,
+                         "last_id": page[-1]["id"] if page else None,
+                         "has_more": start + limit < len(items)})
+
+
 # =============================================================================
 # Route table
 # =============================================================================
@@ -864,6 +1154,9 @@ ROUTES: tuple[Route, ...] = (
     Route("/docs", DocsHandler, in_openapi=False),
     Route("/v1/models", ModelsHandler),
     Route("/v1/models/{model:path}", ModelHandler),
+    Route("/v1/responses", ResponsesHandler),
+    Route("/v1/responses/{response_id}", ResponseHandler),
+    Route("/v1/responses/{response_id}/input_items", ResponseInputItemsHandler),
 )
 
 
@@ -911,8 +1204,9 @@ def _openapi_operation(route: Route, method: str, operation: Operation) -> dict[
     else:
         content["application/json"] = {"schema": {"type": "object"}}
     if operation.stream:
-        content["text/event-stream"] = {"schema": _ref(operation.stream),
-                                        "description": "Sent when the request has `stream: true`."}
+        # A media type object has no description in OpenAPI 3.1: the response's says it.
+        ok["description"] = "OK; server-sent events when the request asks for a stream."
+        content["text/event-stream"] = {"schema": _ref(operation.stream)}
     ok["content"] = content
     responses = {"200": ok}
     for status in operation.errors:

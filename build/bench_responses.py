@@ -1,0 +1,111 @@
+"""Benchmark rows for the Responses API: `python build/bench_responses.py` prints them.
+
+Starts its own server (`python ozwell.py` on 127.0.0.1, a temporary data dir, streams
+unpaced), measures over one keep-alive connection with bounded loops, and stops it.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADERS = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
+BODY = {"model": "ozwell-deterministic", "input": "How fast can you answer this question?"}
+SECONDS_PER_ROW = 3.0
+MAX_REQUESTS = 5000
+
+
+def rows() -> list[tuple[str, str]]:
+    with tempfile.TemporaryDirectory() as data_dir, _server(data_dir) as port:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            stored = _requests_per_second(connection, BODY)
+            unstored = _requests_per_second(connection, {**BODY, "store": False})
+            events, rate = _stream_events_per_second(connection)
+        finally:
+            connection.close()
+    return [
+        ("responses: non-streaming create, stored (one connection)", f"{stored:.0f} requests/s"),
+        ("responses: non-streaming create, store=false (one connection)", f"{unstored:.0f} requests/s"),
+        (f"responses: one unpaced stream ({events} events)", f"{rate:.0f} events/s"),
+    ]
+
+
+def _requests_per_second(connection: http.client.HTTPConnection, body: dict) -> float:
+    payload = json.dumps(body)
+    count = 0
+    started = time.perf_counter()
+    while count < MAX_REQUESTS and time.perf_counter() - started < SECONDS_PER_ROW:
+        connection.request("POST", "/v1/responses", payload, HEADERS)
+        reply = connection.getresponse()
+        reply.read()
+        if reply.status != 200:
+            raise RuntimeError(f"POST /v1/responses answered {reply.status}")
+        count += 1
+    return count / (time.perf_counter() - started)
+
+
+def _stream_events_per_second(connection: http.client.HTTPConnection) -> tuple[int, float]:
+    """Events in one stream, and the median events/s from the request to the last event."""
+    payload = json.dumps({**BODY, "stream": True, "store": False})
+    rates = []
+    events = 0
+    deadline = time.perf_counter() + SECONDS_PER_ROW
+    while len(rates) < 500 and time.perf_counter() < deadline:
+        started = time.perf_counter()
+        connection.request("POST", "/v1/responses", payload, HEADERS)
+        text = connection.getresponse().read().decode()
+        elapsed = time.perf_counter() - started
+        events = sum(1 for line in text.split("\n") if line.startswith("event: "))
+        rates.append(events / elapsed)
+    return events, statistics.median(rates)
+
+
+class _server:
+    """A `python ozwell.py` process on a free port, stopped on exit."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.data_dir = data_dir
+
+    def __enter__(self) -> int:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OZWELL_")}
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "ozwell.py"), "--host", "127.0.0.1", "--port", str(port),
+             "--data-dir", self.data_dir, "--stream-tokens-per-second", "0"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                    return port
+            except OSError:
+                if self.process.poll() is not None:
+                    break
+                time.sleep(0.05)
+        self.__exit__()
+        raise RuntimeError("the server did not start")
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+if __name__ == "__main__":
+    for what, figure in rows():
+        print(f"{what}: {figure}")
