@@ -1270,6 +1270,9 @@ def _access_log(handler: tornado.web.RequestHandler) -> None:
 # Main
 # =============================================================================
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: `ozwell [serve]` runs the server, `ozwell spec` prints the document."""
     argv = sys.argv[1:] if argv is None else argv
@@ -1363,7 +1366,12 @@ def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -
     restarts_left = 5 * count
 
     def start(number: int) -> None:
+        # A worker is born with the stop signals blocked: one that arrives before its event
+        # loop listens waits for serve() instead of killing the worker mid-start.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = os.fork()
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         if pid == 0:
             code = 1
             try:
@@ -1381,10 +1389,10 @@ def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
-    for number in range(count):
-        start(number)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    for number in range(count):
+        start(number)
     clean = True
     while workers:
         pid, status = os.wait()
@@ -1426,11 +1434,13 @@ async def serve(settings: Settings, sockets: list[socket.socket]) -> int:
 
 def _on_stop_signals(callback) -> None:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         try:
             loop.add_signal_handler(sig, callback)
         except (NotImplementedError, RuntimeError):  # Windows: no loop signal handlers
             signal.signal(sig, lambda *_: loop.call_soon_threadsafe(callback))
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 if __name__ == "__main__":

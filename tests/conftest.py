@@ -111,28 +111,39 @@ def require(found, what: str):
     return found
 
 
-NODE_SDK_VERSION = "7"
+NODE_SDK_VERSION = "7.57.0"
 
 
 @pytest.fixture(scope="session")
 def node_sdk():
-    """Run an ES module with the official Node SDK: `node_sdk(source) -> CompletedProcess`.
+    """Run a script with the official Node SDK: `node_sdk(source, *args) -> CompletedProcess`.
 
-    The `openai` npm package is installed once per machine into a cache folder; scripts are
-    written there so that `import OpenAI from "openai"` resolves.
+    The `openai` npm package is installed once per machine into a cache folder (staged, then
+    renamed, so an interrupted install is never taken for a finished one); scripts are written
+    there so that `import OpenAI from "openai"` (or `require`) resolves.
     """
     node, npm = require(shutil.which("node"), "node"), require(shutil.which("npm"), "npm")
-    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ozwell-tests" / f"node-openai-{NODE_SDK_VERSION}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = cache / "ozwell-tests" / f"node-openai-{NODE_SDK_VERSION}"
     if not (folder / "node_modules" / "openai" / "package.json").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "package.json").write_text('{"private": true, "type": "module"}')
-        subprocess.run([npm, "install", "--no-audit", "--no-fund", "--silent", f"openai@{NODE_SDK_VERSION}"],
-                       cwd=folder, check=True, capture_output=True, timeout=300)
-    def run(source: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        script = folder / f"script-{uuid.uuid4().hex}.mjs"
+        staging = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        (staging / "package.json").write_text(
+            f'{{"private": true, "dependencies": {{"openai": "{NODE_SDK_VERSION}"}}}}')
+        result = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
+                                cwd=staging, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            pytest.fail(f"npm install openai@{NODE_SDK_VERSION} failed:\n{result.stderr}")
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
+
+    def run(source: str, *args: str, suffix: str = ".mjs", timeout: float = 60) -> subprocess.CompletedProcess:
+        script = folder / f"script-{uuid.uuid4().hex}{suffix}"
         script.write_text(source)
         try:
-            return subprocess.run([node, str(script)], capture_output=True, text=True, timeout=timeout)
+            return subprocess.run([node, str(script), *args], capture_output=True, text=True,
+                                  timeout=timeout)
         finally:
             script.unlink()
 

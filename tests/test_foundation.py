@@ -5,10 +5,9 @@ import socket
 
 import openai
 import pytest
-from tornado.httpclient import HTTPClientError
 
 import ozwell
-from conftest import API_KEY, AUTH
+from conftest import AUTH
 
 
 async def fetch(http_client, url, **kwargs):

@@ -36,7 +36,7 @@ def test_settings_table_lists_every_setting_with_its_default(field):
 
 
 def _on(server, text: str) -> str:
-    return text.replace("http://localhost:3000", server.url)
+    return text.replace("http://localhost:3000", server.url).replace("http://127.0.0.1:3000", server.url)
 
 
 def test_curl_examples_work_as_written(server_process):

@@ -1,20 +1,13 @@
 """Responses against a real server process: the sync Python SDK, a restart, and the Node SDK."""
 import json
 import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import openai
-import pytest
 
 import ozwell
 from conftest import API_KEY
 
 MODEL = ozwell.OFFLINE_MODEL
-
-# The Node SDK the test installs from the npm registry (into a cache, once).
-NODE_OPENAI_VERSION = "7.57.0"
 
 NODE_SCRIPT = r"""
 const OpenAI = require("openai");
@@ -65,40 +58,9 @@ def test_stored_responses_survive_a_restart(server_process, tmp_path):
     assert sorted(names) == sorted(f"{r.id}.json" for r in (created, follow_up))
 
 
-@pytest.fixture(scope="session")
-def node_openai():
-    """node_modules holding the Node SDK, installed with npm into a cache the first time."""
-    if not (shutil.which("node") and shutil.which("npm")):
-        message = "the Node SDK test needs node (18 or newer) and npm on PATH"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = cache / "ozwell-tests" / f"node-openai-{NODE_OPENAI_VERSION}"
-    if not (folder / "node_modules" / "openai" / "package.json").exists():
-        staging = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        (staging / "package.json").write_text(json.dumps(
-            {"private": True, "dependencies": {"openai": NODE_OPENAI_VERSION}}))
-        result = subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=staging, capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            pytest.fail(f"npm install openai@{NODE_OPENAI_VERSION} failed:\n{result.stderr}")
-        shutil.rmtree(folder, ignore_errors=True)
-        staging.rename(folder)
-    return folder / "node_modules"
-
-
-def test_node_sdk_output_text(server_process, node_openai, tmp_path):
+def test_node_sdk_output_text(server_process, node_sdk):
     server = server_process()
-    script = tmp_path / "responses.cjs"
-    script.write_text(NODE_SCRIPT)
-    result = subprocess.run(
-        ["node", str(script), f"{server.url}/v1", API_KEY, MODEL, "hello from node"],
-        env={**os.environ, "NODE_PATH": str(node_openai)}, capture_output=True, text=True,
-        timeout=60)
+    result = node_sdk(NODE_SCRIPT, f"{server.url}/v1", API_KEY, MODEL, "hello from node", suffix=".cjs")
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)
     expected = ozwell.deterministic_reply(MODEL, [("user", "hello from node")]).text

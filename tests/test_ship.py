@@ -11,10 +11,8 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from conftest import ROOT, free_port, wait_for_health

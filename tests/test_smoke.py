@@ -4,7 +4,6 @@ import json
 import pytest
 
 import ozwell
-from conftest import AUTH
 
 
 @pytest.mark.gen_test
