@@ -754,8 +754,6 @@ class EventRelay:
     is written together, and flushed before the upstream is read again.
     """
 
-    _DONE_AT_END = re.compile(rb"(?:^|\n)data: ?\[DONE\]\s*\Z")
-
     def __init__(self, call: UpstreamCall, stream: EventStream) -> None:
         self.call = call
         self.stream = stream
@@ -779,7 +777,7 @@ class EventRelay:
         if not end:
             return
         events = data[:end]
-        self.done_sent = self._DONE_AT_END.search(events, max(0, end - 24)) is not None
+        self.done_sent = events.rstrip().endswith(b"[DONE]")  # a chunk's JSON ends with "}"
         try:
             await self.stream.send_raw(events)
         except tornado.iostream.StreamClosedError:
@@ -791,6 +789,7 @@ def _events_end(data: bytes) -> int:
     lf = data.rfind(b"\n\n")
     crlf = data.rfind(b"\r\n\r\n")
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
 
 # =============================================================================
 # Base handler
@@ -1131,18 +1130,19 @@ class ChatCompletionsHandler(BaseHandler):
             await self._relay_stream(call)
             return
         answer = await call.read()
-        self.set_status(call.status)
-        for name in ("Retry-After", "Retry-After-Ms"):
+        for name in ("Retry-After", "Retry-After-Ms"):  # the SDKs' retries wait as told
             if name in call.headers:
                 self.set_header(name, call.headers[name])
         if call.status >= 300:
-            return self.write_json(call.error_body(answer), call.status)
+            self.write_json(call.error_body(answer), call.status)
+            return
         content_type = call.headers.get("Content-Type", "")
         if "json" not in content_type:
             raise APIError(502, f"The Llama backend at {call.url} answered with "
                                 f"{content_type or 'no content type'}, not JSON: "
                                 f"{answer[:200].decode('utf-8', 'replace')!r}.",
                            type="server_error", code="upstream_invalid_response")
+        self.set_status(call.status)
         self.set_header("Content-Type", content_type)
         self.finish(answer)
 

@@ -73,6 +73,8 @@ class _FakeChatHandler(tornado.web.RequestHandler):
             return
         if "status" in plan:
             self.set_status(plan["status"])
+            for name, value in plan.get("headers", {}).items():
+                self.set_header(name, value)
             error = plan.get("error", {"message": "upstream says no", "type": "invalid_request_error",
                                        "param": None, "code": "nope"})
             if isinstance(error, str):
@@ -124,7 +126,8 @@ class _FakeChatHandler(tornado.web.RequestHandler):
             await send(chunk({}, "stop"))
             if include_usage:
                 await send({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
-            self.write("data: [DONE]\n\n")
+            if not plan.get("no_done"):
+                self.write("data: [DONE]\n\n")
             self.finish()
             fake.finished.set()
         except tornado.iostream.StreamClosedError:
@@ -488,6 +491,30 @@ async def test_upstream_error_in_another_shape_is_wrapped_into_openais(client, l
     assert_valid(registry, "Error", caught.value.body)
     assert caught.value.body["code"] == "context_length_exceeded"
     assert caught.value.body["message"] == llama_cpp["message"] and caught.value.body["n_ctx"] == 512
+
+
+@pytest.mark.gen_test
+async def test_the_upstreams_retry_after_reaches_the_client(client):
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.chat.completions.create(model="llama3", messages=HELLO, extra_body={"fake": {
+            "status": 429, "headers": {"Retry-After": "7"}}})
+    assert caught.value.response.headers["retry-after"] == "7"
+
+
+@pytest.mark.gen_test
+async def test_a_plain_answer_that_is_not_json_is_a_502(client):
+    with pytest.raises(openai.InternalServerError) as caught:
+        await client.chat.completions.create(model="llama3", messages=HELLO, extra_body={"fake": {
+            "status": 200, "error": "<html>a login page</html>"}})
+    assert caught.value.status_code == 502 and caught.value.body["code"] == "upstream_invalid_response"
+    assert "text/plain" in caught.value.body["message"] and "a login page" in caught.value.body["message"]
+
+
+@pytest.mark.gen_test
+async def test_a_stream_the_upstream_ends_without_done_still_ends_with_done(http_client, base_url):
+    reply = await post_chat(http_client, base_url, {"model": "llama3", "messages": HELLO, "stream": True,
+                                                    "fake": {"no_done": True}})
+    assert reply.body.endswith(b"data: [DONE]\n\n") and reply.body.count(b"[DONE]") == 1
 
 
 @pytest.mark.gen_test
