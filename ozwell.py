@@ -1307,8 +1307,9 @@ def _openapi_operation(route: Route, method: str, operation: Operation) -> dict[
     else:
         content["application/json"] = {"schema": {"type": "object"}}
     if operation.stream:
-        content["text/event-stream"] = {"schema": _ref(operation.stream),
-                                        "description": "Sent when the request has `stream: true`."}
+        # A media type object has no description in OpenAPI 3.1: the response's tells of it.
+        content["text/event-stream"] = {"schema": _ref(operation.stream)}
+        ok["description"] = "OK; with `stream: true`, server-sent events, one object each."
     ok["content"] = content
     responses = {"200": ok}
     for status in operation.errors:

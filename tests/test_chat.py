@@ -14,6 +14,7 @@ import threading
 import time
 
 import openai
+import openapi_spec_validator
 import pytest
 import tornado.httpserver
 import tornado.iostream
@@ -674,6 +675,7 @@ async def test_openapi_documents_the_operation_and_its_stream(http_client, base_
     assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "/CreateChatCompletionRequest")
     assert {"502", "504"} <= set(operation["responses"])
+    openapi_spec_validator.validate_spec(document)
 
 
 def test_chat_schema_examples_are_valid(registry):
