@@ -12,6 +12,7 @@ A command given after `--` runs with OZWELL_LLAMA_URL set; its exit status is th
 import argparse
 import importlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,21 +99,29 @@ def main() -> int:
     if command[:1] == ["--"]:
         command = command[1:]
     install()
-    log_path = os.path.join(tempfile.mkdtemp(prefix="llama-server-"), "llama-server.log")
+    log_dir = tempfile.mkdtemp(prefix="llama-server-")
+    log_path = os.path.join(log_dir, "llama-server.log")
     process, url = start(log_path)
     print(f"OZWELL_LLAMA_URL={url}", flush=True)
+    status = 1
     try:
         if command:
-            return subprocess.run(command, env={**os.environ, "OZWELL_LLAMA_URL": url}).returncode
+            status = subprocess.run(command, env={**os.environ, "OZWELL_LLAMA_URL": url}).returncode
+            return status
         print(f"llama_server: serving {MODEL_ALIAS}; log in {log_path}; Ctrl-C stops it",
               file=sys.stderr)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        process.wait()
-        return process.returncode
-    except KeyboardInterrupt:
-        return 0
+        status = process.wait()
+        return status
+    except (KeyboardInterrupt, SystemExit):
+        status = 0
+        return status
     finally:
         stop(process)
+        if status == 0:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        else:
+            print(f"llama_server: llama-server's log is kept in {log_path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
