@@ -535,7 +535,6 @@ class EventStream:
 # Upstream client
 # =============================================================================
 
-
 # Tornado's client queues requests past `max_clients` (10 by default): for a proxy that would
 # make the eleventh concurrent stream wait for one of the first ten to end.
 UPSTREAM_MAX_CLIENTS = 10_000
