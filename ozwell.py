@@ -35,15 +35,17 @@ import socket
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jsonschema
 import jsonschema.exceptions
+import tornado.httpclient
 import tornado.httpserver
 import tornado.httputil
 import tornado.iostream
 import tornado.netutil
+import tornado.simple_httpclient
 import tornado.web
 
 __version__ = "0.1.0"
@@ -468,6 +470,15 @@ def _seed_words(seed: bytes, count: int) -> Iterator[str]:
         yield _VOCABULARY[int.from_bytes(digest[:4], "big") % len(_VOCABULARY)]
 
 
+def message_text(content: str | list[dict[str, Any]] | None) -> str:
+    """What the offline model reads of a message: the string itself, or its text parts
+    (`text`, `input_text`, `output_text`) joined by newlines."""
+    if isinstance(content, str):
+        return content
+    return "\n".join(part["text"] for part in content or ()
+                     if part.get("type") in ("text", "input_text", "output_text"))
+
+
 def deterministic_reply(model: str, conversation: Sequence[tuple[str, str]],
                         max_tokens: int | None = None, variant: int = 0) -> Generation:
     """The offline model: the same (model, conversation, max_tokens, variant) gives the same text.
@@ -492,6 +503,20 @@ def deterministic_reply(model: str, conversation: Sequence[tuple[str, str]],
         tokens, finish_reason = tokens[:max_tokens], "length"
     prompt_tokens = sum(count_tokens(text) for _, text in conversation)
     return Generation(tuple(tokens), finish_reason, prompt_tokens)
+
+
+async def paced(items: Sequence[str], per_second: float) -> AsyncIterator[str]:
+    """`items` one by one, `per_second` of them a second (0: all at once).
+
+    The schedule is fixed from the start, so slow writes do not add up into a slower pace.
+    """
+    started = time.monotonic()
+    for position, item in enumerate(items):
+        if per_second > 0:
+            delay = started + position / per_second - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        yield item
 
 
 # =============================================================================
@@ -574,6 +599,260 @@ class EventStream:
 # Upstream client
 # =============================================================================
 
+# Tornado's client queues requests past `max_clients` (10 by default): for a proxy that would
+# make the eleventh concurrent stream wait for one of the first ten to end.
+UPSTREAM_MAX_CLIENTS = 10_000
+
+UPSTREAM_UNAVAILABLE_FIX = ("Start it (for Ollama: `ollama serve`), or set LLAMA_BASE_URL to the "
+                            "address of a running OpenAI-compatible server.")
+
+
+class Upstream:
+    """The Llama backend, reached through one HTTP client per application.
+
+    Tornado's simple client opens a new connection per request (it has no keep-alive pool).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.base_url = settings.llama_base_url.rstrip("/")
+        self._client: tornado.simple_httpclient.SimpleAsyncHTTPClient | None = None
+
+    @property
+    def client(self) -> tornado.simple_httpclient.SimpleAsyncHTTPClient:
+        # Made on first use: a client belongs to the event loop running when it is made, and
+        # make_app() may run before the loop does.
+        if self._client is None:
+            self._client = tornado.simple_httpclient.SimpleAsyncHTTPClient(
+                force_instance=True, max_clients=UPSTREAM_MAX_CLIENTS)
+        return self._client
+
+    def call(self, path: str, body: bytes) -> UpstreamCall:
+        return UpstreamCall(self, path, body)
+
+
+Sink = Callable[[bytes], Awaitable[None] | None]
+
+
+class UpstreamCall:
+    """One POST to the upstream, read as it arrives.
+
+    `open()` returns once the status and headers are in, or raises the failure as an APIError
+    (502: unreachable; 504: no headers within the header timeout). Then `read()` gives the whole
+    body, or `relay(sink)` hands the body to `sink` piece by piece and awaits each, so a slow
+    reader slows the upstream read. `abort()` closes the connection at any point, and the
+    upstream sees the disconnect at once.
+    """
+
+    def __init__(self, upstream: Upstream, path: str, body: bytes) -> None:
+        self.upstream = upstream
+        self.url = upstream.base_url + path
+        self.body = body
+        self.status = 0
+        self.headers = tornado.httputil.HTTPHeaders()
+        self.aborted = False
+        loop = asyncio.get_running_loop()
+        self._headers_in: asyncio.Future[None] = loop.create_future()
+        self._sink_chosen: asyncio.Future[Sink | None] = loop.create_future()
+        self._sink: Sink | None = None
+        self._connection: Any = None
+        self._response: asyncio.Future[tornado.httpclient.HTTPResponse] | None = None
+
+    async def open(self) -> None:
+        settings = self.upstream.settings
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(self.body))}
+        if settings.llama_api_key:
+            headers["Authorization"] = f"Bearer {settings.llama_api_key}"
+        request = tornado.httpclient.HTTPRequest(
+            self.url, method="POST", headers=headers, body_producer=self._send_body,
+            header_callback=self._on_header_line, streaming_callback=self._on_body_chunk,
+            connect_timeout=settings.upstream_connect_timeout,
+            request_timeout=0,  # none: it would count the whole of a live stream
+            follow_redirects=False, decompress_response=False,
+            user_agent=f"ozwell/{__version__}")
+        self._response = self.upstream.client.fetch(request, raise_error=False)
+        self._response.add_done_callback(self._on_response_done)
+        timer = asyncio.get_running_loop().call_later(
+            settings.upstream_header_timeout, self._stop_waiting_for_headers)
+        try:
+            await self._headers_in
+        finally:
+            timer.cancel()
+        if self.status:
+            return
+        if not self._response.done():
+            self.abort()
+            raise APIError(504, f"The Llama backend at {self.url} sent no answer within "
+                                f"{settings.upstream_header_timeout:g} s "
+                                "(OZWELL_UPSTREAM_HEADER_TIMEOUT). It may still be loading the "
+                                "model, or be overloaded: try again, or raise the timeout.",
+                           type="server_error", code="upstream_timeout")
+        raise self._failure_before_headers(self._response.exception())
+
+    @property
+    def is_event_stream(self) -> bool:
+        return self.headers.get("Content-Type", "").startswith("text/event-stream")
+
+    async def read(self) -> bytes:
+        received = bytearray()
+        await self.relay(received.extend)
+        return bytes(received)
+
+    async def relay(self, sink: Sink) -> None:
+        """Hand the body to `sink` as it arrives; raise a 502 APIError if the upstream breaks off."""
+        self._sink = sink
+        self._sink_chosen.set_result(sink)
+        assert self._response is not None
+        try:
+            await self._response
+        except Exception as error:  # Tornado raises every failure but an error status
+            if not self.aborted:
+                raise APIError(502, f"The Llama backend at {self.url} broke off its answer: "
+                                    f"{_error_reason(error)}.",
+                               type="server_error", code="upstream_interrupted") from None
+
+    def abort(self) -> None:
+        self.aborted = True
+        if self._connection is not None:
+            self._connection.close()
+        if not self._sink_chosen.done():
+            self._sink_chosen.set_result(None)  # a read waiting for its sink drops its piece
+
+    async def _send_body(self, write: Callable[[bytes], Awaitable[None]]) -> None:
+        # Tornado hands a body producer the connection's own write method; holding on to that
+        # connection is what lets abort() close it while no callback of ours is running.
+        self._connection = getattr(write, "__self__", None)
+        if self.aborted:
+            raise tornado.iostream.StreamClosedError()
+        await write(self.body)
+
+    def _on_header_line(self, line: str) -> None:
+        if not self.status:
+            self.status = tornado.httputil.parse_response_start_line(line.strip()).code
+        elif line == "\r\n":
+            self._stop_waiting_for_headers()
+        else:
+            self.headers.parse_line(line)
+
+    def _on_response_done(self, response: asyncio.Future) -> None:
+        if not response.cancelled():
+            response.exception()  # seen: relay() reports it when someone still listens
+        self._stop_waiting_for_headers()
+
+    def _stop_waiting_for_headers(self, *_: Any) -> None:
+        if not self._headers_in.done():
+            self._headers_in.set_result(None)
+
+    def _on_body_chunk(self, chunk: bytes) -> Awaitable[None] | None:
+        # Whatever the sink returns is awaited before the next read: that is the backpressure.
+        if self._sink is not None:
+            return self._sink(chunk)
+        return self._deliver_once_chosen(chunk)
+
+    async def _deliver_once_chosen(self, chunk: bytes) -> None:
+        # Body bytes that came with the headers wait here (holding back the read) until the
+        # caller picks read() or relay().
+        sink = await self._sink_chosen
+        if sink is not None:
+            pending = sink(chunk)
+            if pending is not None:
+                await pending
+
+    def _failure_before_headers(self, error: BaseException | None) -> APIError:
+        if isinstance(error, tornado.simple_httpclient.HTTPTimeoutError):
+            return APIError(504, f"Could not connect to the Llama backend at {self.url} within "
+                                 f"{self.upstream.settings.upstream_connect_timeout:g} s "
+                                 f"(OZWELL_UPSTREAM_CONNECT_TIMEOUT). {UPSTREAM_UNAVAILABLE_FIX}",
+                            type="server_error", code="upstream_timeout")
+        return APIError(502, f"Could not reach the Llama backend at {self.url}: "
+                             f"{_error_reason(error)}. {UPSTREAM_UNAVAILABLE_FIX}",
+                        type="server_error", code="upstream_unavailable")
+
+    def error_body(self, body: bytes) -> dict[str, Any]:
+        """The upstream's error reply in OpenAI's shape, keeping what it said."""
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        error = parsed.get("error") if isinstance(parsed, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            shaped = dict(error)  # fields beyond OpenAI's four are kept: they may help
+            for key in ("param", "code"):
+                if not isinstance(shaped.get(key), str):
+                    shaped[key] = None
+            if not isinstance(shaped.get("type"), str):
+                shaped["type"] = _error_type(self.status)
+            if shaped["code"] is None:
+                shaped["code"] = _OPENAI_ERROR_CODES.get(shaped["type"])
+            return {"error": shaped}
+        said = error if isinstance(error, str) else body.decode("utf-8", "replace").strip()[:500]
+        message = f"The Llama backend at {self.url} answered HTTP {self.status}: " + (
+            said or tornado.httputil.responses.get(self.status, "no details")) + "."
+        if self.status == 404 and not isinstance(error, str):
+            message += (" Check that LLAMA_BASE_URL is the base of its OpenAI-compatible API "
+                        "(for Ollama: http://localhost:11434/v1).")
+        return {"error": {"message": message, "type": _error_type(self.status), "param": None,
+                          "code": "upstream_error"}}
+
+
+# Upstream error types that OpenAI reports under a code of its own, which clients check for.
+_OPENAI_ERROR_CODES = {"exceed_context_size_error": "context_length_exceeded"}  # llama.cpp
+
+
+def _error_type(status: int) -> str:
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def _error_reason(error: BaseException | None) -> str:
+    if isinstance(error, tornado.iostream.StreamClosedError):
+        return "it closed the connection"
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+
+
+class EventRelay:
+    """Passes an upstream's server-sent events on through an EventStream, whole events only.
+
+    Bytes arrive cut anywhere; only complete events (ended by a blank line) are written, so a
+    keep-alive comment or a closing error event never lands inside one. What arrived together
+    is written together, and flushed before the upstream is read again.
+    """
+
+    def __init__(self, call: UpstreamCall, stream: EventStream) -> None:
+        self.call = call
+        self.stream = stream
+        self.done_sent = False
+        self._partial = b""
+
+    async def run(self) -> None:
+        """Relay until the upstream ends, then make sure the stream ends with `[DONE]`."""
+        await self.call.relay(self._feed)
+        if self.call.aborted:
+            return
+        if self._partial.strip():
+            await self.stream.send_raw(self._partial + b"\n\n")
+        if not self.done_sent:
+            await self.stream.send("[DONE]")
+
+    async def _feed(self, chunk: bytes) -> None:
+        data = self._partial + chunk if self._partial else chunk
+        end = _events_end(data)
+        self._partial = data[end:]
+        if not end:
+            return
+        events = data[:end]
+        self.done_sent = events.rstrip().endswith(b"[DONE]")  # a chunk's JSON ends with "}"
+        try:
+            await self.stream.send_raw(events)
+        except tornado.iostream.StreamClosedError:
+            self.call.abort()  # the client left: the upstream should stop generating now
+
+
+def _events_end(data: bytes) -> int:
+    """Where the last complete event in `data` ends (0: none has ended yet)."""
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
 
 # =============================================================================
 # Base handler
@@ -615,6 +894,7 @@ class Context:
         self.in_flight = 0
         self.openapi: dict[str, Any] = {}
         self.responses = ResponseStore(settings.data_dir)
+        self.upstream = Upstream(settings)
 
     def models(self) -> list[dict[str, Any]]:
         owners = dict(LOCAL_MODELS)
@@ -910,7 +1190,7 @@ def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
                             code="previous_response_not_found")
         turns = previous["turns"]
     input_items = _input_items(body["input"])
-    turns = turns + [[item["role"], _message_text(item)] for item in input_items]
+    turns = turns + [[item["role"], message_text(item["content"])] for item in input_items]
     instructions = body.get("instructions")
     conversation = ([("developer", instructions)] if instructions else []) + [tuple(t) for t in turns]
     generation = deterministic_reply(model, conversation, body.get("max_output_tokens"))
@@ -957,10 +1237,6 @@ def _input_items(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                           "role": message["role"], "status": "completed",
                           "content": [{"type": "input_text", "text": text} for text in texts]})
     return items
-
-
-def _message_text(item: dict[str, Any]) -> str:
-    return "\n".join(part["text"] for part in item["content"])
 
 
 def _output_message(item_id: str, text: str, status: str) -> dict[str, Any]:
@@ -1119,6 +1395,132 @@ class ResponseInputItemsHandler(BaseHandler):
                          "has_more": start + limit < len(items)})
 
 
+class ChatCompletionsHandler(BaseHandler):
+    """The built-in model answers offline; every other model id is proxied to the upstream."""
+
+    api = {"post": Operation("Create a chat completion", "Chat",
+                             request="CreateChatCompletionRequest",
+                             response="CreateChatCompletionResponse",
+                             stream="CreateChatCompletionStreamResponse",
+                             errors=(400, 401, 413, 500, 502, 504))}
+
+    upstream_call: UpstreamCall | None = None
+    client_gone = False
+
+    async def post(self) -> None:
+        body = self.payload
+        if body["model"] == OFFLINE_MODEL:
+            await self._answer_offline(body)
+        else:
+            await self._proxy(body)
+
+    def on_connection_close(self) -> None:
+        self.client_gone = True
+        if self.upstream_call is not None:
+            self.upstream_call.abort()  # the upstream should stop generating now
+        super().on_connection_close()
+
+    async def _proxy(self, body: dict[str, Any]) -> None:
+        # Forwarded as received: fields this server does not know reach the upstream untouched.
+        call = self.upstream_call = self.context.upstream.call(
+            "/chat/completions", b"".join(self._body_parts))
+        try:
+            await call.open()
+        except APIError:
+            if self.client_gone:
+                return  # nobody is left to tell
+            raise
+        if body.get("stream") and call.status < 300 and call.is_event_stream:
+            await self._relay_stream(call)
+            return
+        answer = await call.read()
+        for name in ("Retry-After", "Retry-After-Ms"):  # the SDKs' retries wait as told
+            if name in call.headers:
+                self.set_header(name, call.headers[name])
+        if call.status >= 300:
+            self.write_json(call.error_body(answer), call.status)
+            return
+        content_type = call.headers.get("Content-Type", "")
+        if "json" not in content_type:
+            raise APIError(502, f"The Llama backend at {call.url} answered with "
+                                f"{content_type or 'no content type'}, not JSON: "
+                                f"{answer[:200].decode('utf-8', 'replace')!r}.",
+                           type="server_error", code="upstream_invalid_response")
+        self.set_status(call.status)
+        self.set_header("Content-Type", content_type)
+        self.finish(answer)
+
+    async def _relay_stream(self, call: UpstreamCall) -> None:
+        stream = EventStream(self, self.context.settings.keepalive_seconds)
+        try:
+            await stream.open()
+            try:
+                await EventRelay(call, stream).run()
+            except APIError as failure:  # the upstream broke off: say so inside the stream
+                await stream.send_error(failure)
+        except tornado.iostream.StreamClosedError:
+            call.abort()  # the client left
+        finally:
+            stream.close()
+
+    async def _answer_offline(self, body: dict[str, Any]) -> None:
+        model = body["model"]
+        conversation = [(message["role"], message_text(message.get("content")))
+                        for message in body["messages"]]
+        max_tokens = body.get("max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens")
+        generations = [deterministic_reply(model, conversation, max_tokens, variant)
+                       for variant in range(body.get("n") or 1)]
+        head = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion",
+                "created": int(time.time()), "model": model}
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return await self._stream_offline(head, generations, include_usage)
+        choices = [{"index": index,
+                    "message": {"role": "assistant", "content": generation.text,
+                                "refusal": None, "annotations": []},
+                    "logprobs": None, "finish_reason": generation.finish_reason}
+                   for index, generation in enumerate(generations)]
+        self.write_json({**head, "choices": choices, "usage": _completion_usage(generations)})
+
+    async def _stream_offline(self, head: dict[str, Any], generations: list[Generation],
+                              include_usage: bool) -> None:
+        head = {**head, "object": "chat.completion.chunk"}
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(index: int, delta: dict[str, str], finish_reason: str | None = None) -> dict:
+            return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                         "finish_reason": finish_reason}], **extra}
+
+        pace = self.context.settings.stream_tokens_per_second
+        stream = EventStream(self, self.context.settings.keepalive_seconds)
+        try:
+            await stream.open()
+            for index, generation in enumerate(generations):
+                await stream.send(chunk(index, {"role": "assistant", "content": ""}))
+                async for token in paced(generation.tokens, pace):
+                    await stream.send(chunk(index, {"content": token}))
+                await stream.send(chunk(index, {}, generation.finish_reason))
+            if include_usage:
+                await stream.send({**head, "choices": [], "usage": _completion_usage(generations)})
+            await stream.send("[DONE]")
+        except tornado.iostream.StreamClosedError:
+            pass  # the client left: nobody to finish for
+        finally:
+            stream.close()
+
+
+def _completion_usage(generations: Sequence[Generation]) -> dict[str, Any]:
+    """Usage of one request: the prompt counted once, the completions of all its choices."""
+    prompt = generations[0].prompt_tokens
+    completion = sum(generation.completion_tokens for generation in generations)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0}}
+
+
 # =============================================================================
 # Route table
 # =============================================================================
@@ -1157,6 +1559,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/responses", ResponsesHandler),
     Route("/v1/responses/{response_id}", ResponseHandler),
     Route("/v1/responses/{response_id}/input_items", ResponseInputItemsHandler),
+    Route("/v1/chat/completions", ChatCompletionsHandler),
 )
 
 
