@@ -1012,8 +1012,15 @@ def _embedding_inputs(value: str | list, model: str) -> tuple[list[list[str]], i
 def _floats_json(vector: array.array, nonzero: list[int]) -> str:
     """A JSON array of the float32 values, each in its shortest exact form, as base64 holds them."""
     numbers = ["0.0"] * len(vector)
+    # A vector holds few distinct values (whole counts times a few block weights), and repr()
+    # is slow: each is formatted once.
+    shown: dict[float, str] = {}
     for position in nonzero:
-        numbers[position] = repr(vector[position])
+        value = vector[position]
+        text = shown.get(value)
+        if text is None:
+            text = shown[value] = repr(value)
+        numbers[position] = text
     return "[" + ",".join(numbers) + "]"
 
 

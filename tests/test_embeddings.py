@@ -101,7 +101,7 @@ async def test_dimensions_give_the_prefix_re_normalised(client):
 @pytest.mark.gen_test
 async def test_many_inputs_come_back_in_order_with_usage(client):
     texts = [f"Document number {i}: notes on topic {i % 17}." for i in range(2048)]
-    reply = await client.embeddings.create(model=SMALL, input=texts, encoding_format="float")
+    reply = await client.embeddings.create(model=SMALL, input=texts)
     assert [item.index for item in reply.data] == list(range(2048))
     tokens = sum(ozwell.count_tokens(text) for text in texts)
     assert (reply.usage.prompt_tokens, reply.usage.total_tokens) == (tokens, tokens)
