@@ -484,7 +484,7 @@ _EMBEDDING_WORD = re.compile(r"\w+")
 
 
 def embedding_words(text: str) -> list[str]:
-    """The case-folded runs of letters and digits; a text with none is one word of its own."""
+    """The case-folded runs of letters, digits and `_`; a text with none is one word of its own."""
     return _EMBEDDING_WORD.findall(text.casefold()) or ["".join(text.split())]
 
 
@@ -533,7 +533,7 @@ class HashedEmbedder:
         self._slots: dict[str, tuple[tuple[int, int], ...]] = {}
 
     def embed(self, words: Sequence[str], dimensions: int) -> tuple[array.array, list[int]]:
-        """A unit vector of `dimensions` float32 values, and where it is not zero."""
+        """A unit vector of `dimensions` float32 values, and the positions that may not be zero."""
         counts: dict[int, int] = {}
         count = counts.get
         for feature in _embedding_features(words):
@@ -546,7 +546,7 @@ class HashedEmbedder:
         norm = math.sqrt(math.fsum([value * value for value in values.values()]))
         vector = array.array("f", bytes(4 * dimensions))
         if norm == 0.0:
-            # Only a prefix shorter than the first block can miss every feature of a text.
+            # A prefix shorter than the first block can miss every feature of a short text.
             vector[0] = 1.0
             return vector, [0]
         scale = 1.0 / norm
@@ -1010,7 +1010,7 @@ def _embedding_inputs(value: str | list, model: str) -> tuple[list[list[str]], i
 
 
 def _floats_json(vector: array.array, nonzero: list[int]) -> str:
-    """A JSON array of the float32 values, each in its shortest exact form, as base64 holds them."""
+    """A JSON array of the float32 values, each written exactly (as base64 would carry it)."""
     numbers = ["0.0"] * len(vector)
     # A vector holds few distinct values (whole counts times a few block weights), and repr()
     # is slow: each is formatted once.

@@ -1,4 +1,4 @@
-"""POST /v1/embeddings: OpenAI's format, float and base64, deterministic vectors that carry meaning."""
+"""POST /v1/embeddings: OpenAI's format, float and base64, deterministic vectors with meaning."""
 import array
 import base64
 import hashlib
@@ -57,9 +57,10 @@ def norm(vector):
 async def test_sdk_default_call_gets_the_same_floats_as_a_float_request(client):
     for dimensions in (None, 256):
         extra = {} if dimensions is None else {"dimensions": dimensions}
-        default = await client.embeddings.create(model=SMALL, input="The cat sat on the mat.", **extra)
-        floats = await client.embeddings.create(model=SMALL, input="The cat sat on the mat.",
-                                                encoding_format="float", **extra)
+        text = "The cat sat on the mat."
+        default = await client.embeddings.create(model=SMALL, input=text, **extra)
+        floats = await client.embeddings.create(model=SMALL, input=text, encoding_format="float",
+                                                **extra)
         assert len(default.data[0].embedding) == (dimensions or 1536)
         assert default.data[0].embedding == pytest.approx(floats.data[0].embedding, abs=1e-7)
         # The float reply prints each float32 exactly, so the two agree to the last bit.
@@ -115,10 +116,12 @@ async def test_many_inputs_come_back_in_order_with_usage(client):
 async def test_token_ids_are_embedded_as_words_and_counted_one_each(client):
     ids = await client.embeddings.create(model=SMALL, input=[[1212, 318, 257], [13]],
                                          encoding_format="float")
-    text = await client.embeddings.create(model=SMALL, input="1212 318 257", encoding_format="float")
+    text = await client.embeddings.create(model=SMALL, input="1212 318 257",
+                                          encoding_format="float")
     assert ids.data[0].embedding == text.data[0].embedding
     assert ids.usage.prompt_tokens == 4
-    single = await client.embeddings.create(model=SMALL, input=[1212, 318, 257], encoding_format="float")
+    single = await client.embeddings.create(model=SMALL, input=[1212, 318, 257],
+                                            encoding_format="float")
     assert len(single.data) == 1 and single.data[0].embedding == text.data[0].embedding
     assert single.usage.total_tokens == 3
 
@@ -178,7 +181,8 @@ async def test_each_model_makes_unit_vectors_of_its_size_and_they_differ(client)
     ({"model": SMALL}, 400, "input", "missing_required_parameter"),
     ({"input": "hi"}, 400, "model", "missing_required_parameter"),
     ({"model": 3, "input": "hi"}, 400, "model", "invalid_type"),
-    ({"model": SMALL, "input": "hi", "encoding_format": "hex"}, 400, "encoding_format", "invalid_value"),
+    ({"model": SMALL, "input": "hi", "encoding_format": "hex"}, 400, "encoding_format",
+     "invalid_value"),
     ({"model": SMALL, "input": "hi", "dimensions": 0}, 400, "dimensions", "invalid_value"),
     ({"model": SMALL, "input": "hi", "dimensions": "64"}, 400, "dimensions", "invalid_type"),
     ({"model": SMALL, "input": "hi", "dimensions": 1537}, 400, "dimensions", "invalid_value"),
