@@ -19,7 +19,9 @@ if sys.version_info < (3, 11):
     sys.exit("ozwell needs Python 3.11 or newer; this is Python %d.%d." % sys.version_info[:2])
 
 import argparse
+import array
 import asyncio
+import base64
 import contextlib
 import copy
 import dataclasses
@@ -28,6 +30,7 @@ import hashlib
 import importlib.resources
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -54,6 +57,7 @@ __all__ = [
     "APIError",
     "BaseHandler",
     "EventStream",
+    "HashedEmbedder",
     "Settings",
     "SettingsError",
     "SchemaRegistry",
@@ -64,6 +68,7 @@ __all__ = [
     "build_openapi",
     "count_tokens",
     "deterministic_reply",
+    "embedding_words",
     "main",
     "make_app",
     "tokenize",
@@ -316,11 +321,31 @@ def _api_error_from_validation(error: jsonschema.exceptions.ValidationError) -> 
         message = (f"Invalid value for {where}: {json.dumps(error.instance)}. "
                    f"It must be {json.dumps(error.validator_value)}.")
         return APIError(400, message, param=param, code="invalid_value")
+    if error.validator in ("minItems", "maxItems", "minLength", "maxLength"):
+        return _length_error(error, where, param)
     if error.validator == "additionalProperties":
         return APIError(400, f"Invalid parameter in {where}: {error.message}.", param=param,
                         code="unknown_parameter")
     return APIError(400, f"Invalid value for {where}: {error.message}.", param=param,
                     code="invalid_value")
+
+
+def _length_error(error: jsonschema.exceptions.ValidationError, where: str,
+                  param: str | None) -> APIError:
+    """OpenAI's wording for an array or string of the wrong length (jsonschema's would quote
+    the whole value, which may be thousands of items)."""
+    kind = "array" if error.validator.endswith("Items") else "string"
+    article = "an" if kind == "array" else "a"
+    limit, length = error.validator_value, len(error.instance)
+    got = f"an empty {kind}" if length == 0 else f"{article} {kind} with length {length}"
+    if error.validator.startswith("max"):
+        problem, bound, code = f"{kind} too long", "maximum", f"{kind}_above_max_length"
+    elif length == 0:
+        problem, bound, code = f"empty {kind}", "minimum", f"empty_{kind}"
+    else:
+        problem, bound, code = f"{kind} too short", "minimum", f"{kind}_below_min_length"
+    return APIError(400, f"Invalid {where}: {problem}. Expected {article} {kind} with {bound} "
+                         f"length {limit}, but got {got} instead.", param=param, code=code)
 
 
 # =============================================================================
@@ -517,6 +542,109 @@ async def paced(items: Sequence[str], per_second: float) -> AsyncIterator[str]:
             if delay > 0:
                 await asyncio.sleep(delay)
         yield item
+
+
+# Embedding models, by id, with the length of their vectors; all are computed locally.
+EMBEDDING_MODELS: dict[str, int] = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+}
+# OpenAI shortens vectors (`dimensions`) only for its text-embedding-3 models.
+FIXED_SIZE_EMBEDDING_MODELS = frozenset({"text-embedding-ada-002"})
+LOCAL_MODELS.update(dict.fromkeys(EMBEDDING_MODELS, "ozwell"))
+
+# OpenAI's limits: tokens in one input, and in all the inputs of one request.
+EMBEDDING_INPUT_TOKEN_LIMIT = 8192
+EMBEDDING_REQUEST_TOKEN_LIMIT = 300_000
+
+# Where the blocks of a vector start (see HashedEmbedder); the last block runs to its end.
+_EMBEDDING_BLOCK_STARTS = (0, 8, 64, 512)
+_EMBEDDING_WORD = re.compile(r"\w+")
+
+
+def embedding_words(text: str) -> list[str]:
+    """The case-folded runs of letters, digits and `_`; a text with none is one word of its own."""
+    return _EMBEDDING_WORD.findall(text.casefold()) or ["".join(text.split())]
+
+
+def _embedding_features(words: Sequence[str]) -> set[str]:
+    """Each word as `<word>`, each pair of neighbouring words, each character trigram of `<word>`.
+
+    The three kinds cannot be mistaken for one another: pairs hold a space, trigrams are three
+    characters long, and a word of two or more characters is longer than that once marked.
+    """
+    marked = ["<" + word + ">" for word in words]
+    features = set(marked)
+    features.update([first + " " + second for first, second in zip(words, words[1:])])
+    for word in marked:
+        features.update([word[i:i + 3] for i in range(len(word) - 2)])
+    return features
+
+
+class HashedEmbedder:
+    """One embedding model: deterministic unit vectors built from hashed lexical features.
+
+    A vector's positions are split into blocks (0-7, 8-63, 64-511, 512 to the end). Each
+    feature of a text adds +1 or -1 at one position in every block, the position and the sign
+    taken from BLAKE2b keyed with the model id; a block's counts are then weighted by the
+    square root of its size, so that every position carries the same share on average, and
+    any prefix of the vector is an embedding of the whole text on its own. A `dimensions`
+    request gets that prefix re-normalised, as OpenAI's shortened vectors are.
+
+    Counts are whole numbers and the norm is a correctly rounded sum, so the floats do not
+    depend on the order features are visited in (string hashing differs between processes).
+    """
+
+    # Hashing a feature is most of the work, and common words and trigrams recur: their
+    # positions are kept, up to this many features, then forgotten all at once.
+    CACHED_FEATURES = 1 << 16
+
+    def __init__(self, model: str, size: int, resizable: bool = True) -> None:
+        self.model = model
+        self.size = size
+        self.resizable = resizable
+        self._key = model.encode()
+        bounds = [start for start in _EMBEDDING_BLOCK_STARTS if start < size] + [size]
+        self._blocks = [(start, end - start) for start, end in zip(bounds, bounds[1:])]
+        self._weights = [0.0] * size
+        for start, length in self._blocks:
+            self._weights[start:start + length] = [math.sqrt(length)] * length
+        self._slots: dict[str, tuple[tuple[int, int], ...]] = {}
+
+    def embed(self, words: Sequence[str], dimensions: int) -> tuple[array.array, list[int]]:
+        """A unit vector of `dimensions` float32 values, and the positions that may not be zero."""
+        counts: dict[int, int] = {}
+        count = counts.get
+        for feature in _embedding_features(words):
+            slots = self._slots.get(feature) or self._hash(feature)
+            for position, sign in slots:
+                counts[position] = count(position, 0) + sign
+        weights = self._weights
+        values = {position: n * weights[position] for position, n in counts.items()
+                  if position < dimensions}
+        norm = math.sqrt(math.fsum([value * value for value in values.values()]))
+        vector = array.array("f", bytes(4 * dimensions))
+        if norm == 0.0:
+            # A prefix shorter than the first block can miss every feature of a short text.
+            vector[0] = 1.0
+            return vector, [0]
+        scale = 1.0 / norm
+        for position, value in values.items():
+            vector[position] = value * scale
+        return vector, list(values)
+
+    def _hash(self, feature: str) -> tuple[tuple[int, int], ...]:
+        digest = hashlib.blake2b(feature.encode("utf-8", "surrogatepass"), digest_size=16,
+                                 key=self._key).digest()
+        slots = []
+        for block, (start, length) in enumerate(self._blocks):
+            number = int.from_bytes(digest[4 * block:4 * block + 4], "little")
+            slots.append((start + (number >> 1) % length, -1 if number & 1 else 1))
+        if len(self._slots) >= self.CACHED_FEATURES:
+            self._slots.clear()
+        self._slots[feature] = result = tuple(slots)
+        return result
 
 
 # =============================================================================
@@ -895,6 +1023,9 @@ class Context:
         self.openapi: dict[str, Any] = {}
         self.responses = ResponseStore(settings.data_dir)
         self.upstream = Upstream(settings)
+        self.embedders = {
+            model: HashedEmbedder(model, size, resizable=model not in FIXED_SIZE_EMBEDDING_MODELS)
+            for model, size in EMBEDDING_MODELS.items()}
 
     def models(self) -> list[dict[str, Any]]:
         owners = dict(LOCAL_MODELS)
@@ -1521,6 +1652,87 @@ def _completion_usage(generations: Sequence[Generation]) -> dict[str, Any]:
             "completion_tokens_details": {"reasoning_tokens": 0}}
 
 
+class EmbeddingsHandler(BaseHandler):
+    api = {"post": Operation("Create embeddings", "Embeddings", request="CreateEmbeddingRequest",
+                             response="CreateEmbeddingResponse")}
+
+    def post(self) -> None:
+        body = self.payload
+        embedder = self.context.embedders.get(body["model"])
+        if embedder is None:
+            raise APIError(404, f"The model '{body['model']}' does not exist or cannot make "
+                                f"embeddings. Use one of: {', '.join(EMBEDDING_MODELS)}.",
+                           param="model", code="model_not_found")
+        dimensions = _embedding_dimensions(embedder, body.get("dimensions"))
+        inputs, tokens = _embedding_inputs(body["input"], embedder.model)
+        encode = _base64_json if body.get("encoding_format") == "base64" else _floats_json
+        items = ",".join(
+            f'{{"object":"embedding","index":{index},"embedding":'
+            f'{encode(*embedder.embed(words, dimensions))}}}'
+            for index, words in enumerate(inputs))
+        # Written by hand, not with json.dumps: formatting thousands of floats per vector
+        # that way is most of the cost of a large request.
+        self.finish(f'{{"object":"list","data":[{items}],"model":{json.dumps(embedder.model)},'
+                    f'"usage":{{"prompt_tokens":{tokens},"total_tokens":{tokens}}}}}')
+
+
+def _embedding_dimensions(embedder: HashedEmbedder, requested: int | None) -> int:
+    if requested is None:
+        return embedder.size
+    if not embedder.resizable:
+        raise APIError(400, f"{embedder.model} does not support 'dimensions': its vectors always "
+                            f"have {embedder.size}. Leave 'dimensions' out, or use a "
+                            "text-embedding-3 model.", param="dimensions", code="invalid_value")
+    if requested > embedder.size:
+        raise APIError(400, f"Invalid value for 'dimensions': {requested}. {embedder.model} makes "
+                            f"vectors of at most {embedder.size} dimensions.",
+                       param="dimensions", code="invalid_value")
+    return int(requested)
+
+
+def _embedding_inputs(value: str | list, model: str) -> tuple[list[list[str]], int]:
+    """The words of each input (a token id counts as a word), and the tokens of them all."""
+    single = isinstance(value, str) or (bool(value) and not isinstance(value[0], (str, list)))
+    texts = [value] if single else value
+    counts = [count_tokens(text) if isinstance(text, str) else len(text) for text in texts]
+    for index, tokens in enumerate(counts):
+        if tokens > EMBEDDING_INPUT_TOKEN_LIMIT:
+            param = "input" if single else f"input[{index}]"
+            raise APIError(400, f"'{param}' is {tokens} tokens long; {model} reads at most "
+                                f"{EMBEDDING_INPUT_TOKEN_LIMIT} tokens per input. Split it into "
+                                "shorter inputs.", param=param, code="context_length_exceeded")
+    total = sum(counts)
+    if total > EMBEDDING_REQUEST_TOKEN_LIMIT:
+        raise APIError(400, f"The inputs add up to {total} tokens; one request may carry at most "
+                            f"{EMBEDDING_REQUEST_TOKEN_LIMIT}. Send them in several requests.",
+                       param="input", code="max_tokens_per_request")
+    words = [embedding_words(text) if isinstance(text, str) else [str(int(token)) for token in text]
+             for text in texts]
+    return words, total
+
+
+def _floats_json(vector: array.array, nonzero: list[int]) -> str:
+    """A JSON array of the float32 values, each written exactly (as base64 would carry it)."""
+    numbers = ["0.0"] * len(vector)
+    # A vector holds few distinct values (whole counts times a few block weights), and repr()
+    # is slow: each is formatted once.
+    shown: dict[float, str] = {}
+    for position in nonzero:
+        value = vector[position]
+        text = shown.get(value)
+        if text is None:
+            text = shown[value] = repr(value)
+        numbers[position] = text
+    return "[" + ",".join(numbers) + "]"
+
+
+def _base64_json(vector: array.array, nonzero: list[int]) -> str:
+    """A JSON string: base64 of the little-endian float32 values, which the SDKs decode."""
+    if sys.byteorder == "big":
+        vector.byteswap()
+    return '"' + base64.b64encode(vector.tobytes()).decode("ascii") + '"'
+
+
 # =============================================================================
 # Route table
 # =============================================================================
@@ -1560,6 +1772,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/responses/{response_id}", ResponseHandler),
     Route("/v1/responses/{response_id}/input_items", ResponseInputItemsHandler),
     Route("/v1/chat/completions", ChatCompletionsHandler),
+    Route("/v1/embeddings", EmbeddingsHandler),
 )
 
 

@@ -324,7 +324,7 @@ async def test_offline_streams_are_paced(ozwell_with, sdk):
 @pytest.mark.parametrize("body, param, code", [
     ({"model": "llama3"}, "messages", "missing_required_parameter"),
     ({"messages": HELLO}, "model", "missing_required_parameter"),
-    ({"model": "llama3", "messages": []}, "messages", "invalid_value"),
+    ({"model": "llama3", "messages": []}, "messages", "empty_array"),
     ({"model": "llama3", "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "invalid_value"),
     ({"model": "llama3", "messages": [{"role": "user"}]}, "messages[0].content", "missing_required_parameter"),
     ({"model": "llama3", "messages": [{"role": "user", "content": 5}]}, "messages[0].content", "invalid_type"),

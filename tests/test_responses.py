@@ -100,7 +100,7 @@ async def test_every_documented_field_is_accepted_and_echoed(client):
     ({"model": MODEL}, "input", "missing_required_parameter"),
     ({"model": 7, "input": "hi"}, "model", "invalid_type"),
     ({"model": MODEL, "input": 12}, "input", "invalid_type"),
-    ({"model": MODEL, "input": []}, "input", "invalid_value"),
+    ({"model": MODEL, "input": []}, "input", "empty_array"),
     ({"model": MODEL, "input": [{"role": "robot", "content": "hi"}]}, "input[0].role", "invalid_value"),
     ({"model": MODEL, "input": [{"role": "user"}]}, "input[0].content", "missing_required_parameter"),
     ({"model": MODEL, "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
