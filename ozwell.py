@@ -31,6 +31,7 @@ import importlib.resources
 import json
 import logging
 import math
+import mimetypes
 import os
 import re
 import signal
@@ -50,6 +51,11 @@ import tornado.iostream
 import tornado.netutil
 import tornado.simple_httpclient
 import tornado.web
+
+if os.name == "nt":  # file locks for the files store
+    import msvcrt
+else:
+    import fcntl
 
 __version__ = "0.1.0"
 
@@ -73,6 +79,8 @@ __all__ = [
     "make_app",
     "tokenize",
     "write_atomically",
+    "FileStore",
+    "MultipartParser",
 ]
 
 log = logging.getLogger("ozwell")
@@ -435,6 +443,340 @@ class ResponseStore:
         if not self._ID.fullmatch(response_id):
             return None
         return os.path.join(self.directory, f"{response_id}.json")
+
+
+def _lock(descriptor: int, wait: bool = True) -> bool:
+    """Take the exclusive OS lock on an open file; False if `wait` is off and another holds it.
+
+    The lock goes with the process: a process killed with -9 lets go of it at once.
+    """
+    if os.name == "nt":
+        os.lseek(descriptor, 0, os.SEEK_SET)
+        while True:
+            try:
+                msvcrt.locking(descriptor, msvcrt.LK_NBLCK, 1)
+                return True
+            except OSError:
+                if not wait:
+                    return False
+                time.sleep(0.01)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _unlock(descriptor: int) -> None:
+    if os.name == "nt":
+        os.lseek(descriptor, 0, os.SEEK_SET)
+        msvcrt.locking(descriptor, msvcrt.LK_UNLCK, 1)
+    else:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """Hold the OS lock on the lock file at `path`: one holder at a time across processes."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _lock(descriptor)
+        try:
+            yield
+        finally:
+            _unlock(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class PendingBlob:
+    """An upload on its way to disk: a temporary file in the store's folder, locked while
+    this process writes it, so that a starting server removes only the leftovers of dead ones.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.size = 0
+        self.committed = False
+        self._file = open(path, "xb")
+        _lock(self._file.fileno(), wait=False)
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self.size += len(data)
+
+    def sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def discard(self) -> None:
+        """Remove the temporary file, unless the store has taken it."""
+        if not self.committed:
+            self._file.close()
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class _IndexSnapshot:
+    raw: bytes | None               # the index file's bytes (None: there is no index yet)
+    files: list[dict[str, Any]]     # oldest first
+    by_id: dict[str, dict[str, Any]]
+
+
+class FileStore:
+    """Uploaded files: `<dir>/index.json` lists them (FileObjects, oldest first), `<dir>/<id>`
+    holds each one's bytes.
+
+    The index is only ever replaced whole (write_atomically), and each change re-reads it and
+    writes it under an asyncio lock (this process) and an OS lock on `index.lock` (other
+    processes sharing the folder). A blob is complete and in place before its entry is written,
+    and its entry is gone before the blob is removed, so a listed file can always be served.
+    """
+
+    ID_PATTERN = re.compile(r"file-[0-9a-f]{32}")
+    INDEX_VERSION = 1
+    _UPLOAD_PREFIX = ".upload-"
+    _TEMPORARY_SUFFIX = ".tmp"
+
+    def __init__(self, directory: str) -> None:
+        self.directory = os.path.abspath(directory)
+        self.index_path = os.path.join(self.directory, "index.json")
+        self._lock_path = os.path.join(self.directory, "index.lock")
+        self._lock = asyncio.Lock()
+        self._snapshot = _IndexSnapshot(None, [], {})
+
+    @classmethod
+    def open(cls, directory: str) -> FileStore:
+        """The store in `directory`, tidied after any crash; SettingsError if its index is damaged."""
+        store = cls(directory)
+        try:
+            os.makedirs(store.directory, exist_ok=True)
+        except OSError as exc:
+            raise SettingsError(f"files folder {store.directory!r} cannot be created: "
+                                f"{exc.strerror or exc}.") from None
+        store._update_now(store._recover)
+        return store
+
+    def blob_path(self, file_id: str) -> str:
+        if not self.ID_PATTERN.fullmatch(file_id):
+            raise ValueError(f"not a file id: {file_id!r}")
+        return os.path.join(self.directory, file_id)
+
+    async def create_blob(self) -> PendingBlob:
+        # Created under the OS lock, which a starting server holds while it removes dead
+        # uploads: it never sees a temporary file that is not yet locked by its writer.
+        return await self._run_locked(self._create_blob_now)
+
+    def _create_blob_now(self) -> PendingBlob:
+        with _locked(self._lock_path):
+            name = f"{self._UPLOAD_PREFIX}{uuid.uuid4().hex}{self._TEMPORARY_SUFFIX}"
+            return PendingBlob(os.path.join(self.directory, name))
+
+    async def add(self, blob: PendingBlob, filename: str, purpose: str,
+                  expires_after_seconds: int | None = None) -> dict[str, Any]:
+        """Make the finished upload `blob` a listed file; returns its FileObject."""
+        blob.committed = True
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, blob.sync)
+        except BaseException:
+            blob.committed = False
+            blob.discard()
+            raise
+
+        def change(files: list[dict]) -> tuple[list[dict], dict]:
+            file_id = "file-" + uuid.uuid4().hex
+            created_at = int(time.time())
+            entry = {"id": file_id, "object": "file", "bytes": blob.size,
+                     "created_at": created_at, "filename": filename, "purpose": purpose,
+                     "status": "processed",
+                     "expires_at": None if expires_after_seconds is None
+                     else created_at + expires_after_seconds,
+                     "status_details": None}
+            blob.close()
+            os.replace(blob.path, self.blob_path(file_id))
+            return files + [entry], entry
+
+        try:
+            return await self._run_locked(self._update_now, change)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(blob.path)
+            raise
+
+    async def listed(self) -> list[dict[str, Any]]:
+        """Every file that has not expired, oldest first."""
+        snapshot = self._current()
+        now = time.time()
+        if any(_has_expired(entry, now) for entry in snapshot.files):
+            await self._run_locked(self._update_now, self._drop_expired)
+            snapshot = self._current()
+        return [entry for entry in snapshot.files if not _has_expired(entry, now)]
+
+    async def get(self, file_id: str) -> dict[str, Any] | None:
+        entry = self._current().by_id.get(file_id)
+        if entry is not None and _has_expired(entry, time.time()):
+            await self._run_locked(self._update_now, self._drop_expired)
+            return None
+        return entry
+
+    async def delete(self, file_id: str) -> bool:
+        def change(files: list[dict]) -> tuple[list[dict], bool]:
+            kept = [entry for entry in files if entry["id"] != file_id]
+            return (kept, True) if len(kept) < len(files) else (files, False)
+        return await self._run_locked(self._update_now, change)
+
+    def open_content(self, file_id: str):
+        """The file's bytes, open for reading (FileNotFoundError if it was deleted meanwhile)."""
+        return open(self.blob_path(file_id), "rb")
+
+    async def _run_locked(self, function, *args):
+        async with self._lock:
+            return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+    def _update_now(self, change):
+        """Apply `change(files) -> (new files, result)` to the latest index under the OS lock.
+
+        Blobs whose entries the change dropped are removed once the new index is saved.
+        """
+        with _locked(self._lock_path):
+            before = self._current().files
+            after, result = change(before)
+            if after is not before:
+                self._save(after)
+                kept = {entry["id"] for entry in after}
+                for entry in before:
+                    if entry["id"] not in kept:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(self.blob_path(entry["id"]))
+            return result
+
+    def _save(self, files: list[dict[str, Any]]) -> None:
+        raw = json.dumps({"version": self.INDEX_VERSION, "files": files},
+                         ensure_ascii=False).encode("utf-8")
+        write_atomically(self.index_path, raw)
+        self._snapshot = _IndexSnapshot(raw, files, {entry["id"]: entry for entry in files})
+
+    def _current(self) -> _IndexSnapshot:
+        """The index as it is on disk now: another process may have changed it.
+
+        Parsed again only when its bytes differ from the last read; comparing the bytes, not
+        the file's size and times, cannot miss a change.
+        """
+        try:
+            with open(self.index_path, "rb") as index:
+                raw = index.read()
+        except FileNotFoundError:
+            raw = None
+        if raw == self._snapshot.raw:
+            return self._snapshot
+        files = [] if raw is None else self._parse(raw)
+        self._snapshot = _IndexSnapshot(raw, files, {entry["id"]: entry for entry in files})
+        return self._snapshot
+
+    def _parse(self, raw: bytes) -> list[dict[str, Any]]:
+        def damaged(problem: str) -> SettingsError:
+            return SettingsError(
+                f"the files index {self.index_path} is damaged: {problem}. The server will not "
+                "guess what it held: restore it from a backup, or remove the data dir to start "
+                "with no files.")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise damaged(f"it is not valid JSON ({exc})") from None
+        if not isinstance(body, dict) or not isinstance(body.get("files"), list):
+            raise damaged('it is not an object with a "files" list')
+        if body.get("version") != self.INDEX_VERSION:
+            raise damaged(f'its "version" is {body.get("version")!r}, not {self.INDEX_VERSION}')
+        seen: set[str] = set()
+        for position, entry in enumerate(body["files"]):
+            problem = _index_entry_problem(entry, self.ID_PATTERN)
+            if problem is None and entry["id"] in seen:
+                problem = "repeats an id listed before it"
+            if problem is not None:
+                raise damaged(f"entry {position} {problem}")
+            seen.add(entry["id"])
+        return body["files"]
+
+    def _recover(self, files: list[dict]) -> tuple[list[dict], None]:
+        """After a crash: remove dead uploads and blobs no entry names, drop entries whose
+        blob is missing (they could never be served) and expired files."""
+        names = set(os.listdir(self.directory))
+        for name in names:
+            if name.endswith(self._TEMPORARY_SUFFIX) and name.startswith("."):
+                self._remove_if_dead(os.path.join(self.directory, name))
+        listed = {entry["id"] for entry in files}
+        for name in names:
+            if self.ID_PATTERN.fullmatch(name) and name not in listed:
+                log.warning("files: removing %s, a blob no index entry names", name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.directory, name))
+        kept = []
+        now = time.time()
+        for entry in files:
+            if entry["id"] not in names:
+                log.warning("files: dropping %s (%r) from the index: its blob is missing",
+                            entry["id"], entry["filename"])
+            elif not _has_expired(entry, now):
+                kept.append(entry)
+        return (files if len(kept) == len(files) else kept), None
+
+    @staticmethod
+    def _remove_if_dead(path: str) -> None:
+        """Remove a temporary file unless a live process still holds its lock."""
+        try:
+            descriptor = os.open(path, os.O_RDWR)
+        except OSError:
+            return
+        try:
+            if not _lock(descriptor, wait=False):
+                return
+            with contextlib.suppress(OSError):
+                if os.name == "nt":  # an open file cannot be removed there
+                    os.close(descriptor)
+                    descriptor = -1
+                os.remove(path)
+        finally:
+            if descriptor >= 0:
+                os.close(descriptor)
+
+    @staticmethod
+    def _drop_expired(files: list[dict]) -> tuple[list[dict], None]:
+        now = time.time()
+        kept = [entry for entry in files if not _has_expired(entry, now)]
+        return (files if len(kept) == len(files) else kept), None
+
+
+def _has_expired(entry: dict[str, Any], now: float) -> bool:
+    return entry["expires_at"] is not None and entry["expires_at"] <= now
+
+
+_INDEX_ENTRY_TYPES: dict[str, tuple[type, ...]] = {
+    "id": (str,), "object": (str,), "bytes": (int,), "created_at": (int,), "filename": (str,),
+    "purpose": (str,), "status": (str,), "expires_at": (int, type(None)),
+    "status_details": (str, type(None)),
+}
+
+
+def _index_entry_problem(entry: Any, id_pattern: re.Pattern) -> str | None:
+    """What is wrong with one entry of the files index, or None."""
+    if not isinstance(entry, dict):
+        return "is not an object"
+    for field, types in _INDEX_ENTRY_TYPES.items():
+        if field not in entry:
+            return f'has no "{field}"'
+        value = entry[field]
+        if isinstance(value, bool) or not isinstance(value, types):
+            return f'has a "{field}" of the wrong type ({_describe_json_type(value)})'
+    if not id_pattern.fullmatch(entry["id"]):
+        return f'has an "id" that is not file- and 32 hex digits: {entry["id"]!r}'
+    if entry["object"] != "file" or entry["bytes"] < 0:
+        return 'is not a file object ("object" must be "file", "bytes" at least 0)'
+    return None
 
 
 # =============================================================================
@@ -1026,6 +1368,7 @@ class Context:
         self.embedders = {
             model: HashedEmbedder(model, size, resizable=model not in FIXED_SIZE_EMBEDDING_MODELS)
             for model, size in EMBEDDING_MODELS.items()}
+        self.files = FileStore.open(os.path.join(settings.data_dir, "files"))
 
     def models(self) -> list[dict[str, Any]]:
         owners = dict(LOCAL_MODELS)
@@ -1082,6 +1425,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def on_connection_close(self) -> None:
         self.on_finish()
+        super().on_connection_close()  # ends a verb still waiting for the rest of the body
 
     def _limit_body(self) -> None:
         limit = self.body_limit()
@@ -1733,6 +2077,458 @@ def _base64_json(vector: array.array, nonzero: list[int]) -> str:
     return '"' + base64.b64encode(vector.tobytes()).decode("ascii") + '"'
 
 
+class MultipartError(ValueError):
+    """A multipart/form-data body that breaks RFC 7578 / RFC 2046."""
+
+
+class MultipartParser:
+    """multipart/form-data, parsed as it arrives.
+
+    feed() takes the body in chunks of any size, split anywhere, and yields ("part", headers)
+    when a part begins, ("data", bytes) for its content in pieces, and ("end", None) when it
+    ends. It holds at most one chunk plus a boundary's length, whatever the body's size.
+    """
+
+    HEADER_LIMIT = 16 * 1024
+
+    def __init__(self, boundary: bytes) -> None:
+        self._delimiter = b"\r\n--" + boundary
+        # The first boundary has no line break before it; adding one makes it like the rest.
+        self._buffer = bytearray(b"\r\n")
+        self._state = "preamble"
+        self.finished = False
+
+    def feed(self, chunk: bytes) -> Iterator[tuple[str, Any]]:
+        buffer = self._buffer
+        buffer += chunk
+        while True:
+            if self._state in ("preamble", "body"):
+                at = buffer.find(self._delimiter)
+                if at < 0:
+                    # Whatever cannot be the start of a delimiter is content (or preamble).
+                    safe = len(buffer) - len(self._delimiter) + 1
+                    if safe > 0:
+                        if self._state == "body":
+                            yield "data", buffer[:safe]
+                        del buffer[:safe]
+                    return
+                if self._state == "body":
+                    if at:
+                        yield "data", buffer[:at]
+                    yield "end", None
+                del buffer[:at + len(self._delimiter)]
+                self._state = "after delimiter"
+            elif self._state == "after delimiter":
+                if buffer[:2] == b"--":
+                    self._state, self.finished = "epilogue", True
+                    continue
+                line_end = buffer.find(b"\r\n")
+                # Only blanks may stand between a boundary and its line break (or a first "-",
+                # or the "\r" of a line break still on its way).
+                padding = buffer.rstrip(b"\r") if line_end < 0 else buffer[:line_end]
+                if padding.strip(b" \t") and not (line_end < 0 and padding == b"-"):
+                    raise MultipartError("a boundary is followed by something other than a "
+                                         "line break or '--'")
+                if line_end < 0:
+                    if len(buffer) > self.HEADER_LIMIT:
+                        raise MultipartError("a boundary line never ends")
+                    return
+                # Keep the line break: then a part without headers is "\r\n\r\n" like the rest.
+                del buffer[:line_end]
+                self._state = "headers"
+            elif self._state == "headers":
+                end = buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buffer) > self.HEADER_LIMIT:
+                        raise MultipartError(f"a part's headers are over {self.HEADER_LIMIT} bytes")
+                    return
+                headers = _part_headers(bytes(buffer[2:end]))
+                del buffer[:end + 4]
+                self._state = "body"
+                yield "part", headers
+            else:  # epilogue: ignored, as RFC 2046 says
+                buffer.clear()
+                return
+
+    def close(self) -> None:
+        if not self.finished:
+            raise MultipartError("the body ends before the closing boundary")
+
+
+def _part_headers(block: bytes) -> dict[str, str]:
+    """A part's header lines, by lower-case name; names in UTF-8 as browsers send them."""
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError:
+        text = block.decode("latin-1")
+    headers = {}
+    for line in text.split("\r\n") if text else ():
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip():
+            raise MultipartError(f"a part header is not 'Name: value': {line[:60]!r}")
+        headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+_HEADER_PARAMETER = re.compile(r'\s*;\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)\s*')
+
+
+def header_parameters(value: str) -> tuple[str, dict[str, str]]:
+    """'form-data; name="a"; filename*=UTF-8\\'\\'%E2%82%AC.txt' -> ('form-data', {...}).
+
+    Quoted values lose their quotes and backslash escapes, and the %22 that browsers and the
+    SDKs write for a quote; an RFC 5987 `name*` value is decoded and wins over plain `name`.
+    """
+    main, _, rest = value.partition(";")
+    rest = ";" + rest if rest else ""
+    parameters: dict[str, str] = {}
+    extended: dict[str, str] = {}
+    position = 0
+    while position < len(rest):
+        match = _HEADER_PARAMETER.match(rest, position)
+        if match is None:
+            raise MultipartError(f"cannot read the parameters of {value[:80]!r}")
+        position = match.end()
+        name, raw = match.group(1).lower(), match.group(2)
+        if name.endswith("*"):
+            extended[name[:-1]] = _rfc5987_value(raw)
+        elif raw.startswith('"'):
+            parameters[name] = re.sub(r"\\(.)", r"\1", raw[1:-1]).replace("%22", '"')
+        else:
+            parameters[name] = raw
+    parameters.update(extended)
+    return main.strip().lower(), parameters
+
+
+def _rfc5987_value(raw: str) -> str:
+    charset, quote, rest = raw.strip('"').partition("'")
+    _language, quote_again, encoded = rest.partition("'")
+    if not quote or not quote_again:
+        raise MultipartError(f"{raw[:80]!r} is not charset'language'value (RFC 5987)")
+    try:
+        return urllib.parse.unquote(encoded, encoding=charset or "utf-8", errors="strict")
+    except (LookupError, UnicodeDecodeError):
+        raise MultipartError(f"{raw[:80]!r} is not valid {charset or 'UTF-8'} text") from None
+
+
+FILE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
+
+
+class UploadForm:
+    """One POST /v1/files body as it streams in: the `file` part goes straight into a
+    temporary blob, the small fields stay in memory, and the field order does not matter.
+
+    An error is kept, not raised, until the whole body has arrived: the client is still
+    sending, and reads the answer only once it is done.
+    """
+
+    FIELDS = ("purpose", "expires_after[anchor]", "expires_after[seconds]")
+    FIELD_LIMIT = 64 * 1024
+
+    def __init__(self, store: FileStore, content_type: str) -> None:
+        kind, parameters = "", {}
+        with contextlib.suppress(MultipartError):
+            kind, parameters = header_parameters(content_type)
+        boundary = parameters.get("boundary", "")
+        if kind != "multipart/form-data" or not 0 < len(boundary) <= 70 or not boundary.isascii():
+            raise APIError(400, "Upload the file as multipart/form-data with a 'file' part and a "
+                                f"'purpose' field; this request's Content-Type is "
+                                f"{content_type or 'missing'!r}.", param="file")
+        self.store = store
+        self.error: APIError | None = None
+        self.blob: PendingBlob | None = None
+        self.filename: str | None = None
+        self.fields: dict[str, str] = {}
+        self._parser = MultipartParser(boundary.encode("ascii"))
+        self._part: str | None = None
+        self._value = bytearray()
+
+    async def feed(self, chunk: bytes) -> None:
+        if self.error is not None:
+            return
+        try:
+            for event, value in self._parser.feed(chunk):
+                if event == "part":
+                    await self._begin_part(value)
+                elif event == "data":
+                    self._part_data(value)
+                else:
+                    self._end_part()
+        except MultipartError as exc:
+            self.fail(APIError(400, f"The multipart body is broken: {exc}.",
+                               param=self._part or "file"))
+        except APIError as exc:
+            self.fail(exc)
+        except OSError as exc:
+            log.error("files: cannot store an upload: %s", exc)
+            self.fail(APIError(500, f"The server could not store the upload: "
+                                    f"{exc.strerror or exc}.", type="server_error"))
+
+    def fail(self, error: APIError) -> None:
+        """Keep the first error; stop writing and remove the temporary blob."""
+        if self.error is None:
+            self.error = error
+        self.discard()
+
+    def discard(self) -> None:
+        if self.blob is not None:
+            self.blob.discard()
+
+    def result(self) -> dict[str, Any]:
+        """The form's fields as CreateFileRequest describes them (`file`: the filename)."""
+        if self.error is None:
+            try:
+                self._parser.close()
+            except MultipartError as exc:
+                self.fail(APIError(400, f"The multipart body is broken: {exc}.",
+                                   param=self._part or "file"))
+        if self.error is not None:
+            raise self.error
+        form: dict[str, Any] = {}
+        if self.filename is not None:
+            form["file"] = self.filename
+        if "purpose" in self.fields:
+            form["purpose"] = self.fields["purpose"]
+        expires_after: dict[str, Any] = {}
+        if "expires_after[anchor]" in self.fields:
+            expires_after["anchor"] = self.fields["expires_after[anchor]"]
+        if "expires_after[seconds]" in self.fields:
+            seconds = self.fields["expires_after[seconds]"].strip()
+            expires_after["seconds"] = int(seconds) if re.fullmatch(r"-?\d{1,18}", seconds) else seconds
+        if expires_after:
+            form["expires_after"] = expires_after
+        return form
+
+    async def _begin_part(self, headers: dict[str, str]) -> None:
+        disposition, parameters = header_parameters(headers.get("content-disposition", ""))
+        name = parameters.get("name")
+        if disposition != "form-data" or not name:
+            raise MultipartError("a part has no 'Content-Disposition: form-data; name=...' header")
+        if name == "file":
+            if self.filename is not None:
+                raise APIError(400, "Upload one file per request: the body has more than one "
+                                    "'file' part.", param="file", code="invalid_value")
+            if not parameters.get("filename"):
+                raise APIError(400, "'file' must be a file, sent as a part with a filename "
+                                    "(Content-Disposition: form-data; name=\"file\"; "
+                                    "filename=\"...\").", param="file", code="invalid_value")
+            self.filename = parameters["filename"]
+            self.blob = await self.store.create_blob()
+        elif name in self.FIELDS:
+            if name in self.fields:
+                raise APIError(400, f"'{name}' is given more than once.", param=name,
+                               code="invalid_value")
+            self._value.clear()
+        else:
+            raise APIError(400, f"Unknown parameter: '{name}'.", param=name,
+                           code="unknown_parameter")
+        self._part = name
+
+    def _part_data(self, data: bytes) -> None:
+        if self._part == "file":
+            self.blob.write(data)
+            return
+        self._value += data
+        if len(self._value) > self.FIELD_LIMIT:
+            raise APIError(400, f"'{self._part}' is over {self.FIELD_LIMIT} bytes.",
+                           param=self._part, code="invalid_value")
+
+    def _end_part(self) -> None:
+        if self._part != "file":
+            try:
+                self.fields[self._part] = self._value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise APIError(400, f"'{self._part}' is not UTF-8 text.", param=self._part,
+                               code="invalid_value") from None
+        self._part = None
+
+
+def read_query(handler: tornado.web.RequestHandler, parameters: Sequence[QueryParam]) -> dict[str, Any]:
+    """The declared query parameters, converted to their schema's type and checked against it;
+    an absent one takes its schema's default (or None)."""
+    values: dict[str, Any] = {}
+    for parameter in parameters:
+        raw = handler.get_query_argument(parameter.name, None)
+        if raw is None:
+            values[parameter.name] = parameter.schema.get("default")
+            continue
+        value: Any = raw
+        if parameter.schema.get("type") == "integer":
+            if not re.fullmatch(r"-?\d{1,18}", raw):
+                raise APIError(400, f"Invalid type for '{parameter.name}': expected an integer, "
+                                    f"but got {raw!r} instead.", param=parameter.name,
+                               code="invalid_type")
+            value = int(raw)
+        error = jsonschema.exceptions.best_match(
+            jsonschema.Draft202012Validator(parameter.schema).iter_errors(value))
+        if error is not None:
+            raise APIError(400, f"Invalid value for '{parameter.name}': {error.message}.",
+                           param=parameter.name, code="invalid_value")
+        values[parameter.name] = value
+    return values
+
+
+def cursor_page(items: Sequence[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
+    """One page of a list in OpenAI's shape: the items after the one with id `after`."""
+    if after is not None:
+        position = next((i for i, item in enumerate(items) if item["id"] == after), None)
+        if position is None:
+            raise APIError(400, f"Invalid value for 'after': no listed object has the id "
+                                f"{after!r}. Pass the last id of the page before.",
+                           param="after", code="invalid_value")
+        items = items[position + 1:]
+    page = list(items[:limit])
+    return {"object": "list", "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > limit}
+
+
+async def _file_or_404(context: Context, file_id: str) -> dict[str, Any]:
+    # The id is checked before it gets near a path: nothing else can name a blob.
+    entry = None
+    if FileStore.ID_PATTERN.fullmatch(file_id):
+        entry = await context.files.get(file_id)
+    if entry is None:
+        raise not_found("file", file_id, param="id")
+    return entry
+
+
+class FilesHandler(BaseHandler):
+    """POST /v1/files streams the upload to disk as it arrives; GET lists the files."""
+
+    api = {
+        "get": Operation(
+            "List files", "Files", response="ListFilesResponse", query=(
+                QueryParam("after", {"type": "string"},
+                           "The id of the last file of the page before: the list goes on after it."),
+                QueryParam("limit", {"type": "integer", "minimum": 1, "maximum": 10000,
+                                     "default": 10000}, "How many files to return (1 to 10,000)."),
+                QueryParam("order", {"type": "string", "enum": ["asc", "desc"], "default": "desc"},
+                           "By `created_at`: `asc` oldest first, `desc` newest first."),
+                QueryParam("purpose", {"type": "string", "enum": list(FILE_PURPOSES)},
+                           "Only files with this purpose."),
+            )),
+        "post": Operation("Upload a file", "Files", response="OpenAIFile",
+                          request="CreateFileRequest", request_media="multipart/form-data",
+                          errors=(400, 401, 413, 500)),
+    }
+
+    def initialize(self, context: Context) -> None:
+        super().initialize(context)
+        self._form: UploadForm | None = None
+
+    def body_limit(self) -> int:
+        if self.request.method == "POST":
+            return self.context.settings.max_upload_bytes
+        return super().body_limit()
+
+    def prepare(self) -> None:
+        super().prepare()
+        if self.request.method == "POST":
+            self._form = UploadForm(self.context.files, self.request.headers.get("Content-Type", ""))
+
+    async def data_received(self, chunk: bytes) -> None:
+        if self._form is None or self._finished:
+            return super().data_received(chunk)
+        self._body_size += len(chunk)
+        limit = self.body_limit()
+        if self._body_size > limit:
+            self._form.fail(APIError(413, f"The upload is over the limit of {limit} bytes "
+                                          "(OZWELL_MAX_UPLOAD_BYTES).", code="request_too_large"))
+            return
+        await self._form.feed(chunk)
+
+    def on_finish(self) -> None:
+        if self._form is not None:
+            self._form.discard()
+        super().on_finish()
+
+    def on_connection_close(self) -> None:
+        if self._form is not None:
+            self._form.discard()
+        super().on_connection_close()
+
+    async def get(self) -> None:
+        query = read_query(self, self.api["get"].query)
+        files = await self.context.files.listed()
+        if query["purpose"] is not None:
+            files = [entry for entry in files if entry["purpose"] == query["purpose"]]
+        if query["order"] == "desc":
+            files.reverse()
+        self.write_json(cursor_page(files, query["after"], query["limit"]))
+
+    async def post(self) -> None:
+        form = self._form.result()
+        self.context.schemas.validate("CreateFileRequest", form)
+        expires_after = form.get("expires_after", {}).get("seconds")
+        entry = await self.context.files.add(self._form.blob, form["file"], form["purpose"],
+                                             expires_after)
+        self.write_json(entry)
+
+
+class FileHandler(BaseHandler):
+    api = {
+        "get": Operation("Retrieve a file", "Files", response="OpenAIFile"),
+        "delete": Operation("Delete a file", "Files", response="DeleteFileResponse"),
+    }
+
+    async def get(self, file_id: str) -> None:
+        self.write_json(await _file_or_404(self.context, file_id))
+
+    async def delete(self, file_id: str) -> None:
+        entry = await _file_or_404(self.context, file_id)
+        if not await self.context.files.delete(entry["id"]):
+            raise not_found("file", file_id, param="id")
+        self.write_json({"id": entry["id"], "object": "file", "deleted": True})
+
+
+class FileContentHandler(BaseHandler):
+    """The file's bytes, read from disk a chunk at a time; each flush waits for the client."""
+
+    api = {"get": Operation("Retrieve file content", "Files",
+                            response_media="application/octet-stream")}
+
+    CHUNK_BYTES = 256 * 1024
+
+    async def get(self, file_id: str) -> None:
+        entry = await _file_or_404(self.context, file_id)
+        try:
+            content = self.context.files.open_content(entry["id"])
+        except FileNotFoundError:
+            raise not_found("file", file_id, param="id") from None
+        with content:
+            self.set_header("Content-Type", _media_type(entry["filename"]))
+            self.set_header("Content-Disposition", content_disposition(entry["filename"]))
+            self.set_header("Content-Length", os.fstat(content.fileno()).st_size)
+            try:
+                while chunk := content.read(self.CHUNK_BYTES):
+                    self.write(chunk)
+                    await self.flush()
+            except tornado.iostream.StreamClosedError:
+                return  # the client left
+        self.finish()
+
+
+# Types Python's mimetypes does not know, for the files people upload here most.
+_EXTRA_MEDIA_TYPES = {".jsonl": "application/jsonl"}
+
+
+def _media_type(filename: str) -> str:
+    extension = os.path.splitext(filename)[1].lower()
+    return (_EXTRA_MEDIA_TYPES.get(extension) or mimetypes.guess_type(filename, strict=False)[0]
+            or "application/octet-stream")
+
+
+def content_disposition(filename: str) -> str:
+    """`attachment` with the name twice: printable ASCII with quotes and backslashes escaped
+    for old clients, and exact in UTF-8 (RFC 6266) for the rest; no byte can end the header."""
+    fallback = "".join(c if " " <= c <= "~" else "_" for c in filename)
+    fallback = fallback.replace("\\", "\\\\").replace('"', '\\"')
+    return (f'attachment; filename="{fallback}"; '
+            f"filename*=UTF-8''{urllib.parse.quote(filename, safe='')}")
+
+
 # =============================================================================
 # Route table
 # =============================================================================
@@ -1773,6 +2569,9 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/responses/{response_id}/input_items", ResponseInputItemsHandler),
     Route("/v1/chat/completions", ChatCompletionsHandler),
     Route("/v1/embeddings", EmbeddingsHandler),
+    Route("/v1/files", FilesHandler),
+    Route("/v1/files/{file_id}", FileHandler),
+    Route("/v1/files/{file_id}/content", FileContentHandler),
 )
 
 
@@ -1898,13 +2697,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _print_spec()
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
         ensure_data_dir(settings.data_dir)
+        # Built before anything is said or bound: a damaged store ends the start in one line.
+        app = make_app(settings)
         sockets = _bind(settings)
         workers = _worker_count(settings)
         _log_banner(settings, sockets, workers)
         _log_upstream_reachability(settings)
         if workers > 1:
-            return _run_workers(settings, sockets, workers)
-        return asyncio.run(serve(settings, sockets))
+            return _run_workers(settings, sockets, workers)  # each worker builds its own app
+        return asyncio.run(serve(settings, sockets, app))
     except SettingsError as exc:
         print(f"ozwell: {exc}", file=sys.stderr)
         return 2
@@ -2027,9 +2828,10 @@ def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -
     return 0 if clean else 1
 
 
-async def serve(settings: Settings, sockets: list[socket.socket]) -> int:
+async def serve(settings: Settings, sockets: list[socket.socket],
+                app: tornado.web.Application | None = None) -> int:
     """Serve on `sockets` until SIGTERM or SIGINT, then let in-flight requests finish."""
-    app = make_app(settings)
+    app = app or make_app(settings)
     context: Context = app.settings["ozwell"]
     server = tornado.httpserver.HTTPServer(app, max_body_size=settings.max_request_bytes)
     server.add_sockets(sockets)
