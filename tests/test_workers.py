@@ -53,3 +53,26 @@ def test_first_start_without_a_backend_says_so_once_and_serves(server_process, t
     assert f"data dir: {tmp_path / 'data'}" in log
     assert "ozwell-deterministic (built in)" in log and "llama3, qwen (upstream)" in log
     assert f"upstream: {upstream}" in log
+
+
+def test_uploads_through_any_worker_are_listed_and_served_by_every_worker(server_process):
+    import openai
+    server = server_process(args=("--workers", "2"))
+    # A new client for every call means a new connection, which either worker may accept.
+    def fresh():
+        return openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", max_retries=0)
+    uploaded = {fresh().files.create(file=(f"f{i}.txt", f"body {i}".encode()), purpose="assistants").id: i
+                for i in range(16)}
+    seen = set()
+    for _ in range(16):
+        listed = {f.id for f in fresh().files.list()}
+        assert set(uploaded) <= listed
+        seen.add(health(server.url)["pid"])
+    for file_id, i in uploaded.items():
+        assert fresh().files.content(file_id).text == f"body {i}"
+    for _ in range(300):
+        if len(seen) == 2:
+            break
+        seen.add(health(server.url)["pid"])
+    assert len(seen) == 2
+    assert server.stop() == 0
