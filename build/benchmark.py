@@ -7,6 +7,7 @@ Loads come from `wrk` (Debian package `wrk`) on 127.0.0.1; every server is start
 stopped at the end. Each area of the API adds its rows in build/bench_<area>.py (`rows()`).
 """
 import importlib
+import json
 import os
 import shutil
 import subprocess
@@ -91,17 +92,25 @@ def ozwell_server(data_dir: str, *extra: str, env: dict | None = None) -> Server
                    "--data-dir", data_dir, *extra], env={**os.environ, **(env or {})})
 
 
-def wrk(url: str, connections: int = CONNECTIONS, seconds: int = SECONDS, script: str | None = None,
+def wrk(url: str, connections: int = CONNECTIONS, seconds: int = SECONDS, post: dict | None = None,
         headers: dict | None = None) -> float:
-    """Requests per second that wrk measured (one thread: the machine has two cores)."""
+    """Requests per second that wrk measured (one thread: the machine has two cores); `post`
+    is a JSON body to POST instead of a GET."""
     if not shutil.which("wrk"):
         raise RuntimeError("wrk is not installed (apt-get install wrk)")
     command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
-    for name, value in (headers or {"Authorization": "Bearer bench"}).items():
+    headers = headers or {"Authorization": "Bearer bench"}
+    for name, value in headers.items():
         command += ["-H", f"{name}: {value}"]
-    if script:
-        command += ["-s", script]
-    output = subprocess.run(command + [url], capture_output=True, text=True, check=True).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        if post is not None:
+            script.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                         f"wrk.body = [[{json.dumps(post)}]]\n")
+    command += ["-s", script.name]
+    try:
+        output = subprocess.run(command + [url], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(script.name)
     non_2xx = [line for line in output.splitlines() if "Non-2xx" in line or "Socket errors" in line]
     if non_2xx:
         raise RuntimeError(f"wrk saw errors: {non_2xx}")
@@ -122,7 +131,22 @@ def rows() -> list[tuple[str, str]]:
                     ("bare Tornado handler, same body, c16", f"{bare_rps:,.0f} req/s"),
                     ("/v1/models as a share of bare", f"{100 * ozwell_rps / bare_rps:.0f} %"),
                     ("idle RSS, python ozwell.py", f"{idle:.1f} MB")]
+        out += _workers(scratch)
         out += _pyz_start(scratch)
+    return out
+
+
+def _workers(scratch: str) -> list[tuple[str, str]]:
+    """The same loads on 1 and on 2 worker processes, in one run."""
+    response = {"model": "ozwell-deterministic", "input": "Say something short.", "store": False}
+    out = []
+    for workers in (1, 2):
+        with ozwell_server(os.path.join(scratch, f"w{workers}"), "--workers", str(workers)) as server:
+            wrk(server.url + "/v1/models", seconds=1)
+            models = wrk(server.url + "/v1/models")
+            responses = wrk(server.url + "/v1/responses", post=response)
+        out += [(f"GET /v1/models, {workers} worker(s), c16", f"{models:,.0f} req/s"),
+                (f"POST /v1/responses (store false), {workers} worker(s), c16", f"{responses:,.0f} req/s")]
     return out
 
 
