@@ -10,17 +10,13 @@ client has no keep-alive pool); the direct calls reuse theirs. Everything stops 
 """
 import asyncio
 import json
-import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmark import Server, ozwell_server, rss_mb
 
 LATENCY_CALLS = 1000          # of each kind, alternating, at concurrency 1
 THROUGHPUT_SECONDS = 1.5      # per phase; phases alternate direct, proxied, direct, proxied
@@ -49,11 +45,16 @@ DONE = b"data: [DONE]\n\n"
 
 
 async def serve_upstream(port: int) -> None:
-    """Answers every POST at once; `"stream": true` gets `events` SSE events, one write each."""
+    """Answers every POST at once; `"stream": true` gets `events` SSE events, one write each.
+    A GET (the starter's health check) gets an empty 200."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET "):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                    await writer.drain()
+                    continue
                 length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
                 body = json.loads(await reader.readexactly(length))
                 close = b"connection: close" in head.lower()
@@ -193,55 +194,12 @@ async def measure(upstream_port: int, ozwell_port: int) -> dict[str, float]:
 
 # --- processes -------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_listening(port: int, process: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
-
-
-def resident_megabytes(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
 def rows() -> list[tuple[str, str]]:
-    upstream_port, ozwell_port = free_port(), free_port()
-    processes = []
-    with tempfile.TemporaryDirectory() as data_dir:
-        try:
-            upstream = subprocess.Popen([sys.executable, __file__, "--upstream", str(upstream_port)])
-            processes.append(upstream)
-            wait_until_listening(upstream_port, upstream)
-            with open(os.path.join(data_dir, "ozwell.log"), "wb") as log:
-                server = subprocess.Popen(
-                    [sys.executable, str(ROOT / "ozwell.py"), "--host", "127.0.0.1",
-                     "--port", str(ozwell_port), "--data-dir", data_dir],
-                    env={**os.environ, "LLAMA_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1"},
-                    stdout=log, stderr=subprocess.STDOUT)
-            processes.append(server)
-            wait_until_listening(ozwell_port, server)
-            figures = asyncio.run(measure(upstream_port, ozwell_port))
-            rss = resident_megabytes(server.pid)
-        finally:
-            for process in processes:
-                process.terminate()
-                process.wait(10)
+    with tempfile.TemporaryDirectory() as data_dir, \
+            Server([sys.executable, __file__, "--upstream", "{port}"]) as upstream, \
+            ozwell_server(data_dir, env={"LLAMA_BASE_URL": f"{upstream.url}/v1"}) as server:
+        figures = asyncio.run(measure(upstream.port, server.port))
+        rss = rss_mb(server.process.pid)
     ms = 1000.0
     return [
         ("chat proxy: added latency p50, concurrency 1",

@@ -11,16 +11,12 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmark import ozwell_server, wrk
+
 HEADERS = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
 SHORT = {"model": "text-embedding-3-small", "input": "The quick brown fox jumps over the lazy dog"}
 MANY = {"model": "text-embedding-3-small",
@@ -33,11 +29,13 @@ LARGE_REPEATS = 5
 
 
 def rows() -> list[tuple[str, str]]:
-    with tempfile.TemporaryDirectory() as scratch, _Server(scratch) as port:
+    with tempfile.TemporaryDirectory() as scratch, \
+            ozwell_server(os.path.join(scratch, "data")) as server:
+        port = server.port
         out = []
         for encoding in ("float", "base64"):
             body = {**SHORT, "encoding_format": encoding}
-            rate, tool = _requests_per_second(port, body, scratch)
+            rate, tool = _requests_per_second(port, body)
             out.append((f"embeddings: one short input, 1536 dims, {encoding} ({tool})",
                         f"{rate:,.0f} req/s"))
         for encoding in ("base64", "float"):
@@ -48,10 +46,11 @@ def rows() -> list[tuple[str, str]]:
     return out
 
 
-def _requests_per_second(port: int, body: dict, scratch: str) -> tuple[float, str]:
+def _requests_per_second(port: int, body: dict) -> tuple[float, str]:
     _check(port, body)
     if shutil.which("wrk"):
-        return _wrk(port, body, scratch), f"wrk -t1 -c{WRK_CONNECTIONS}, {SECONDS_PER_ROW} s"
+        rate = wrk(f"http://127.0.0.1:{port}/v1/embeddings", WRK_CONNECTIONS, SECONDS_PER_ROW, post=body)
+        return rate, f"wrk -t1 -c{WRK_CONNECTIONS}, {SECONDS_PER_ROW} s"
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     payload = json.dumps(body)
     count = 0
@@ -64,21 +63,6 @@ def _requests_per_second(port: int, body: dict, scratch: str) -> tuple[float, st
     finally:
         connection.close()
     return count / (time.perf_counter() - started), "one keep-alive http.client connection"
-
-
-def _wrk(port: int, body: dict, scratch: str) -> float:
-    script = Path(scratch) / "post.lua"
-    headers = "".join(f'wrk.headers["{name}"] = "{value}"\n' for name, value in HEADERS.items())
-    script.write_text(f'wrk.method = "POST"\n{headers}wrk.body = [[{json.dumps(body)}]]\n')
-    output = subprocess.run(
-        ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{SECONDS_PER_ROW}s", "-s", str(script),
-         f"http://127.0.0.1:{port}/v1/embeddings"],
-        capture_output=True, text=True, check=True, timeout=SECONDS_PER_ROW + 30).stdout
-    errors = [line for line in output.splitlines() if "Non-2xx" in line or "Socket errors" in line]
-    if errors:
-        raise RuntimeError(f"wrk saw errors: {errors}")
-    return float(next(line for line in output.splitlines()
-                      if line.startswith("Requests/sec")).split()[1])
 
 
 def _one_large_request(port: int, body: dict) -> tuple[float, int]:
@@ -110,40 +94,6 @@ def _check(port: int, body: dict) -> None:
         connection.close()
     if reply.status != 200:
         raise RuntimeError(f"POST /v1/embeddings answered {reply.status}: {data[:300]!r}")
-
-
-class _Server:
-    """A `python ozwell.py` process on a free port of 127.0.0.1, stopped on exit."""
-
-    def __init__(self, data_dir: str) -> None:
-        self.data_dir = data_dir
-
-    def __enter__(self) -> int:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "ozwell.py"), "--host", "127.0.0.1", "--port", str(port),
-             "--data-dir", os.path.join(self.data_dir, "data")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                    return port
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.__exit__()
-                    raise RuntimeError("the server did not start") from None
-                time.sleep(0.05)
-
-    def __exit__(self, *_: object) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 if __name__ == "__main__":

@@ -9,17 +9,13 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 import uuid
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmark import Server, ozwell_server, rss_mb
+
 MiB = 1024 * 1024
 UPLOAD_BYTES = 1024 * MiB
 LISTED_FILES = 10_000
@@ -35,12 +31,12 @@ def rows() -> list[tuple[str, str]]:
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
         try:
             _upload(connection, 4 * MiB)  # warm up: imports, threads, buffers
-            peak_before = _memory_mib(server.pid, "VmHWM")
+            peak_before = rss_mb(server.process.pid, "VmHWM")
             started = time.perf_counter()
             file_id = _upload(connection, UPLOAD_BYTES)
             upload_rate = UPLOAD_BYTES / MiB / (time.perf_counter() - started)
             # The kernel updates the peak lazily: a difference below zero is noise.
-            growth = max(0.0, _memory_mib(server.pid, "VmHWM") - peak_before)
+            growth = max(0.0, rss_mb(server.process.pid, "VmHWM") - peak_before)
             started = time.perf_counter()
             downloaded = _download(connection, file_id)
             download_rate = downloaded / MiB / (time.perf_counter() - started)
@@ -143,53 +139,9 @@ def _median_upload_ms(connection: http.client.HTTPConnection) -> float:
     return statistics.median(timings)
 
 
-def _memory_mib(pid: int, field: str) -> float:
-    """A line of /proc/<pid>/status (VmRSS, VmHWM: the peak), in MiB; NaN off Linux."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-class _server:
-    """A `python ozwell.py` process on a free port with a 2 GiB upload limit, stopped on exit."""
-
-    def __init__(self, data_dir: str) -> None:
-        self.data_dir = data_dir
-
-    def __enter__(self) -> _server:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OZWELL_")}
-        self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "ozwell.py"), "--host", "127.0.0.1", "--port", str(self.port),
-             "--data-dir", self.data_dir, "--max-upload-bytes", str(2 * UPLOAD_BYTES)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.pid = self.process.pid
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1):
-                    return self
-            except OSError:
-                if self.process.poll() is not None:
-                    break
-                time.sleep(0.05)
-        self.__exit__()
-        raise RuntimeError("the server did not start")
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+def _server(data_dir: str) -> Server:
+    """`python ozwell.py` with a 2 GiB upload limit, configured by its command line alone."""
+    return ozwell_server(data_dir, "--max-upload-bytes", str(2 * UPLOAD_BYTES), inherit_ozwell_env=False)
 
 
 if __name__ == "__main__":

@@ -7,17 +7,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmark import ozwell_server
+
 HEADERS = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
 BODY = {"model": "ozwell-deterministic", "input": "How fast can you answer this question?"}
 SECONDS_PER_ROW = 3.0
@@ -25,8 +20,9 @@ MAX_REQUESTS = 5000
 
 
 def rows() -> list[tuple[str, str]]:
-    with tempfile.TemporaryDirectory() as data_dir, _server(data_dir) as port:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    with tempfile.TemporaryDirectory() as data_dir, \
+            ozwell_server(data_dir, "--stream-tokens-per-second", "0", inherit_ozwell_env=False) as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         try:
             stored = _requests_per_second(connection, BODY)
             unstored = _requests_per_second(connection, {**BODY, "store": False})
@@ -68,42 +64,6 @@ def _stream_events_per_second(connection: http.client.HTTPConnection) -> tuple[i
         events = sum(1 for line in text.split("\n") if line.startswith("event: "))
         rates.append(events / elapsed)
     return events, statistics.median(rates)
-
-
-class _server:
-    """A `python ozwell.py` process on a free port, stopped on exit."""
-
-    def __init__(self, data_dir: str) -> None:
-        self.data_dir = data_dir
-
-    def __enter__(self) -> int:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OZWELL_")}
-        self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "ozwell.py"), "--host", "127.0.0.1", "--port", str(port),
-             "--data-dir", self.data_dir, "--stream-tokens-per-second", "0"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                    return port
-            except OSError:
-                if self.process.poll() is not None:
-                    break
-                time.sleep(0.05)
-        self.__exit__()
-        raise RuntimeError("the server did not start")
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 if __name__ == "__main__":

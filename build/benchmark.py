@@ -47,24 +47,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_up(url: str, timeout: float = 60.0) -> None:
+def wait_until_up(url: str, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
+    """Returns once `url` answers; fails early if `process` (the server) has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(url, timeout=1):
                 return
         except OSError:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"{process.args} exited with {process.returncode}") from None
             time.sleep(0.01)
     raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process, from /proc (Linux)."""
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Memory of a process from /proc (Linux): resident (VmRSS) or its peak (VmHWM)."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
 
 
 class Server:
@@ -76,7 +79,11 @@ class Server:
         self.process = subprocess.Popen([c.replace("{port}", str(self.port)) for c in command],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
         self.started = time.perf_counter()
-        wait_until_up(self.url + health_path)
+        try:
+            wait_until_up(self.url + health_path, process=self.process)
+        except BaseException:
+            self.__exit__()
+            raise
         self.ready_after = time.perf_counter() - self.started
 
     def __enter__(self):
@@ -84,12 +91,20 @@ class Server:
 
     def __exit__(self, *_):
         self.process.terminate()
-        self.process.wait(10)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
-def ozwell_server(data_dir: str, *extra: str, env: dict | None = None) -> Server:
+def ozwell_server(data_dir: str, *extra: str, env: dict | None = None,
+                  inherit_ozwell_env: bool = True) -> Server:
+    """`python ozwell.py` on a free port; `inherit_ozwell_env=False` drops the caller's OZWELL_*
+    variables so that only the command line and `env` configure it."""
+    inherited = {k: v for k, v in os.environ.items() if inherit_ozwell_env or not k.startswith("OZWELL_")}
     return Server([sys.executable, str(ROOT / "ozwell.py"), "--host", "127.0.0.1", "--port", "{port}",
-                   "--data-dir", data_dir, *extra], env={**os.environ, **(env or {})})
+                   "--data-dir", data_dir, *extra], env={**inherited, **(env or {})})
 
 
 def wrk(url: str, connections: int = CONNECTIONS, seconds: int = SECONDS, post: dict | None = None,
@@ -108,7 +123,8 @@ def wrk(url: str, connections: int = CONNECTIONS, seconds: int = SECONDS, post: 
                          f"wrk.body = [[{json.dumps(post)}]]\n")
     command += ["-s", script.name]
     try:
-        output = subprocess.run(command + [url], capture_output=True, text=True, check=True).stdout
+        output = subprocess.run(command + [url], capture_output=True, text=True, check=True,
+                                timeout=seconds + 30).stdout
     finally:
         os.unlink(script.name)
     non_2xx = [line for line in output.splitlines() if "Non-2xx" in line or "Socket errors" in line]
