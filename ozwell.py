@@ -39,7 +39,7 @@ import socket
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jsonschema
@@ -872,18 +872,22 @@ def deterministic_reply(model: str, conversation: Sequence[tuple[str, str]],
     return Generation(tuple(tokens), finish_reason, prompt_tokens)
 
 
-async def paced(items: Sequence[str], per_second: float) -> AsyncIterator[str]:
-    """`items` one by one, `per_second` of them a second (0: all at once).
+class Pacer:
+    """The built-in model's stream pace: the n-th `tick()` returns n / `per_second` seconds after
+    the pacer was made (0: at once). The schedule is fixed from the start, so slow writes do
+    not add up into a slower pace."""
 
-    The schedule is fixed from the start, so slow writes do not add up into a slower pace.
-    """
-    started = time.monotonic()
-    for position, item in enumerate(items):
-        if per_second > 0:
-            delay = started + position / per_second - time.monotonic()
+    def __init__(self, per_second: float) -> None:
+        self.per_second = per_second
+        self.started = time.monotonic()
+        self.ticks = 0
+
+    async def tick(self) -> None:
+        if self.per_second > 0:
+            self.ticks += 1
+            delay = self.started + self.ticks / self.per_second - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-        yield item
 
 
 # Embedding models, by id, with the length of their vectors; all are computed locally.
@@ -1532,6 +1536,49 @@ class BaseHandler(tornado.web.RequestHandler):
         return APIError(status_code, f"{reason}.")
 
 
+def read_query(handler: tornado.web.RequestHandler, parameters: Sequence[QueryParam]) -> dict[str, Any]:
+    """The declared query parameters, converted to their schema's type and checked against it;
+    an absent one takes its schema's default (or None)."""
+    values: dict[str, Any] = {}
+    for parameter in parameters:
+        raw = handler.get_query_argument(parameter.name, None)
+        if raw is None:
+            values[parameter.name] = parameter.schema.get("default")
+            continue
+        value: Any = raw
+        if parameter.schema.get("type") == "integer":
+            if not re.fullmatch(r"-?\d{1,18}", raw):
+                raise APIError(400, f"Invalid type for '{parameter.name}': expected an integer, "
+                                    f"but got {raw!r} instead.", param=parameter.name,
+                               code="invalid_type")
+            value = int(raw)
+        elif parameter.schema.get("type") == "boolean" and raw.lower() in ("true", "false", "1", "0"):
+            value = raw.lower() in ("true", "1")
+        error = jsonschema.exceptions.best_match(
+            jsonschema.Draft202012Validator(parameter.schema).iter_errors(value))
+        if error is not None:
+            raise APIError(400, f"Invalid value for '{parameter.name}': {error.message}.",
+                           param=parameter.name, code="invalid_value")
+        values[parameter.name] = value
+    return values
+
+
+def cursor_page(items: Sequence[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
+    """One page of a list in OpenAI's shape: the items after the one with id `after`."""
+    if after is not None:
+        position = next((i for i, item in enumerate(items) if item["id"] == after), None)
+        if position is None:
+            raise APIError(400, f"Invalid value for 'after': no listed object has the id "
+                                f"{after!r}. Pass the last id of the page before.",
+                           param="after", code="invalid_value")
+        items = items[position + 1:]
+    page = list(items[:limit])
+    return {"object": "list", "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > limit}
+
+
 class NotFoundHandler(BaseHandler):
     """Every path the route table does not know."""
 
@@ -1752,21 +1799,15 @@ async def _stream_response(handler: BaseHandler, response: dict[str, Any],
                            starting_after: int | None = None) -> None:
     """Send the events of `response` after `starting_after`, text deltas at the set pace."""
     settings = handler.context.settings
-    pace = settings.stream_tokens_per_second
     stream = EventStream(handler, settings.keepalive_seconds)
     try:
         await stream.open()
-        started = time.monotonic()
-        deltas = 0
+        pacer = Pacer(settings.stream_tokens_per_second)
         for number, event in enumerate(response_events(response)):
             if starting_after is not None and number <= starting_after:
                 continue
-            if pace > 0 and event["type"] == "response.output_text.delta":
-                deltas += 1
-                # Paced from the start of the stream, so slow writes do not add up to drift.
-                delay = started + deltas / pace - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+            if event["type"] == "response.output_text.delta":
+                await pacer.tick()
             await stream.send({**event, "sequence_number": number}, event=event["type"])
     except tornado.iostream.StreamClosedError:
         pass  # the client left; a stored response is saved whole already
@@ -1779,23 +1820,6 @@ def _stored_response(context: Context, response_id: str) -> dict[str, Any]:
     if record is None:
         raise not_found("response", response_id)
     return record
-
-
-def _query_value(handler: BaseHandler, param: QueryParam) -> Any:
-    """A query parameter read as its schema's type and checked against it; a 400 if it fails."""
-    raw = handler.get_query_argument(param.name, None)
-    if raw is None:
-        return param.schema.get("default")
-    value: Any = raw
-    kind = param.schema.get("type")
-    if kind == "integer" and re.fullmatch(r"-?\d+", raw):
-        value = int(raw)
-    elif kind == "boolean" and raw.lower() in ("true", "false", "1", "0"):
-        value = raw.lower() in ("true", "1")
-    if next(jsonschema.Draft202012Validator(param.schema).iter_errors(value), None) is not None:
-        raise APIError(400, f"Invalid value for '{param.name}': '{raw}'. {param.description}",
-                       param=param.name, code="invalid_value")
-    return value
 
 
 class ResponsesHandler(BaseHandler):
@@ -1827,8 +1851,9 @@ class ResponseHandler(BaseHandler):
 
     async def get(self, response_id: str) -> None:
         response = _stored_response(self.context, response_id)["response"]
-        if _query_value(self, _STREAM):
-            await _stream_response(self, response, _query_value(self, _STARTING_AFTER))
+        query = read_query(self, self.api["get"].query)
+        if query["stream"]:
+            await _stream_response(self, response, query["starting_after"])
         else:
             self.write_json(response)
 
@@ -1852,22 +1877,10 @@ class ResponseInputItemsHandler(BaseHandler):
 
     def get(self, response_id: str) -> None:
         items = _stored_response(self.context, response_id)["input_items"]
-        after, limit, order = (_query_value(self, p) for p in (_AFTER, _LIMIT, _ORDER))
-        if order == "desc":
+        query = read_query(self, self.api["get"].query)
+        if query["order"] == "desc":
             items = items[::-1]
-        start = 0
-        if after is not None:
-            ids = [item["id"] for item in items]
-            if after not in ids:
-                raise APIError(400, f"Invalid value for 'after': response '{response_id}' has no "
-                                    f"input item '{after}'. Use the last_id of the page before.",
-                               param="after", code="invalid_value")
-            start = ids.index(after) + 1
-        page = items[start:start + limit]
-        self.write_json({"object": "list", "data": page,
-                         "first_id": page[0]["id"] if page else None,
-                         "last_id": page[-1]["id"] if page else None,
-                         "has_more": start + limit < len(items)})
+        self.write_json(cursor_page(items, query["after"], query["limit"]))
 
 
 class ChatCompletionsHandler(BaseHandler):
@@ -1968,13 +1981,14 @@ class ChatCompletionsHandler(BaseHandler):
             return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None,
                                          "finish_reason": finish_reason}], **extra}
 
-        pace = self.context.settings.stream_tokens_per_second
         stream = EventStream(self, self.context.settings.keepalive_seconds)
         try:
             await stream.open()
+            pacer = Pacer(self.context.settings.stream_tokens_per_second)
             for index, generation in enumerate(generations):
                 await stream.send(chunk(index, {"role": "assistant", "content": ""}))
-                async for token in paced(generation.tokens, pace):
+                for token in generation.tokens:
+                    await pacer.tick()
                     await stream.send(chunk(index, {"content": token}))
                 await stream.send(chunk(index, {}, generation.finish_reason))
             if include_usage:
@@ -2341,47 +2355,6 @@ class UploadForm:
                 raise APIError(400, f"'{self._part}' is not UTF-8 text.", param=self._part,
                                code="invalid_value") from None
         self._part = None
-
-
-def read_query(handler: tornado.web.RequestHandler, parameters: Sequence[QueryParam]) -> dict[str, Any]:
-    """The declared query parameters, converted to their schema's type and checked against it;
-    an absent one takes its schema's default (or None)."""
-    values: dict[str, Any] = {}
-    for parameter in parameters:
-        raw = handler.get_query_argument(parameter.name, None)
-        if raw is None:
-            values[parameter.name] = parameter.schema.get("default")
-            continue
-        value: Any = raw
-        if parameter.schema.get("type") == "integer":
-            if not re.fullmatch(r"-?\d{1,18}", raw):
-                raise APIError(400, f"Invalid type for '{parameter.name}': expected an integer, "
-                                    f"but got {raw!r} instead.", param=parameter.name,
-                               code="invalid_type")
-            value = int(raw)
-        error = jsonschema.exceptions.best_match(
-            jsonschema.Draft202012Validator(parameter.schema).iter_errors(value))
-        if error is not None:
-            raise APIError(400, f"Invalid value for '{parameter.name}': {error.message}.",
-                           param=parameter.name, code="invalid_value")
-        values[parameter.name] = value
-    return values
-
-
-def cursor_page(items: Sequence[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
-    """One page of a list in OpenAI's shape: the items after the one with id `after`."""
-    if after is not None:
-        position = next((i for i, item in enumerate(items) if item["id"] == after), None)
-        if position is None:
-            raise APIError(400, f"Invalid value for 'after': no listed object has the id "
-                                f"{after!r}. Pass the last id of the page before.",
-                           param="after", code="invalid_value")
-        items = items[position + 1:]
-    page = list(items[:limit])
-    return {"object": "list", "data": page,
-            "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None,
-            "has_more": len(items) > limit}
 
 
 async def _file_or_404(context: Context, file_id: str) -> dict[str, Any]:
