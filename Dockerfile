@@ -10,15 +10,15 @@ COPY build/pyz.py build/pyz-requirements.txt ./build/
 RUN python build/pyz.py
 
 FROM python:3.13-slim
-RUN useradd --system --uid 10001 --create-home --home-dir /home/ozwell ozwell \
+RUN useradd --system --uid 10001 --create-home ozwell \
  && mkdir /data && chown ozwell:ozwell /data
 COPY --from=build /src/build/ozwell.pyz /opt/ozwell/ozwell.pyz
 USER ozwell
 ENV HOST=0.0.0.0 \
     PORT=3000 \
-    OZWELL_DATA_DIR=/data \
-    SHIV_ROOT=/home/ozwell/.shiv
-# Unpack once while building, so a container starts without extracting the archive.
+    OZWELL_DATA_DIR=/data
+# Unpack once while building (into the user's ~/.shiv), so a container starts without
+# extracting the archive.
 RUN python /opt/ozwell/ozwell.pyz --version
 VOLUME ["/data"]
 EXPOSE 3000

@@ -1338,6 +1338,10 @@ class QueryParam:
     schema: dict
     description: str = ""
 
+    @functools.cached_property
+    def validator(self) -> jsonschema.Draft202012Validator:
+        return jsonschema.Draft202012Validator(self.schema)  # made once, not per request
+
 
 @dataclasses.dataclass(frozen=True)
 class Operation:
@@ -1555,7 +1559,7 @@ def read_query(handler: tornado.web.RequestHandler, parameters: Sequence[QueryPa
         elif parameter.schema.get("type") == "boolean" and raw.lower() in ("true", "false", "1", "0"):
             value = raw.lower() in ("true", "1")
         error = jsonschema.exceptions.best_match(
-            jsonschema.Draft202012Validator(parameter.schema).iter_errors(value))
+            parameter.validator.iter_errors(value))
         if error is not None:
             raise APIError(400, f"Invalid value for '{parameter.name}': {error.message}.",
                            param=parameter.name, code="invalid_value")
