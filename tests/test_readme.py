@@ -80,3 +80,16 @@ def test_node_examples_work_as_written(server_process, node_sdk):
     for block in code_blocks("javascript", 'from "openai"'):
         result = node_sdk(_on(server, block))
         assert result.returncode == 0, result.stderr
+
+
+def test_no_tracked_file_holds_a_merge_conflict_marker():
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+    marked = []
+    for name in listed.stdout.decode().split("\0"):
+        path = ROOT / name
+        if not name or not path.is_file():
+            continue
+        for number, line in enumerate(path.read_bytes().splitlines(), 1):
+            if line.startswith((b"<<<<<<< ", b">>>>>>> ")) or line == b"=======":
+                marked.append(f"{name}:{number}")
+    assert not marked, f"merge-conflict markers at {', '.join(marked)}"
