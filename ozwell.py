@@ -360,6 +360,16 @@ def _length_error(error: jsonschema.exceptions.ValidationError, where: str,
 # Storage
 # =============================================================================
 
+def new_id(prefix: str) -> str:
+    """A new object id: `prefix` and 32 hex digits. Every id a client sees is made here."""
+    return prefix + uuid.uuid4().hex
+
+
+def unix_now() -> int:
+    """The `created`/`created_at` of a new object. Every timestamp a client sees is made here."""
+    return int(time.time())
+
+
 def ensure_data_dir(path: str) -> str:
     """Create the data dir if needed and prove it is writable, or raise SettingsError."""
     try:
@@ -589,8 +599,8 @@ class FileStore:
             raise
 
         def change(files: list[dict]) -> tuple[list[dict], dict]:
-            file_id = "file-" + uuid.uuid4().hex
-            created_at = int(time.time())
+            file_id = new_id("file-")
+            created_at = unix_now()
             entry = {"id": file_id, "object": "file", "bytes": blob.size,
                      "created_at": created_at, "filename": filename, "purpose": purpose,
                      "status": "processed",
@@ -1411,7 +1421,7 @@ class BaseHandler(tornado.web.RequestHandler):
         # Called by the constructor, before initialize(), and again when an error clears
         # the response: the id is made once and kept.
         if not hasattr(self, "request_id"):
-            self.request_id = "req_" + uuid.uuid4().hex
+            self.request_id = new_id("req_")
         self.set_header("x-request-id", self.request_id)
         self.set_header("Content-Type", "application/json")
         self.set_header("Access-Control-Allow-Origin", "*")
@@ -1723,13 +1733,13 @@ def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
 
     cut_short = generation.finish_reason == "length"
     status = "incomplete" if cut_short else "completed"
-    now = int(time.time())
+    now = unix_now()
     response = {
-        "id": "resp_" + uuid.uuid4().hex, "object": "response", "created_at": now,
+        "id": new_id("resp_"), "object": "response", "created_at": now,
         "status": status, "completed_at": None if cut_short else now, "error": None,
         "incomplete_details": {"reason": "max_output_tokens"} if cut_short else None,
         "model": model,
-        "output": [_output_message("msg_" + uuid.uuid4().hex, generation.text, status)],
+        "output": [_output_message(new_id("msg_"), generation.text, status)],
         "service_tier": "default", "store": body.get("store") is not False,
         "text": {"format": {"type": "text"}, "verbosity": "medium", **(body.get("text") or {})},
         "usage": {
@@ -1757,9 +1767,9 @@ def _input_items(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         content = message["content"]
         texts = [content] if isinstance(content, str) else [part["text"] for part in content]
         if message["role"] == "assistant":
-            items.append(_output_message("msg_" + uuid.uuid4().hex, "\n".join(texts), "completed"))
+            items.append(_output_message(new_id("msg_"), "\n".join(texts), "completed"))
         else:
-            items.append({"id": "msg_" + uuid.uuid4().hex, "type": "message",
+            items.append({"id": new_id("msg_"), "type": "message",
                           "role": message["role"], "status": "completed",
                           "content": [{"type": "input_text", "text": text} for text in texts]})
     return items
@@ -1964,8 +1974,8 @@ class ChatCompletionsHandler(BaseHandler):
             max_tokens = body.get("max_tokens")
         generations = [deterministic_reply(model, conversation, max_tokens, variant)
                        for variant in range(body.get("n") or 1)]
-        head = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion",
-                "created": int(time.time()), "model": model}
+        head = {"id": new_id("chatcmpl-"), "object": "chat.completion",
+                "created": unix_now(), "model": model}
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return await self._stream_offline(head, generations, include_usage)
