@@ -824,12 +824,24 @@ _VOCABULARY = (
 
 
 @dataclasses.dataclass(frozen=True)
+class ToolCall:
+    """One function call in a reply; `arguments` is JSON text, as it goes on the wire."""
+
+    id: str                     # "call_..."
+    name: str
+    arguments: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Generation:
-    """What the offline model says: its tokens, why it stopped, and what it read."""
+    """What a local reply says (the offline model's, or a scripted one): its text tokens,
+    its tool calls, why it stopped, and what it read."""
 
     tokens: tuple[str, ...]
-    finish_reason: str          # "stop", or "length" when max_tokens cut it short
+    finish_reason: str          # "stop"; "length" when max_tokens cut it short; "tool_calls"
     prompt_tokens: int
+    tool_calls: tuple[ToolCall, ...] = ()
+    refusal: str | None = None
 
     @property
     def text(self) -> str:
