@@ -25,6 +25,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import errno
 import functools
 import hashlib
 import importlib.resources
@@ -36,10 +37,11 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jsonschema
@@ -47,6 +49,7 @@ import jsonschema.exceptions
 import tornado.httpclient
 import tornado.httpserver
 import tornado.httputil
+import tornado.ioloop
 import tornado.iostream
 import tornado.netutil
 import tornado.simple_httpclient
@@ -84,6 +87,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("ozwell")
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
 MiB = 1024 * 1024
 
@@ -139,6 +143,12 @@ class Settings:
         1, "OZWELL_WORKERS", "processes serving the port (0: one per CPU; POSIX only)", int)
     shutdown_grace_seconds: float = _setting(
         30.0, "OZWELL_SHUTDOWN_GRACE", "on SIGTERM, how long in-flight requests may finish", float)
+    idle_timeout: float = _setting(
+        60.0, "OZWELL_IDLE_TIMEOUT",
+        "seconds a client connection may sit idle, or take to send a request's headers", float)
+    access_log: str = _setting(
+        "on", "OZWELL_ACCESS_LOG", "one line per request on stderr: on, or off (flag --quiet)",
+        lambda value: _on_off("OZWELL_ACCESS_LOG", value), flag=False)
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -160,10 +170,19 @@ class Settings:
             raise SettingsError("OZWELL_WORKERS must be 0 (one per CPU) or more")
         if self.max_request_bytes < 1:
             raise SettingsError("OZWELL_MAX_REQUEST_BYTES must be a positive number of bytes")
+        if not self.idle_timeout > 0:
+            raise SettingsError("OZWELL_IDLE_TIMEOUT must be a positive number of seconds")
+        _on_off("OZWELL_ACCESS_LOG", self.access_log)
 
 
 class SettingsError(Exception):
     """A setting that cannot work; main() prints it in one line and exits non-zero."""
+
+
+def _on_off(name: str, value: str) -> str:
+    if value.strip().lower() not in ("on", "off"):
+        raise SettingsError(f"{name}={value!r} is not valid: use on or off")
+    return value.strip().lower()
 
 
 def _parse_setting(field: dataclasses.Field, raw: str) -> Any:
@@ -183,6 +202,9 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", nargs="?", choices=("serve", "spec"), default="serve",
                         help="serve (default) or spec: print the OpenAPI document and exit")
     parser.add_argument("--version", action="version", version=f"ozwell {__version__}")
+    parser.add_argument("--quiet", dest="access_log", action="store_const", const="off",
+                        help="no access log: one line per request is not written "
+                             "(env OZWELL_ACCESS_LOG=off)")
     for field in dataclasses.fields(Settings):
         if field.metadata["flag"]:
             parser.add_argument(
@@ -384,8 +406,9 @@ def ensure_data_dir(path: str) -> str:
     return os.path.abspath(path)
 
 
-def write_atomically(path: str, data: bytes) -> None:
-    """Replace `path` with `data` so a reader sees the old bytes or the new, never a mix.
+def write_atomically(path: str, data: bytes | Iterable[bytes]) -> None:
+    """Replace `path` with `data` (bytes, or chunks of bytes) so a reader sees the old bytes or
+    the new, never a mix.
 
     Written to a temporary file beside it, fsynced, then renamed over it; the directory is
     fsynced too (on POSIX) so the rename itself survives a crash.
@@ -394,7 +417,8 @@ def write_atomically(path: str, data: bytes) -> None:
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
         with open(temporary, "wb") as out:
-            out.write(data)
+            for chunk in [data] if isinstance(data, bytes) else data:
+                out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, path)
@@ -402,57 +426,444 @@ def write_atomically(path: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.remove(temporary)
         raise
+    sync_directory(directory)
+
+
+def sync_directory(path: str) -> None:
+    """Make the names in a folder (files created or renamed there) survive a crash (POSIX)."""
     if hasattr(os, "O_DIRECTORY"):
-        descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
 
 
-class ResponseStore:
-    """Stored responses: one JSON file per response under `<data_dir>/responses/`.
+class GroupCommit:
+    """Writes that must be durable before their callers go on, done off the event loop.
 
-    A record is `{"response", "input_items", "turns"}`: the Response object, the input items
-    input_items lists, and the (role, text) turns a response that continues it builds on.
-    Only ids of the form this server makes are looked up, so no id can name a path outside
-    the folder.
+    `await submit(job)` queues a job and waits for its result. A thread of its own hands the
+    queued jobs to `run_batch` together: jobs that arrive while a batch is being made durable
+    go together in the next one, so callers that write at the same time share one fsync
+    (group commit). The thread ends after IDLE_SECONDS without work and starts again with the
+    next job.
     """
 
-    _ID = re.compile(r"resp_[0-9a-f]{32}")
+    IDLE_SECONDS = 5.0
+
+    def __init__(self, run_batch: Callable[[list[Any]], list[tuple[bool, Any]]]) -> None:
+        self._run_batch = run_batch  # jobs -> one (succeeded, result or exception) per job
+        self._work = threading.Condition()
+        self._queue: list[tuple[Any, asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._running = False
+
+    async def submit(self, job: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._work:
+            self._queue.append((job, loop, future))
+            start, self._running = not self._running, True
+            self._work.notify()
+        if start:
+            threading.Thread(target=self._drain, name="ozwell-writer", daemon=True).start()
+        return await future
+
+    def _drain(self) -> None:
+        while True:
+            with self._work:
+                if not self._queue:
+                    self._work.wait(self.IDLE_SECONDS)
+                if not self._queue:
+                    self._running = False
+                    return
+                batch, self._queue = self._queue, []
+            try:
+                outcomes = self._run_batch([job for job, _, _ in batch])
+            except Exception as exc:
+                outcomes = [(False, exc)] * len(batch)
+            for (_, loop, future), outcome in zip(batch, outcomes):
+                with contextlib.suppress(RuntimeError):  # its event loop has closed meanwhile
+                    loop.call_soon_threadsafe(_settle, future, outcome)
+
+
+def _settle(future: asyncio.Future, outcome: tuple[bool, Any]) -> None:
+    if not future.done():
+        succeeded, value = outcome
+        if succeeded:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+class RecordLog:
+    """JSON records by id in one append-only file, shared by every process that uses the folder.
+
+    A line is `{"id":"<id>","record":<JSON>}` (the record's latest version) or
+    `{"id":"<id>","deleted":true}`. Changes run on a writer thread (`change()`) under the OS
+    lock on the `.lock` file beside the log, with the log read up to date first; the lines of
+    every change that waited at the same time are appended in one write, made durable with one
+    fsync (GroupCommit). A change that a writer never finished (kill -9 mid-write) is cut off
+    by the next writer. Reads never wait for the disk: each takes in the complete lines
+    appended since the last one (by any process), then answers from memory (`keep_records`)
+    or with one read at the record's offset. Once most of the file is replaced or deleted
+    records, the live ones are written to a new file that replaces it (compaction). If the
+    folder is removed (`rm -rf data`), the log reads as empty and the next change creates it.
+    """
+
+    COMPACT_FROM_BYTES = MiB
+    _LINE = re.compile(rb'\{"id":"([^"\\]+)","(record|deleted)":')
+    _ID = re.compile(r"[\w.:-]+", re.ASCII)
+    _READ_CHUNK = 16 * MiB
+
+    def __init__(self, path: str, what: str, keep_records: bool = False,
+                 check: Callable[[str, Any], str | None] | None = None) -> None:
+        self.path = path
+        self.what = what                    # "the files index": names it in messages
+        self.keep_records = keep_records
+        self.check = check                  # (id, record) -> what is wrong with it, or None
+        self.directory = os.path.dirname(path)
+        self.lock_path = os.path.splitext(path)[0] + ".lock"
+        self.syncs = 0                      # fsyncs of the log so far
+        self._commit = GroupCommit(self._run_batch)
+        self._writing = threading.Lock()    # one batch at a time in this process
+        # The state below is shared by the event loop (reads) and the writer thread.
+        self._state = threading.Lock()
+        self._reader: Any = None
+        self._identity: tuple[int, int] | None = None
+        self._read_to = 0                   # the end of the last complete line taken in
+        self._entries: dict[str, tuple[int, int, Any]] = {}  # id -> offset, length, record
+        self._live_bytes = 0
+        with self._state:
+            self._catch_up(strict=True)
+
+    @staticmethod
+    def encode(record: Any) -> bytes:
+        """A record as a log line carries it: compact ASCII JSON, so it holds no line break."""
+        return json.dumps(record, separators=(",", ":")).encode("ascii")
+
+    def get(self, record_id: str) -> Any | None:
+        with self._state:
+            self._catch_up()
+            return self._get_now(record_id)
+
+    def records(self) -> list[Any]:
+        """Every live record, in the order each was first saved (`keep_records` logs)."""
+        with self._state:
+            self._catch_up()
+            return [record for _, _, record in self._entries.values()]
+
+    async def change(self, function: Callable[[LogBatch], Any]) -> Any:
+        """`function(batch)` on the writer thread, its result once what it wrote is durable.
+
+        It sees the log up to date, other processes' changes included, and runs while no
+        other process changes it; it raises before it puts or removes anything, or not at all.
+        """
+        return await self._commit.submit(function)
+
+    def change_now(self, function: Callable[[LogBatch], Any]) -> Any:
+        """change() on the calling thread: for start-up, before the event loop runs."""
+        succeeded, value = self._run_batch([function])[0]
+        if not succeeded:
+            raise value
+        return value
+
+    def _get_now(self, record_id: str) -> Any | None:
+        entry = self._entries.get(record_id)
+        if entry is None:
+            return None
+        offset, length, record = entry
+        if self.keep_records:
+            return record
+        self._reader.seek(offset)
+        line = self._reader.read(length)
+        return json.loads(line[self._LINE.match(line).end():-2])
+
+    # --- Reading --------------------------------------------------------------------------
+
+    def _catch_up(self, strict: bool = False) -> None:
+        """Take in the complete lines appended since the last call (holding self._state)."""
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            self._forget()
+            return
+        size = status.st_size
+        if (status.st_dev, status.st_ino) != self._identity or size < self._read_to:
+            self._forget()  # a new file: compacted, or created again after a removal
+            try:
+                self._reader = open(self.path, "rb")
+            except FileNotFoundError:
+                return
+            opened = os.fstat(self._reader.fileno())
+            self._identity, size = (opened.st_dev, opened.st_ino), opened.st_size
+        if size <= self._read_to:
+            return
+        self._reader.seek(self._read_to)
+        carried = b""
+        while chunk := self._reader.read(self._READ_CHUNK):
+            data = carried + chunk if carried else chunk
+            used = self._take_lines(data, self._read_to, strict)
+            carried = data[used:]
+            self._read_to += used
+
+    def _take_lines(self, data: bytes, base: int, strict: bool) -> int:
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            match = self._LINE.match(data, start)
+            problem = None
+            if match is None or data[end - 1:end] != b"}":
+                problem = "is not a record line"
+            elif match.group(2) == b"deleted":
+                self._forget_record(match.group(1).decode("ascii", "replace"))
+            else:
+                record_id, record = match.group(1).decode("ascii", "replace"), None
+                if self.keep_records:
+                    try:
+                        record = json.loads(data[match.end():end - 1])
+                    except ValueError as exc:
+                        problem = f"holds a record that is not valid JSON ({exc})"
+                    else:
+                        problem = self.check(record_id, record) if self.check else None
+                if problem is None:
+                    self._keep_record(record_id, base + start, end + 1 - start, record)
+            if problem is not None:
+                self._damaged(base + start, problem, strict)
+            start = end + 1
+        return start
+
+    def _keep_record(self, record_id: str, offset: int, length: int, record: Any) -> None:
+        self._forget_record(record_id, keep_place=True)
+        self._entries[record_id] = (offset, length, record)
+        self._live_bytes += length
+
+    def _forget_record(self, record_id: str, keep_place: bool = False) -> None:
+        entry = self._entries.get(record_id) if keep_place else self._entries.pop(record_id, None)
+        if entry is not None:
+            self._live_bytes -= entry[1]
+
+    def _forget(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+        self._reader, self._identity, self._read_to = None, None, 0
+        self._entries = {}
+        self._live_bytes = 0
+
+    def _damaged(self, offset: int, problem: str, strict: bool) -> None:
+        message = f"{self.what} {self.path} is damaged: the line at byte {offset} {problem}"
+        if strict:
+            raise SettingsError(f"{message}. The server will not guess what it held: restore it "
+                                "from a backup, or remove the data dir to start afresh.")
+        log.error("%s; that line is skipped", message)
+
+    # --- Writing --------------------------------------------------------------------------
+
+    def _run_batch(self, functions: list[Callable[[LogBatch], Any]]) -> list[tuple[bool, Any]]:
+        with self._writing:
+            os.makedirs(self.directory, exist_ok=True)  # again, if `rm -rf data` took it
+            with _locked(self.lock_path):
+                with self._state:
+                    self._catch_up()
+                batch = LogBatch(self)
+                outcomes: list[tuple[bool, Any]] = []
+                for function in functions:
+                    try:
+                        outcomes.append((True, function(batch)))
+                    except Exception as exc:
+                        outcomes.append((False, exc))
+                if batch.lines:
+                    try:
+                        self._append(batch)
+                    except OSError as exc:
+                        return [(False, exc)] * len(functions)
+                    with self._state:
+                        self._catch_up()
+                    self._compact_if_worthwhile()
+            for action in batch.afterwards:
+                with contextlib.suppress(OSError):
+                    action()
+            return outcomes
+
+    def _append(self, batch: LogBatch) -> None:
+        created = not os.path.exists(self.path)
+        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND
+                             | getattr(os, "O_BINARY", 0), 0o644)
+        try:
+            end = self._end_of_last_line(descriptor)
+            if batch.sync_directory_first:
+                sync_directory(self.directory)
+            try:
+                data = memoryview(b"".join(batch.lines))
+                while data:
+                    data = data[os.write(descriptor, data):]
+                os.fsync(descriptor)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(descriptor, end)
+                raise
+            self.syncs += 1
+        finally:
+            os.close(descriptor)
+        if created:
+            sync_directory(self.directory)
+
+    def _end_of_last_line(self, descriptor: int) -> int:
+        """The log's size, once the unfinished last line of a writer that died is cut off."""
+        size = end = os.fstat(descriptor).st_size
+        step = 1  # the last byte tells, unless a writer died mid-line
+        while end > 0:
+            start = max(0, end - step)
+            os.lseek(descriptor, start, os.SEEK_SET)
+            newline = os.read(descriptor, end - start).rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end, step = start, 64 * 1024
+        if end < size:
+            log.warning("%s: cutting off %d bytes of a change that was never finished",
+                        self.path, size - end)
+            os.ftruncate(descriptor, end)
+        return end
+
+    def _compact_if_worthwhile(self) -> None:
+        with self._state:
+            size = self._read_to
+            if size < self.COMPACT_FROM_BYTES or size < 2 * self._live_bytes:
+                return
+            # The state lock is held throughout: readers wait these few milliseconds, and this
+            # process's reader is closed while the file is replaced (Windows cannot replace an
+            # open file).
+            entries = list(self._entries.items())
+            self._forget()
+            compacted: dict[str, tuple[int, int, Any]] = {}
+
+            def lines() -> Iterator[bytes]:
+                position = 0
+                with open(self.path, "rb") as source:
+                    for record_id, (offset, length, record) in entries:
+                        source.seek(offset)
+                        yield source.read(length)
+                        compacted[record_id] = (position, length, record)
+                        position += length
+            try:
+                write_atomically(self.path, lines())
+                self._reader = open(self.path, "rb")
+            except OSError as exc:
+                log.warning("%s: not compacted this time: %s", self.path, exc)
+                self._catch_up()
+                return
+            opened = os.fstat(self._reader.fileno())
+            self._identity = (opened.st_dev, opened.st_ino)
+            self._entries = compacted
+            self._read_to = self._live_bytes = opened.st_size
+            log.info("%s: compacted from %d to %d bytes", self.path, size, opened.st_size)
+
+
+class LogBatch:
+    """What one change function sees of a RecordLog, and the lines it adds to it."""
+
+    def __init__(self, log_: RecordLog) -> None:
+        self.log = log_
+        self.lines: list[bytes] = []
+        self.afterwards: list[Callable[[], None]] = []  # run once the lines are durable
+        # Set it when the change renamed files into the folder: the renames are made durable
+        # before the lines that name those files.
+        self.sync_directory_first = False
+        self._staged: dict[str, bytes | None] = {}
+
+    def get(self, record_id: str) -> Any | None:
+        if record_id in self._staged:
+            staged = self._staged[record_id]
+            return None if staged is None else json.loads(staged)
+        with self.log._state:
+            return self.log._get_now(record_id)
+
+    def records(self) -> list[Any]:
+        """Every live record, this batch's changes included (`keep_records` logs)."""
+        with self.log._state:
+            current = {record_id: record for record_id, (_, _, record) in self.log._entries.items()}
+        for record_id, staged in self._staged.items():
+            if staged is None:
+                current.pop(record_id, None)
+            else:
+                current[record_id] = json.loads(staged)
+        return list(current.values())
+
+    def put(self, record_id: str, record_json: bytes) -> None:
+        """Save a record (as RecordLog.encode() gives it), replacing any of the same id."""
+        self._check(record_id)
+        self._staged[record_id] = record_json
+        self.lines.append(b'{"id":"%s","record":%s}\n' % (record_id.encode("ascii"), record_json))
+
+    def remove(self, record_id: str) -> None:
+        self._check(record_id)
+        self._staged[record_id] = None
+        self.lines.append(b'{"id":"%s","deleted":true}\n' % record_id.encode("ascii"))
+
+    def _check(self, record_id: str) -> None:
+        if not RecordLog._ID.fullmatch(record_id):
+            raise ValueError(f"not a record id: {record_id!r}")
+
+
+class RecordStore:
+    """Objects of one kind by id (stored responses, say) in a RecordLog under
+    `<data_dir>/<FOLDER>/`. A subclass names the folder and the form of its ids; only ids of
+    that form are looked up. save() and delete() return once the change is durable, and the
+    event loop never waits for the disk meanwhile; load() reads at once.
+
+    A folder of one `<id>.json` file per object, as earlier versions kept them, is taken into
+    the log when the store opens.
+    """
+
+    FOLDER: str
+    ID: re.Pattern
 
     def __init__(self, data_dir: str) -> None:
-        self.directory = os.path.join(data_dir, "responses")
+        self.directory = os.path.join(data_dir, self.FOLDER)
+        self.log = RecordLog(os.path.join(self.directory, "records.jsonl"),
+                             f"the {self.FOLDER} log")
+        with contextlib.suppress(FileNotFoundError):
+            separate = [name for name in os.listdir(self.directory)
+                        if name.endswith(".json") and self.ID.fullmatch(name[:-len(".json")])]
+            if separate:
+                self.log.change_now(functools.partial(self._take_in, separate))
 
-    def save(self, record: dict[str, Any]) -> None:
-        os.makedirs(self.directory, exist_ok=True)
-        path = self._path(record["response"]["id"])
-        write_atomically(path, json.dumps(record, ensure_ascii=False).encode())
+    async def save(self, record_id: str, record: dict[str, Any]) -> None:
+        if not self.ID.fullmatch(record_id):
+            raise ValueError(f"not an id of {self.FOLDER}: {record_id!r}")
+        encoded = RecordLog.encode(record)  # here: the record as it is now, not when written
+        await self.log.change(lambda batch: batch.put(record_id, encoded))
 
-    def load(self, response_id: str) -> dict[str, Any] | None:
-        path = self._path(response_id)
-        if path is None:
-            return None
-        try:
-            with open(path, "rb") as stored:
-                return json.load(stored)
-        except FileNotFoundError:
-            return None
+    def load(self, record_id: str) -> dict[str, Any] | None:
+        return self.log.get(record_id) if self.ID.fullmatch(record_id) else None
 
-    def delete(self, response_id: str) -> bool:
-        path = self._path(response_id)
-        if path is None:
-            return False
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            return False
-        return True
+    async def delete(self, record_id: str) -> bool:
+        def change(batch: LogBatch) -> bool:
+            if batch.get(record_id) is None:
+                return False
+            batch.remove(record_id)
+            return True
+        return self.ID.fullmatch(record_id) is not None and await self.log.change(change)
 
-    def _path(self, response_id: str) -> str | None:
-        if not self._ID.fullmatch(response_id):
-            return None
-        return os.path.join(self.directory, f"{response_id}.json")
+    def _take_in(self, names: list[str], batch: LogBatch) -> None:
+        for name in names:
+            path = os.path.join(self.directory, name)
+            try:
+                with open(path, "rb") as separate:
+                    record = json.load(separate)
+            except (OSError, ValueError) as exc:
+                log.warning("%s: %s is left as it is: %s", self.FOLDER, name, exc)
+                continue
+            batch.put(name[:-len(".json")], RecordLog.encode(record))
+            batch.afterwards.append(functools.partial(os.remove, path))
+
+
+class ResponseStore(RecordStore):
+    """Stored responses: a record is `{"response", "input_items", "turns"}`: the Response
+    object, the input items input_items lists, and the (role, text) turns a response that
+    continues it builds on."""
+
+    FOLDER = "responses"
+    ID = re.compile(r"resp_[0-9a-f]{32}")
 
 
 def _lock(descriptor: int, wait: bool = True) -> bool:
@@ -530,45 +941,36 @@ class PendingBlob:
                 os.remove(self.path)
 
 
-@dataclasses.dataclass(frozen=True)
-class _IndexSnapshot:
-    raw: bytes | None               # the index file's bytes (None: there is no index yet)
-    files: list[dict[str, Any]]     # oldest first
-    by_id: dict[str, dict[str, Any]]
-
-
 class FileStore:
-    """Uploaded files: `<dir>/index.json` lists them (FileObjects, oldest first), `<dir>/<id>`
-    holds each one's bytes.
+    """Uploaded files: `<dir>/<id>` holds each one's bytes, and the RecordLog
+    `<dir>/index.jsonl` lists them (FileObjects, oldest first).
 
-    The index is only ever replaced whole (write_atomically), and each change re-reads it and
-    writes it under an asyncio lock (this process) and an OS lock on `index.lock` (other
-    processes sharing the folder). A blob is complete and in place before its entry is written,
-    and its entry is gone before the blob is removed, so a listed file can always be served.
+    A blob is complete, durable and in place before the line that lists it is written, and
+    the line that drops it is durable before the blob is removed, so a listed file can always
+    be served. An `index.json` of an earlier version is taken into the log when the store opens.
     """
 
     ID_PATTERN = re.compile(r"file-[0-9a-f]{32}")
-    INDEX_VERSION = 1
+    LEGACY_INDEX_VERSION = 1
     _UPLOAD_PREFIX = ".upload-"
     _TEMPORARY_SUFFIX = ".tmp"
 
     def __init__(self, directory: str) -> None:
         self.directory = os.path.abspath(directory)
-        self.index_path = os.path.join(self.directory, "index.json")
-        self._lock_path = os.path.join(self.directory, "index.lock")
-        self._lock = asyncio.Lock()
-        self._snapshot = _IndexSnapshot(None, [], {})
+        self.index = RecordLog(os.path.join(self.directory, "index.jsonl"), "the files index",
+                               keep_records=True, check=self._entry_problem)
 
     @classmethod
     def open(cls, directory: str) -> FileStore:
         """The store in `directory`, tidied after any crash; SettingsError if its index is damaged."""
-        store = cls(directory)
         try:
-            os.makedirs(store.directory, exist_ok=True)
+            os.makedirs(directory, exist_ok=True)
         except OSError as exc:
-            raise SettingsError(f"files folder {store.directory!r} cannot be created: "
+            raise SettingsError(f"files folder {os.path.abspath(directory)!r} cannot be created: "
                                 f"{exc.strerror or exc}.") from None
-        store._update_now(store._recover)
+        store = cls(directory)
+        store.index.change_now(store._take_in_legacy_index)
+        store.index.change_now(store._recover)
         return store
 
     def blob_path(self, file_id: str) -> str:
@@ -579,10 +981,11 @@ class FileStore:
     async def create_blob(self) -> PendingBlob:
         # Created under the OS lock, which a starting server holds while it removes dead
         # uploads: it never sees a temporary file that is not yet locked by its writer.
-        return await self._run_locked(self._create_blob_now)
+        return await asyncio.get_running_loop().run_in_executor(None, self._create_blob_now)
 
     def _create_blob_now(self) -> PendingBlob:
-        with _locked(self._lock_path):
+        os.makedirs(self.directory, exist_ok=True)  # again, if `rm -rf data` took it
+        with _locked(self.index.lock_path):
             name = f"{self._UPLOAD_PREFIX}{uuid.uuid4().hex}{self._TEMPORARY_SUFFIX}"
             return PendingBlob(os.path.join(self.directory, name))
 
@@ -590,118 +993,107 @@ class FileStore:
                   expires_after_seconds: int | None = None) -> dict[str, Any]:
         """Make the finished upload `blob` a listed file; returns its FileObject."""
         blob.committed = True
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, blob.sync)
+            await asyncio.get_running_loop().run_in_executor(None, blob.sync)
         except BaseException:
             blob.committed = False
             blob.discard()
             raise
+        file_id = new_id("file-")
+        created_at = unix_now()
+        entry = {"id": file_id, "object": "file", "bytes": blob.size, "created_at": created_at,
+                 "filename": filename, "purpose": purpose, "status": "processed",
+                 "expires_at": None if expires_after_seconds is None
+                 else created_at + expires_after_seconds,
+                 "status_details": None}
+        encoded = RecordLog.encode(entry)
 
-        def change(files: list[dict]) -> tuple[list[dict], dict]:
-            file_id = new_id("file-")
-            created_at = unix_now()
-            entry = {"id": file_id, "object": "file", "bytes": blob.size,
-                     "created_at": created_at, "filename": filename, "purpose": purpose,
-                     "status": "processed",
-                     "expires_at": None if expires_after_seconds is None
-                     else created_at + expires_after_seconds,
-                     "status_details": None}
+        def change(batch: LogBatch) -> dict[str, Any]:
             blob.close()
             os.replace(blob.path, self.blob_path(file_id))
-            return files + [entry], entry
+            batch.sync_directory_first = True
+            batch.put(file_id, encoded)
+            return entry
 
         try:
-            return await self._run_locked(self._update_now, change)
+            return await self.index.change(change)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(blob.path)
+            for path in (blob.path, self.blob_path(file_id)):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
             raise
 
     async def listed(self) -> list[dict[str, Any]]:
         """Every file that has not expired, oldest first."""
-        snapshot = self._current()
+        files = self.index.records()
         now = time.time()
-        if any(_has_expired(entry, now) for entry in snapshot.files):
-            await self._run_locked(self._update_now, self._drop_expired)
-            snapshot = self._current()
-        return [entry for entry in snapshot.files if not _has_expired(entry, now)]
+        if any(_has_expired(entry, now) for entry in files):
+            await self.index.change(self._drop_expired)
+            files = self.index.records()
+        return [entry for entry in files if not _has_expired(entry, now)]
 
     async def get(self, file_id: str) -> dict[str, Any] | None:
-        entry = self._current().by_id.get(file_id)
+        entry = self.index.get(file_id)
         if entry is not None and _has_expired(entry, time.time()):
-            await self._run_locked(self._update_now, self._drop_expired)
+            await self.index.change(self._drop_expired)
             return None
         return entry
 
     async def delete(self, file_id: str) -> bool:
-        def change(files: list[dict]) -> tuple[list[dict], bool]:
-            kept = [entry for entry in files if entry["id"] != file_id]
-            return (kept, True) if len(kept) < len(files) else (files, False)
-        return await self._run_locked(self._update_now, change)
+        def change(batch: LogBatch) -> bool:
+            if batch.get(file_id) is None:
+                return False
+            self._drop(batch, file_id)
+            return True
+        return await self.index.change(change)
 
     def open_content(self, file_id: str):
         """The file's bytes, open for reading (FileNotFoundError if it was deleted meanwhile)."""
         return open(self.blob_path(file_id), "rb")
 
-    async def _run_locked(self, function, *args):
-        async with self._lock:
-            return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+    def _drop(self, batch: LogBatch, file_id: str) -> None:
+        batch.remove(file_id)
+        batch.afterwards.append(functools.partial(os.remove, self.blob_path(file_id)))
 
-    def _update_now(self, change):
-        """Apply `change(files) -> (new files, result)` to the latest index under the OS lock.
+    def _drop_expired(self, batch: LogBatch) -> None:
+        now = time.time()
+        for entry in batch.records():
+            if _has_expired(entry, now):
+                self._drop(batch, entry["id"])
 
-        Blobs whose entries the change dropped are removed once the new index is saved.
-        """
-        with _locked(self._lock_path):
-            before = self._current().files
-            after, result = change(before)
-            if after is not before:
-                self._save(after)
-                kept = {entry["id"] for entry in after}
-                for entry in before:
-                    if entry["id"] not in kept:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.remove(self.blob_path(entry["id"]))
-            return result
+    def _entry_problem(self, file_id: str, entry: Any) -> str | None:
+        problem = _index_entry_problem(entry, self.ID_PATTERN)
+        if problem is None and entry["id"] != file_id:
+            problem = f"lists {entry['id']!r} under the id {file_id!r}"
+        return problem and f"holds an entry that {problem}"
 
-    def _save(self, files: list[dict[str, Any]]) -> None:
-        raw = json.dumps({"version": self.INDEX_VERSION, "files": files},
-                         ensure_ascii=False).encode("utf-8")
-        write_atomically(self.index_path, raw)
-        self._snapshot = _IndexSnapshot(raw, files, {entry["id"]: entry for entry in files})
-
-    def _current(self) -> _IndexSnapshot:
-        """The index as it is on disk now: another process may have changed it.
-
-        Parsed again only when its bytes differ from the last read; comparing the bytes, not
-        the file's size and times, cannot miss a change.
-        """
+    def _take_in_legacy_index(self, batch: LogBatch) -> None:
+        path = os.path.join(self.directory, "index.json")
         try:
-            with open(self.index_path, "rb") as index:
+            with open(path, "rb") as index:
                 raw = index.read()
         except FileNotFoundError:
-            raw = None
-        if raw == self._snapshot.raw:
-            return self._snapshot
-        files = [] if raw is None else self._parse(raw)
-        self._snapshot = _IndexSnapshot(raw, files, {entry["id"]: entry for entry in files})
-        return self._snapshot
+            return
+        for entry in self._parse_legacy_index(path, raw):
+            if batch.get(entry["id"]) is None:
+                batch.put(entry["id"], RecordLog.encode(entry))
+        batch.afterwards.append(functools.partial(os.remove, path))
 
-    def _parse(self, raw: bytes) -> list[dict[str, Any]]:
+    def _parse_legacy_index(self, path: str, raw: bytes) -> list[dict[str, Any]]:
         def damaged(problem: str) -> SettingsError:
             return SettingsError(
-                f"the files index {self.index_path} is damaged: {problem}. The server will not "
-                "guess what it held: restore it from a backup, or remove the data dir to start "
-                "with no files.")
+                f"the files index {path} is damaged: {problem}. The server will not guess "
+                "what it held: restore it from a backup, or remove the data dir to start with "
+                "no files.")
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise damaged(f"it is not valid JSON ({exc})") from None
         if not isinstance(body, dict) or not isinstance(body.get("files"), list):
             raise damaged('it is not an object with a "files" list')
-        if body.get("version") != self.INDEX_VERSION:
-            raise damaged(f'its "version" is {body.get("version")!r}, not {self.INDEX_VERSION}')
+        if body.get("version") != self.LEGACY_INDEX_VERSION:
+            raise damaged(f'its "version" is {body.get("version")!r}, '
+                          f"not {self.LEGACY_INDEX_VERSION}")
         seen: set[str] = set()
         for position, entry in enumerate(body["files"]):
             problem = _index_entry_problem(entry, self.ID_PATTERN)
@@ -712,28 +1104,28 @@ class FileStore:
             seen.add(entry["id"])
         return body["files"]
 
-    def _recover(self, files: list[dict]) -> tuple[list[dict], None]:
+    def _recover(self, batch: LogBatch) -> None:
         """After a crash: remove dead uploads and blobs no entry names, drop entries whose
         blob is missing (they could never be served) and expired files."""
         names = set(os.listdir(self.directory))
         for name in names:
             if name.endswith(self._TEMPORARY_SUFFIX) and name.startswith("."):
                 self._remove_if_dead(os.path.join(self.directory, name))
+        files = batch.records()
         listed = {entry["id"] for entry in files}
         for name in names:
             if self.ID_PATTERN.fullmatch(name) and name not in listed:
                 log.warning("files: removing %s, a blob no index entry names", name)
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(self.directory, name))
-        kept = []
         now = time.time()
         for entry in files:
             if entry["id"] not in names:
                 log.warning("files: dropping %s (%r) from the index: its blob is missing",
                             entry["id"], entry["filename"])
-            elif not _has_expired(entry, now):
-                kept.append(entry)
-        return (files if len(kept) == len(files) else kept), None
+                batch.remove(entry["id"])
+            elif _has_expired(entry, now):
+                self._drop(batch, entry["id"])
 
     @staticmethod
     def _remove_if_dead(path: str) -> None:
@@ -753,12 +1145,6 @@ class FileStore:
         finally:
             if descriptor >= 0:
                 os.close(descriptor)
-
-    @staticmethod
-    def _drop_expired(files: list[dict]) -> tuple[list[dict], None]:
-        now = time.time()
-        kept = [entry for entry in files if not _has_expired(entry, now)]
-        return (files if len(kept) == len(files) else kept), None
 
 
 def _has_expired(entry: dict[str, Any], now: float) -> bool:
@@ -1713,7 +2099,7 @@ RESPONSE_ECHOED_FIELDS: dict[str, Any] = {
 }
 
 
-def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
+async def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     """Answer a CreateResponse body with the deterministic generator; store it unless told not to.
 
     The generator reads the instructions (as a developer turn), the turns of the response
@@ -1766,8 +2152,9 @@ def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
         value = body.get(field)
         response[field] = copy.deepcopy(default) if value is None else value
     if response["store"]:
-        context.responses.save({"response": response, "input_items": input_items,
-                                "turns": turns + [["assistant", generation.text]]})
+        await context.responses.save(response["id"], {
+            "response": response, "input_items": input_items,
+            "turns": turns + [["assistant", generation.text]]})
     return response
 
 
@@ -1854,7 +2241,7 @@ class ResponsesHandler(BaseHandler):
 
     async def post(self) -> None:
         body = self.payload
-        response = create_response(self.context, body)
+        response = await create_response(self.context, body)
         if body.get("stream"):
             await _stream_response(self, response)
         else:
@@ -1883,8 +2270,8 @@ class ResponseHandler(BaseHandler):
         else:
             self.write_json(response)
 
-    def delete(self, response_id: str) -> None:
-        if not self.context.responses.delete(response_id):
+    async def delete(self, response_id: str) -> None:
+        if not await self.context.responses.delete(response_id):
             raise not_found("response", response_id)
         self.write_json({"id": response_id, "object": "response", "deleted": True})
 
@@ -2300,9 +2687,7 @@ class UploadForm:
         except APIError as exc:
             self.fail(exc)
         except OSError as exc:
-            log.error("files: cannot store an upload: %s", exc)
-            self.fail(APIError(500, f"The server could not store the upload: "
-                                    f"{exc.strerror or exc}.", type="server_error"))
+            self.fail(_upload_not_stored(exc))
 
     def fail(self, error: APIError) -> None:
         """Keep the first error; stop writing and remove the temporary blob."""
@@ -2383,6 +2768,12 @@ class UploadForm:
         self._part = None
 
 
+def _upload_not_stored(exc: OSError) -> APIError:
+    log.error("files: cannot store an upload: %s", exc)
+    return APIError(500, f"The server could not store the upload: {exc.strerror or exc}.",
+                    type="server_error")
+
+
 async def _file_or_404(context: Context, file_id: str) -> dict[str, Any]:
     # The id is checked before it gets near a path: nothing else can name a blob.
     entry = None
@@ -2461,8 +2852,11 @@ class FilesHandler(BaseHandler):
         form = self._form.result()
         self.context.schemas.validate("CreateFileRequest", form)
         expires_after = form.get("expires_after", {}).get("seconds")
-        entry = await self.context.files.add(self._form.blob, form["file"], form["purpose"],
-                                             expires_after)
+        try:
+            entry = await self.context.files.add(self._form.blob, form["file"], form["purpose"],
+                                                 expires_after)
+        except OSError as exc:
+            raise _upload_not_stored(exc) from None
         self.write_json(entry)
 
 
@@ -2686,6 +3080,20 @@ def _access_log(handler: tornado.web.RequestHandler) -> None:
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+# Connections the kernel queues until they are accepted (it caps this at net.core.somaxconn):
+# a thousand clients connecting at once are all queued, none waits for a SYN retry.
+LISTEN_BACKLOG = 1024
+# Each worker may be replaced this many times a minute; the allowance comes back over the
+# minute. Past it, workers die as fast as they start, and the server stops.
+WORKER_RESTARTS_PER_MINUTE = 5
+# Out of descriptors, accepting pauses this long before it tries again.
+ACCEPT_PAUSE_SECONDS = 0.1
+
+# Linux spreads the connections to one port over the listening sockets that share it
+# (SO_REUSEPORT), so each worker listens on its own. Elsewhere the option does not balance,
+# and the workers share the parent's socket.
+SOCKET_PER_WORKER = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: `ozwell [serve]` runs the server, `ozwell spec` prints the document."""
@@ -2694,17 +3102,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         command, settings = settings_from_command_line(argv, os.environ)
         if command == "spec":
             return _print_spec()
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+        _raise_descriptor_limit()
         ensure_data_dir(settings.data_dir)
         # Built before anything is said or bound: a damaged store ends the start in one line.
         app = make_app(settings)
-        sockets = _bind(settings)
         workers = _worker_count(settings)
-        _log_banner(settings, sockets, workers)
+        if workers > 1 and SOCKET_PER_WORKER:
+            reserved = _reserve_port(settings)
+            port = reserved[0].getsockname()[1]
+
+            def listen() -> list[socket.socket]:
+                for sock in reserved:  # the parent's hold on the port; a worker binds its own
+                    sock.close()
+                return _bind(settings, port, reuse_port=True)
+        else:
+            sockets = _bind(settings, settings.port)
+            port = sockets[0].getsockname()[1]
+
+            def listen() -> list[socket.socket]:
+                return sockets
+        _log_banner(settings, port, workers)
         _log_upstream_reachability(settings)
         if workers > 1:
-            return _run_workers(settings, sockets, workers)  # each worker builds its own app
-        return asyncio.run(serve(settings, sockets, app))
+            return _run_workers(settings, workers, listen)  # each worker builds its own app
+        return asyncio.run(serve(settings, listen(), app))
     except SettingsError as exc:
         print(f"ozwell: {exc}", file=sys.stderr)
         return 2
@@ -2723,13 +3145,61 @@ def _print_spec() -> int:
     return 0
 
 
-def _bind(settings: Settings) -> list[socket.socket]:
+def _raise_descriptor_limit() -> None:
+    """Raise the soft limit on open descriptors as far as the hard one: every connection
+    holds one, and the default soft limit (often 1024) is reached long before the CPU is."""
     try:
-        return tornado.netutil.bind_sockets(settings.port, settings.host)
+        import resource
+    except ImportError:  # Windows: no such limit
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = hard == resource.RLIM_INFINITY
+    # An unlimited hard limit still has a ceiling: Linux's nr_open, macOS's OPEN_MAX.
+    for wanted in ((1 << 20, 10240) if unlimited else (hard,)):
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+                return
+            except (ValueError, OSError):
+                continue
+
+
+def _bind(settings: Settings, port: int, reuse_port: bool = False) -> list[socket.socket]:
+    try:
+        return tornado.netutil.bind_sockets(port, settings.host, backlog=LISTEN_BACKLOG,
+                                            reuse_port=reuse_port)
     except OSError as exc:
-        raise SettingsError(f"cannot listen on {settings.host}:{settings.port}: "
-                            f"{exc.strerror or exc}. Pick another --port or stop the program "
-                            "using it.") from None
+        raise _cannot_listen(settings, exc) from None
+
+
+def _reserve_port(settings: Settings) -> list[socket.socket]:
+    """The port the workers will share, bound (SO_REUSEPORT) but not listened on: no connection
+    waits on it, and no other program can take the port while a worker is being replaced."""
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, protocol, _, address in sorted(set(socket.getaddrinfo(
+                settings.host or None, settings.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                socket.AI_PASSIVE)), key=lambda found: found[0]):
+            sock = socket.socket(family, kind, protocol)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:  # as bind_sockets does: IPv4 gets its own socket
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if len(sockets) > 1:  # every address on the port the first one got
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise _cannot_listen(settings, exc) from None
+    return sockets
+
+
+def _cannot_listen(settings: Settings, exc: OSError) -> SettingsError:
+    return SettingsError(f"cannot listen on {settings.host}:{settings.port}: "
+                         f"{exc.strerror or exc}. Pick another --port or stop the program "
+                         "using it.")
 
 
 def _worker_count(settings: Settings) -> int:
@@ -2741,8 +3211,7 @@ def _worker_count(settings: Settings) -> int:
     return wanted
 
 
-def _log_banner(settings: Settings, sockets: list[socket.socket], workers: int) -> None:
-    port = sockets[0].getsockname()[1]
+def _log_banner(settings: Settings, port: int, workers: int) -> None:
     host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
     local = ", ".join(f"{model} (built in)" for model in LOCAL_MODELS)
     upstream = ", ".join(settings.llama_models)
@@ -2770,16 +3239,19 @@ def _log_upstream_reachability(settings: Settings) -> None:
                     ", ".join(settings.llama_models) or "upstream models", OFFLINE_MODEL)
 
 
-def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -> int:
-    """Tornado's pre-fork model: the workers share the listening sockets; this process watches.
+def _run_workers(settings: Settings, count: int, listen: Callable[[], list[socket.socket]]) -> int:
+    """Tornado's pre-fork model: each worker serves the sockets `listen()` gives it (its own,
+    or the ones they all share); this process watches.
 
-    A worker that dies while no stop was asked for is replaced; SIGTERM or SIGINT is passed
-    on to every worker, each finishes its in-flight requests, and the exit code is 0 when
-    all of them stopped cleanly.
+    A worker that dies while no stop was asked for is replaced, up to
+    WORKER_RESTARTS_PER_MINUTE per worker; SIGTERM or SIGINT is passed on to every worker,
+    each finishes its in-flight requests, and the exit code is 0 when all of them stopped
+    cleanly.
     """
     workers: dict[int, int] = {}
     stopping = False
-    restarts_left = 5 * count
+    budget = WORKER_RESTARTS_PER_MINUTE * count
+    allowance, counted_at = float(budget), time.monotonic()
 
     def start(number: int) -> None:
         # A worker is born with the stop signals blocked: one that arrives before its event
@@ -2791,7 +3263,9 @@ def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -
         if pid == 0:
             code = 1
             try:
-                code = asyncio.run(serve(settings, sockets))
+                code = asyncio.run(serve(settings, listen()))
+            except SettingsError as exc:
+                log.error("worker %d cannot start: %s", number, exc)
             except BaseException:
                 log.exception("worker %d failed", number)
             finally:
@@ -2814,17 +3288,89 @@ def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -
         pid, status = os.wait()
         number = workers.pop(pid)
         code = os.waitstatus_to_exitcode(status)
+        now = time.monotonic()
+        allowance = min(budget, allowance + (now - counted_at) * budget / 60.0)
+        counted_at = now
         if stopping:
             clean = clean and code == 0
-        elif restarts_left > 0:
-            restarts_left -= 1
+        elif allowance >= 1:
+            allowance -= 1
             log.warning("worker %d (pid %d) exited with %d; starting another", number, pid, code)
             start(number)
         else:
-            log.error("workers keep dying; stopping")
+            log.error("workers keep dying (over %d restarts in a minute); stopping", budget)
             stop(signal.SIGTERM, None)
             clean = False
     return 0 if clean else 1
+
+
+class _Server(tornado.httpserver.HTTPServer):
+    """Tornado's HTTP server, with an accept loop that lives through running out of descriptors."""
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        # As TCPServer.add_sockets does; stop() undoes it through the same two tables.
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = _Acceptor(sock, self._handle_connection).stop
+
+
+class _Acceptor:
+    """tornado.netutil.add_accept_handler, except when the process is out of descriptors:
+    then accepting pauses for ACCEPT_PAUSE_SECONDS (the connections wait in the listen queue)
+    and resumes, and the log says so at most once a second, not once per attempt."""
+
+    BATCH = 128  # accepted per wake-up at most, as Tornado does, so other work gets its turn
+    OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+    def __init__(self, sock: socket.socket, callback: Callable[[socket.socket, Any], None]) -> None:
+        self.sock = sock
+        self.callback = callback
+        self.loop = tornado.ioloop.IOLoop.current()
+        self.stopped = False
+        self.paused = False
+        self.said_at = -math.inf
+        self.unsaid = 0
+        self.loop.add_handler(sock, self._accept, tornado.ioloop.IOLoop.READ)
+
+    def _accept(self, _fd: Any, _events: int) -> None:
+        for _ in range(self.BATCH):
+            if self.stopped or self.paused:
+                return
+            try:
+                connection, address = self.sock.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue  # it was closed while it waited in the queue
+            except OSError as exc:
+                if exc.errno not in self.OUT_OF_DESCRIPTORS:
+                    raise
+                self._pause(exc)
+                return
+            self.callback(connection, address)
+
+    def _pause(self, exc: OSError) -> None:
+        self.paused = True
+        self.loop.remove_handler(self.sock)
+        self.loop.call_later(ACCEPT_PAUSE_SECONDS, self._resume)
+        now = time.monotonic()
+        if now - self.said_at < 1.0:
+            self.unsaid += 1
+            return
+        log.warning("cannot accept new connections: %s; they wait in the queue, and accepting "
+                    "resumes as descriptors free up (%d more times since the last message)",
+                    exc.strerror or exc, self.unsaid)
+        self.said_at, self.unsaid = now, 0
+
+    def _resume(self) -> None:
+        if self.paused and not self.stopped:
+            self.paused = False
+            self.loop.add_handler(self.sock, self._accept, tornado.ioloop.IOLoop.READ)
+
+    def stop(self) -> None:
+        if not self.stopped and not self.paused:
+            self.loop.remove_handler(self.sock)
+        self.stopped = True
 
 
 async def serve(settings: Settings, sockets: list[socket.socket],
@@ -2832,7 +3378,8 @@ async def serve(settings: Settings, sockets: list[socket.socket],
     """Serve on `sockets` until SIGTERM or SIGINT, then let in-flight requests finish."""
     app = app or make_app(settings)
     context: Context = app.settings["ozwell"]
-    server = tornado.httpserver.HTTPServer(app, max_body_size=settings.max_request_bytes)
+    server = _Server(app, max_body_size=settings.max_request_bytes,
+                     idle_connection_timeout=settings.idle_timeout)
     server.add_sockets(sockets)
 
     stopping = asyncio.Event()

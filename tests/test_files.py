@@ -62,11 +62,24 @@ def stored_names(app):
 
 
 def index_entries(app):
-    path = os.path.join(files_dir(app), "index.json")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as index:
-        return json.load(index)["files"]
+    """The files the index on disk lists, read from its lines as any other process would."""
+    path = os.path.join(files_dir(app), "index.jsonl")
+    entries = {}
+    if os.path.exists(path):
+        with open(path, encoding="ascii") as index:
+            for line in index:
+                change = json.loads(line)
+                if change.get("deleted"):
+                    del entries[change["id"]]
+                else:
+                    entries[change["id"]] = change["record"]
+    return list(entries.values())
+
+
+def append_to_index(app, *entries):
+    """Lines added to the index as another server process sharing the folder would add them."""
+    with open(os.path.join(files_dir(app), "index.jsonl"), "a", encoding="ascii") as index:
+        index.write("".join(index_line(changed) for changed in entries))
 
 
 def error_of(reply):
@@ -97,7 +110,7 @@ async def test_sdk_upload_retrieve_content_delete_with_a_real_file(client, tmp_p
     deleted = await client.files.delete(created.id)
     assert schema_errors("DeleteFileResponse", deleted.model_dump()) == []
     assert (deleted.id, deleted.object, deleted.deleted) == (created.id, "file", True)
-    assert stored_names(app) == ["index.json"] and index_entries(app) == []
+    assert stored_names(app) == ["index.jsonl"] and index_entries(app) == []
     for call in (client.files.retrieve, client.files.content, client.files.delete):
         with pytest.raises(openai.NotFoundError):
             await call(created.id)
@@ -147,7 +160,7 @@ async def test_fifty_parallel_uploads_leave_fifty_entries_and_blobs(client, app)
     ids = {f.id for f in created}
     assert len(ids) == 50
     assert {entry["id"] for entry in index_entries(app)} == ids
-    assert stored_names(app) == sorted(ids | {"index.json"})
+    assert stored_names(app) == sorted(ids | {"index.jsonl"})
     listed = [f async for f in client.files.list(limit=7)]
     assert {f.id for f in listed} == ids
     for file in created:
@@ -394,6 +407,7 @@ async def test_content_streams_in_chunks(client, http_client, base_url):
     "/v1/files/index.json/content", "/v1/files/index.lock/content", "/v1/files/%2e%2e/content",
     "/v1/files/file-..%2F..%2Fdata/content", "/v1/files/file-0123456789abcdef0123456789abcdeF",
     "/v1/files/..%5C..%5Cindex.json", "/v1/files/file-0123456789abcdef0123456789abcdef%00",
+    "/v1/files/index.jsonl", "/v1/files/index.jsonl/content",
 ])
 async def test_ids_can_never_reach_outside_the_store(client, http_client, base_url, app, path):
     kept = await client.files.create(file=("keep.txt", b"keep"), purpose="batch")
@@ -422,18 +436,14 @@ async def test_expired_file_is_not_listed_or_served_and_its_blob_is_removed(clie
     expiring = await client.files.create(file=("old.jsonl", b"{}"), purpose="batch",
                                          expires_after={"anchor": "created_at", "seconds": 3600})
     staying = await client.files.create(file=("new.jsonl", b"{}"), purpose="batch")
-    # The clock cannot be moved, so the index is edited as if the hour had passed.
-    index_path = os.path.join(files_dir(app), "index.json")
-    with open(index_path, encoding="utf-8") as index:
-        body = json.load(index)
-    body["files"][0]["expires_at"] = int(time.time()) - 1
-    ozwell.write_atomically(index_path, json.dumps(body).encode())
+    # The clock cannot be moved, so the index is changed as if the hour had passed.
+    append_to_index(app, {**index_entries(app)[0], "expires_at": int(time.time()) - 1})
 
     assert [f.id async for f in client.files.list()] == [staying.id]
     for call in (client.files.retrieve, client.files.content, client.files.delete):
         with pytest.raises(openai.NotFoundError):
             await call(expiring.id)
-    assert stored_names(app) == sorted([staying.id, "index.json"])
+    assert stored_names(app) == sorted([staying.id, "index.jsonl"])
     assert [entry["id"] for entry in index_entries(app)] == [staying.id]
 
 
@@ -501,10 +511,14 @@ async def _until(condition, timeout=10.0):
 
 # --- The store on disk --------------------------------------------------------------------
 
-def write_store(directory, files, blobs=(), others=()):
+def index_line(changed):
+    return json.dumps({"id": changed["id"], "record": changed}, separators=(",", ":")) + "\n"
+
+
+def write_store(directory, files, blobs=(), others=(), unfinished=""):
     os.makedirs(directory, exist_ok=True)
-    ozwell.write_atomically(os.path.join(directory, "index.json"),
-                            json.dumps({"version": 1, "files": files}).encode())
+    with open(os.path.join(directory, "index.jsonl"), "w", encoding="ascii") as index:
+        index.write("".join(index_line(file) for file in files) + unfinished)
     for name in list(blobs) + list(others):
         with open(os.path.join(directory, name), "wb") as blob:
             blob.write(b"blob")
@@ -519,20 +533,36 @@ def entry(number, **changes):
 def test_start_drops_what_cannot_be_served_and_cleans_up_after_a_crash(tmp_path, caplog):
     directory = tmp_path / "data" / "files"
     whole, blobless, expired, orphan = entry(1), entry(2), entry(3, expires_at=1), entry(4)
+    # The last line is one a process killed mid-write never finished.
     write_store(directory, [whole, blobless, expired],
                 blobs=[whole["id"], expired["id"], orphan["id"]],
-                others=[".upload-dead.tmp", ".index.json.0a1b.tmp", "notes.txt"])
+                others=[".upload-dead.tmp", ".index.jsonl.0a1b.tmp", "notes.txt"],
+                unfinished=index_line(entry(5))[:40])
     # An upload still being written by a live process keeps its temporary file.
     live = ozwell.FileStore(str(directory))
     pending = asyncio.run(live.create_blob())
     with caplog.at_level(logging.WARNING, logger="ozwell"):
         app = ozwell.make_app(ozwell.Settings(data_dir=str(tmp_path / "data")))
     assert [e["id"] for e in index_entries(app)] == [whole["id"]]
-    assert stored_names(app) == sorted([whole["id"], "index.json", "notes.txt",
+    assert stored_names(app) == sorted([whole["id"], "index.jsonl", "notes.txt",
                                         os.path.basename(pending.path)])
     warnings = " ".join(record.getMessage() for record in caplog.records)
     assert blobless["id"] in warnings and "blob is missing" in warnings and orphan["id"] in warnings
+    assert "never finished" in warnings
+    assert (directory / "index.jsonl").read_text(encoding="ascii").endswith("true}\n")
     pending.discard()
+
+
+def test_the_index_of_an_earlier_version_is_taken_in(tmp_path):
+    directory = tmp_path / "data" / "files"
+    directory.mkdir(parents=True)
+    files = [entry(1), entry(2, purpose="batch")]
+    (directory / "index.json").write_text(json.dumps({"version": 1, "files": files}))
+    for file in files:
+        (directory / file["id"]).write_bytes(b"blob")
+    app = ozwell.make_app(ozwell.Settings(data_dir=str(tmp_path / "data")))
+    assert index_entries(app) == files
+    assert stored_names(app) == sorted([files[0]["id"], files[1]["id"], "index.jsonl"])
 
 
 @pytest.mark.parametrize("raw, says", [
@@ -547,7 +577,8 @@ def test_start_drops_what_cannot_be_served_and_cleans_up_after_a_crash(tmp_path,
     (json.dumps({"version": 1, "files": [entry(1, expires_at=True)]}).encode(), '"expires_at"'),
     (json.dumps({"version": 1, "files": [{"id": f"file-{1:032x}"}]}).encode(), "has no"),
 ])
-def test_a_damaged_index_stops_the_app_and_is_left_untouched(tmp_path, raw, says):
+def test_a_damaged_index_of_an_earlier_version_stops_the_app_and_is_left_untouched(
+        tmp_path, raw, says):
     directory = tmp_path / "data" / "files"
     directory.mkdir(parents=True)
     (directory / "index.json").write_bytes(raw)
@@ -558,6 +589,66 @@ def test_a_damaged_index_stops_the_app_and_is_left_untouched(tmp_path, raw, says
     assert says in message and str(directory / "index.json") in message and "\n" not in message
     assert (directory / "index.json").read_bytes() == raw
     assert (directory / f"file-{1:032x}").exists()
+
+
+@pytest.mark.parametrize("line, says", [
+    (b"not json\n", "byte 0 is not a record line"),
+    (b'{"id":"file-%032x","record":{"id":\n' % 1, "byte 0 is not a record line"),
+    (b'{"id":"file-%032x","record":{"id":1,}}\n' % 1, "not valid JSON"),
+    (index_line(entry(1, bytes="4")).encode(), '"bytes"'),
+    (index_line(entry(1, id="../../etc/passwd")).encode(), '"id"'),
+    (b'{"id":"file-%032x","record":%s}\n' % (2, json.dumps(entry(1)).encode()), "under the id"),
+])
+def test_a_damaged_index_line_stops_the_app_and_is_left_untouched(tmp_path, line, says):
+    directory = tmp_path / "data" / "files"
+    directory.mkdir(parents=True)
+    raw = index_line(entry(3)).encode() + line
+    (directory / "index.jsonl").write_bytes(raw)
+    (directory / f"file-{3:032x}").write_bytes(b"blob")
+    with pytest.raises(ozwell.SettingsError) as raised:
+        ozwell.make_app(ozwell.Settings(data_dir=str(tmp_path / "data")))
+    message = str(raised.value)
+    offset = len(index_line(entry(3)))
+    assert says.replace("byte 0", f"byte {offset}") in message
+    assert str(directory / "index.jsonl") in message and "\n" not in message
+    assert (directory / "index.jsonl").read_bytes() == raw
+
+
+@pytest.mark.gen_test
+async def test_each_change_appends_one_line_to_the_index_file(client, app):
+    first = await client.files.create(file=("a.txt", b"a"), purpose="batch")
+    path = os.path.join(files_dir(app), "index.jsonl")
+    before = os.stat(path)
+    second = await client.files.create(file=("b.txt", b"b"), purpose="batch")
+    await client.files.delete(first.id)
+    with open(path, encoding="ascii") as index:
+        lines = [json.loads(line) for line in index]
+    assert os.stat(path).st_ino == before.st_ino  # the same file, not a new one renamed over it
+    assert [(line["id"], "deleted" in line) for line in lines] == [
+        (first.id, False), (second.id, False), (first.id, True)]
+    assert lines[1]["record"] == second.model_dump()
+
+
+@pytest.mark.gen_test
+async def test_the_index_is_compacted_once_most_of_it_is_dropped(client, app, settings,
+                                                                  monkeypatch):
+    monkeypatch.setattr(ozwell.RecordLog, "COMPACT_FROM_BYTES", 4096)
+    other_process = ozwell.make_app(settings).settings["ozwell"].files  # shares the folder
+    created = [await client.files.create(file=(f"{i}.txt", b"%d" % i), purpose="batch")
+               for i in range(30)]
+    path = os.path.join(files_dir(app), "index.jsonl")
+    with open(path, "rb") as before:  # held open, as a reader in another process would
+        for file in created[:25]:
+            await client.files.delete(file.id)
+        assert os.stat(path).st_ino != os.fstat(before.fileno()).st_ino
+    kept = [file.model_dump() for file in created[25:]]
+    with open(path, encoding="ascii") as index:
+        assert len(index.readlines()) < 15  # 55 changes, most of them gone with the compaction
+    assert index_entries(app) == kept
+    assert await other_process.listed() == kept
+    assert [f.id async for f in client.files.list(order="asc")] == [f["id"] for f in kept]
+    for file in kept:
+        assert (await client.files.content(file["id"])).content == file["filename"][:-4].encode()
 
 
 # --- The API description ------------------------------------------------------------------

@@ -95,7 +95,7 @@ def test_two_processes_sharing_a_data_dir_lose_no_upload_or_delete(server_proces
     assert all(result.deleted for result in deleted)
     for client in clients:
         assert client.files.list().data == []
-    assert sorted(os.listdir(files_dir)) == ["index.json", "index.lock"]
+    assert sorted(os.listdir(files_dir)) == ["index.jsonl", "index.lock"]
 
 
 def test_kill_9_mid_upload_lists_nothing_partial_and_restart_cleans_up(server_process, tmp_path):
@@ -119,7 +119,7 @@ def test_kill_9_mid_upload_lists_nothing_partial_and_restart_cleans_up(server_pr
     client = sdk(restarted)
     assert [file.id for file in client.files.list()] == [kept.id]
     assert client.files.content(kept.id).content == b"whole"
-    assert sorted(os.listdir(files_dir)) == sorted([kept.id, "index.json", "index.lock"])
+    assert sorted(os.listdir(files_dir)) == sorted([kept.id, "index.jsonl", "index.lock"])
     assert client.files.create(file=("after.txt", b"ok"), purpose="batch").bytes == 2
 
 

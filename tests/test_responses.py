@@ -438,13 +438,26 @@ async def test_bad_input_items_query_gets_a_400(client, http_client, base_url, q
 
 
 @pytest.mark.gen_test
-async def test_stored_as_one_json_file_per_response_and_read_by_a_new_app(client, settings):
+async def test_stored_in_the_folder_log_and_read_by_a_new_app(client, settings):
     created = await client.responses.create(model=MODEL, input="persist me")
     folder = ozwell.ResponseStore(settings.data_dir).directory
-    assert os.listdir(folder) == [f"{created.id}.json"]  # no temporary file left behind
+    assert sorted(os.listdir(folder)) == ["records.jsonl", "records.lock"]  # no temporary file
     fresh_app = ozwell.make_app(settings)
     record = fresh_app.settings["ozwell"].responses.load(created.id)
     assert record["response"]["id"] == created.id
+
+
+def test_responses_stored_one_file_each_by_an_earlier_version_are_taken_in(settings):
+    folder = os.path.join(settings.data_dir, "responses")
+    os.makedirs(folder)
+    record = {"response": {"id": "resp_" + "1" * 32}, "input_items": [], "turns": []}
+    with open(os.path.join(folder, f"resp_{'1' * 32}.json"), "w", encoding="utf-8") as old:
+        json.dump(record, old)
+    with open(os.path.join(folder, "notes.json"), "w", encoding="utf-8") as other:
+        other.write("not a response")
+    store = ozwell.make_app(settings).settings["ozwell"].responses
+    assert store.load("resp_" + "1" * 32) == record
+    assert sorted(os.listdir(folder)) == ["notes.json", "records.jsonl", "records.lock"]
 
 
 def test_openapi_documents_the_responses_routes():

@@ -54,8 +54,8 @@ def test_stored_responses_survive_a_restart(server_process, tmp_path):
     follow_up = client.responses.create(model=MODEL, input="who?", previous_response_id=created.id)
     turns = [("user", "remember me"), ("assistant", created.output_text), ("user", "who?")]
     assert follow_up.output_text == ozwell.deterministic_reply(MODEL, turns).text
-    names = os.listdir(tmp_path / "data" / "responses")
-    assert sorted(names) == sorted(f"{r.id}.json" for r in (created, follow_up))
+    with open(tmp_path / "data" / "responses" / "records.jsonl", encoding="ascii") as log:
+        assert [json.loads(line)["id"] for line in log] == [created.id, follow_up.id]
 
 
 def test_node_sdk_output_text(server_process, node_sdk):
