@@ -1,6 +1,8 @@
 """POST /v1/responses and the stored-response routes, through the official SDK and raw HTTP."""
+import asyncio
 import json
 import os
+import threading
 import time
 
 import openai
@@ -445,6 +447,33 @@ async def test_stored_in_the_folder_log_and_read_by_a_new_app(client, settings):
     fresh_app = ozwell.make_app(settings)
     record = fresh_app.settings["ozwell"].responses.load(created.id)
     assert record["response"]["id"] == created.id
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_stores_wait_for_the_disk_off_the_event_loop_and_share_fsyncs(client, app,
+                                                                            monkeypatch):
+    synced_on = []
+    fsync = os.fsync
+
+    def watched_fsync(descriptor):  # the real fsync, and the thread it ran on
+        synced_on.append(threading.current_thread())
+        return fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", watched_fsync)
+    store = app.settings["ozwell"].responses
+    os.makedirs(store.directory, exist_ok=True)
+    # Another process holds the log's lock: the first write waits for it, the rest queue up.
+    with ozwell._locked(store.log.lock_path):
+        creating = [asyncio.ensure_future(client.responses.create(model=MODEL, input=f"n{i}"))
+                    for i in range(40)]
+        await asyncio.sleep(1.5)
+        assert not any(task.done() for task in creating)  # nobody is answered before it is durable
+        assert (await client.models.list()).data  # while the loop serves everyone else
+    created = await asyncio.gather(*creating)
+    assert 1 <= store.log.syncs <= 3
+    assert synced_on and threading.current_thread() not in synced_on
+    for response in created:
+        assert (await client.responses.retrieve(response.id)).output_text == response.output_text
 
 
 def test_responses_stored_one_file_each_by_an_earlier_version_are_taken_in(settings):

@@ -1,8 +1,9 @@
 """Responses against a real server process: the sync Python SDK, a restart, and the Node SDK."""
 import json
-import os
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
+import pytest
 
 import ozwell
 from conftest import API_KEY
@@ -65,3 +66,47 @@ def test_node_sdk_output_text(server_process, node_sdk):
     seen = json.loads(result.stdout)
     expected = ozwell.deterministic_reply(MODEL, [("user", "hello from node")]).text
     assert seen == {"created": expected, "deltas": expected, "helper": expected, "retrieved": expected}
+
+
+def test_two_processes_sharing_a_data_dir_see_each_others_responses(server_process):
+    servers = [server_process(), server_process()]  # the same data dir
+
+    def create(number):
+        return sync_client(servers[number % 2]).responses.create(model=MODEL, input=f"n{number}")
+
+    with ThreadPoolExecutor(16) as pool:
+        created = list(pool.map(create, range(40)))
+    for number, response in enumerate(created):
+        other = sync_client(servers[1 - number % 2])
+        assert other.responses.retrieve(response.id).model_dump() == response.model_dump()
+    follow_up = sync_client(servers[1]).responses.create(
+        model=MODEL, input="and then?", previous_response_id=created[0].id)
+    turns = [("user", "n0"), ("assistant", created[0].output_text), ("user", "and then?")]
+    assert follow_up.output_text == ozwell.deterministic_reply(MODEL, turns).text
+    assert sync_client(servers[0]).responses.delete(created[1].id) is None
+    with pytest.raises(openai.NotFoundError):
+        sync_client(servers[1]).responses.retrieve(created[1].id)
+    with pytest.raises(openai.NotFoundError):
+        sync_client(servers[1]).responses.delete(created[1].id)
+
+
+def test_kill_9_loses_no_answered_response_and_a_half_written_change_is_cut_off(
+        server_process, tmp_path):
+    server = server_process()
+    with ThreadPoolExecutor(16) as pool:
+        created = list(pool.map(lambda number: sync_client(server).responses.create(
+            model=MODEL, input=f"n{number}"), range(48)))
+    server.process.kill()
+    server.process.wait(10)
+    log_path = tmp_path / "data" / "responses" / "records.jsonl"
+    with open(log_path, "ab") as log:  # what a process killed in the middle of a write leaves
+        log.write(b'{"id":"resp_' + b"0" * 32 + b'","record":{"response":{"id":')
+
+    client = sync_client(server_process())
+    for response in created:
+        assert client.responses.retrieve(response.id).model_dump() == response.model_dump()
+    later = client.responses.create(model=MODEL, input="after the crash")
+    assert client.responses.retrieve(later.id).output_text == later.output_text
+    with open(log_path, "rb") as log:
+        lines = log.read().split(b"\n")
+    assert lines[-1] == b"" and [json.loads(line)["id"] for line in lines[:-1]][-1] == later.id
