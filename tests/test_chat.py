@@ -232,6 +232,25 @@ async def test_offline_model_answers_with_the_sdk_the_same_text_for_the_same_req
     assert llama.requests == []
 
 
+@pytest.mark.parametrize("conversation, max_tokens, variant, text, finish_reason, prompt_tokens", [
+    ([("user", "Hello there")], None, 0,
+     'You said: "Hello there". Here is a deterministic answer from ozwell-deterministic '
+     "(turn 1): Thread river velvet marble beacon window rocket harbor lantern willow timber "
+     "summit saddle.", "stop", 2),
+    ([("system", "Be brief."), ("user", "Write one short sentence about rivers.")], None, 1,
+     'You said: "Write one short sentence about rivers.". Here is a deterministic answer from '
+     "ozwell-deterministic (turn 2): Garden saddle lantern signal summit forest lantern window "
+     "harbor timber quiet harbor.", "stop", 11),
+    ([("developer", "x"), ("user", "¿Qué tal?"), ("assistant", "Bien."), ("user", "tokens")], 7,
+     2, 'You said: "tokens".', "length", 8),
+])
+def test_built_in_replies_stay_the_same_from_version_to_version(
+        conversation, max_tokens, variant, text, finish_reason, prompt_tokens):
+    generation = ozwell.deterministic_reply(ozwell.OFFLINE_MODEL, conversation, max_tokens, variant)
+    assert (generation.text, generation.finish_reason, generation.prompt_tokens) == (
+        text, finish_reason, prompt_tokens)
+
+
 @pytest.mark.gen_test
 async def test_offline_reply_matches_the_response_schema(http_client, base_url, registry):
     reply = await post_chat(http_client, base_url, {"model": ozwell.OFFLINE_MODEL, "messages": HELLO})
