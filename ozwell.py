@@ -341,9 +341,12 @@ class SchemaCheck:
         self._compiled: dict[tuple[str, str], Callable[[Any], bool]] = {}
 
     def check(self, name: str) -> Callable[[Any], bool] | None:
+        compiled_before = dict(self._compiled)
         try:
             return self._reference(name, "")
         except self.Unknown:
+            # What was compiled meanwhile may refer to the schema that failed: none of it stays.
+            self._compiled = compiled_before
             return None
 
     def _reference(self, document: str, pointer: str) -> Callable[[Any], bool]:
@@ -742,14 +745,18 @@ class GroupCommit:
                 outcomes = self._run_batch([job for job, _, _ in batch])
             except Exception as exc:
                 outcomes = [(False, exc)] * len(batch)
+            settled: dict[asyncio.AbstractEventLoop, list] = {}
             for (_, loop, future), outcome in zip(batch, outcomes):
-                with contextlib.suppress(RuntimeError):  # its event loop has closed meanwhile
-                    loop.call_soon_threadsafe(_settle, future, outcome)
+                settled.setdefault(loop, []).append((future, outcome))
+            for loop, results in settled.items():  # one wake-up per event loop, not per job
+                with contextlib.suppress(RuntimeError):  # that event loop has closed meanwhile
+                    loop.call_soon_threadsafe(_settle, results)
 
 
-def _settle(future: asyncio.Future, outcome: tuple[bool, Any]) -> None:
-    if not future.done():
-        succeeded, value = outcome
+def _settle(results: list[tuple[asyncio.Future, tuple[bool, Any]]]) -> None:
+    for future, (succeeded, value) in results:
+        if future.done():
+            continue
         if succeeded:
             future.set_result(value)
         else:

@@ -1,7 +1,8 @@
 """Benchmark rows for /v1/files: `python build/bench_files.py` prints them.
 
 Starts its own servers (`python ozwell.py` on 127.0.0.1, temporary data dirs), measures with
-bounded loops over one keep-alive connection, and stops them. The 1 GB upload is made by a
+bounded loops over one keep-alive connection, and small uploads with wrk against the baseline
+revision (see benchmark.py), and stops them. The 1 GB upload is made by a
 generator as it is sent, never held in memory; the server's memory is read from /proc (Linux).
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import tempfile
 import time
 import uuid
 
-from benchmark import Server, ozwell_server, rss_mb
+from benchmark import BASELINE, Server, ozwell_server, ratio, rss_mb, wrk_run
 
 MiB = 1024 * 1024
 UPLOAD_BYTES = 1024 * MiB
@@ -62,7 +63,23 @@ def rows() -> list[tuple[str, str]]:
         (f"files: list a page of 100 of {LISTED_FILES:,} files (median)", f"{page:.1f} ms"),
         (f"files: upload a small file into a store of {LISTED_FILES:,} (median)", f"{upload:.1f} ms"),
     ]
-    return result
+    return result + _small_uploads_against_baseline()
+
+
+def _small_uploads_against_baseline() -> list[tuple[str, str]]:
+    """100-byte uploads at concurrency 16 (wrk), on this version and on the baseline."""
+    body = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="s.txt"\r\n'
+            "Content-Type: text/plain\r\n\r\n").encode() + b"x" * 100 + \
+        f"\r\n--{BOUNDARY}--\r\n".encode()
+    rates = {}
+    for baseline in (False, True):
+        with tempfile.TemporaryDirectory() as data_dir, _server(data_dir, baseline) as server:
+            load = {"body": body, "content_type": f"multipart/form-data; boundary={BOUNDARY}"}
+            wrk_run(f"{server.url}/v1/files", seconds=1, **load)  # warm up
+            rates[baseline] = wrk_run(f"{server.url}/v1/files", **load)["rps"]
+    return [("files: small uploads, c16 (wrk), against " + BASELINE + " (goal 371/s)",
+             f"{rates[False]:,.0f}/s: {ratio(rates[False], rates[True])} of {rates[True]:,.0f}/s")]
 
 
 def _upload(connection: http.client.HTTPConnection, size: int) -> str:
@@ -100,7 +117,8 @@ def _download(connection: http.client.HTTPConnection, file_id: str) -> int:
 
 
 def _fill_store(directory: str, count: int) -> None:
-    """`count` small files written the way the store writes them (one index, one blob each)."""
+    """`count` small files, one blob each, and the index.json of earlier versions listing them
+    (which this version takes into its index at start)."""
     os.makedirs(directory)
     files = []
     created_at = int(time.time())
@@ -139,9 +157,10 @@ def _median_upload_ms(connection: http.client.HTTPConnection) -> float:
     return statistics.median(timings)
 
 
-def _server(data_dir: str) -> Server:
+def _server(data_dir: str, baseline: bool = False) -> Server:
     """`python ozwell.py` with a 2 GiB upload limit, configured by its command line alone."""
-    return ozwell_server(data_dir, "--max-upload-bytes", str(2 * UPLOAD_BYTES), inherit_ozwell_env=False)
+    return ozwell_server(data_dir, "--max-upload-bytes", str(2 * UPLOAD_BYTES),
+                         inherit_ozwell_env=False, baseline=baseline)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Benchmark rows for the Responses API: `python build/bench_responses.py` prints them.
 
-Starts its own server (`python ozwell.py` on 127.0.0.1, a temporary data dir, streams
-unpaced), measures over one keep-alive connection with bounded loops, and stops it.
+Starts its own servers (`python ozwell.py` on 127.0.0.1, temporary data dirs, streams
+unpaced), measures over one keep-alive connection with bounded loops, and with wrk at
+concurrency 16 against the baseline revision (see benchmark.py), and stops them.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import statistics
 import tempfile
 import time
 
-from benchmark import ozwell_server
+from benchmark import BASELINE, HealthProbe, ozwell_server, ratio, wrk_run
 
 HEADERS = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
 BODY = {"model": "ozwell-deterministic", "input": "How fast can you answer this question?"}
@@ -33,6 +34,29 @@ def rows() -> list[tuple[str, str]]:
         ("responses: non-streaming create, stored (one connection)", f"{stored:.0f} requests/s"),
         ("responses: non-streaming create, store=false (one connection)", f"{unstored:.0f} requests/s"),
         (f"responses: one unpaced stream ({events} events)", f"{rate:.0f} events/s"),
+    ] + _stored_against_baseline()
+
+
+def _stored_against_baseline() -> list[tuple[str, str]]:
+    """Stored responses at concurrency 16, and /health's p99 meanwhile, on this version and on
+    the baseline; and /health's p99 under the same load with store false, where no disk is
+    involved: what saturating the server costs /health on this machine anyway."""
+    figures = {}
+    for name, baseline, body in (("now", False, BODY), ("before", True, BODY),
+                                 ("unstored", False, {**BODY, "store": False})):
+        with tempfile.TemporaryDirectory() as data_dir, \
+                ozwell_server(data_dir, inherit_ozwell_env=False, baseline=baseline) as server:
+            wrk_run(f"{server.url}/v1/responses", seconds=1, post=body)  # warm up
+            with HealthProbe(server.port) as probe:
+                load = wrk_run(f"{server.url}/v1/responses", post=body)
+            figures[name] = (load["rps"], probe.p99_ms)
+    (rate, health), (before_rate, before_health) = figures["now"], figures["before"]
+    return [
+        ("responses: stored, c16 (wrk), against " + BASELINE + " (goal 8x)",
+         f"{ratio(rate, before_rate)} ({rate:,.0f} against {before_rate:,.0f} req/s)"),
+        ("responses: /health p99 while stored ones are made (goal under 10 ms)",
+         f"{health:.1f} ms ({BASELINE}: {before_health:.1f} ms; under the same load with store "
+         f"false: {figures['unstored'][1]:.1f} ms)"),
     ]
 
 

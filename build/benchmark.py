@@ -5,15 +5,26 @@
 
 Loads come from `wrk` (Debian package `wrk`) on 127.0.0.1; every server is started here and
 stopped at the end. Each area of the API adds its rows in build/bench_<area>.py (`rows()`).
+
+Where a figure has a baseline, the baseline is measured in the same run and the row shows the
+ratio: one worker against two, a bare Tornado handler against the server, and the `main`
+revision of ozwell.py (or OZWELL_BENCH_BASELINE=<git revision>) against this one.
 """
+import atexit
+import functools
 import importlib
+import io
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
+import threading
 import time
+import http.client
 import urllib.request
 from pathlib import Path
 
@@ -23,6 +34,7 @@ sys.path.insert(0, str(ROOT / "build"))
 AREAS = ("core", "chat", "responses", "embeddings", "files")
 SECONDS = 5
 CONNECTIONS = 16
+BASELINE = os.environ.get("OZWELL_BENCH_BASELINE", "main")
 
 BARE_TORNADO = """
 import asyncio, json, sys, tornado.web
@@ -70,6 +82,13 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     raise RuntimeError(f"no {field}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used so far, user and system (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Server:
     """A process serving on a free port of 127.0.0.1, stopped on exit."""
 
@@ -98,29 +117,55 @@ class Server:
             self.process.wait()
 
 
+@functools.cache
+def _baseline_tree() -> Path:
+    """ozwell.py and its schemas as the BASELINE revision has them, in a folder of their own."""
+    folder = Path(tempfile.mkdtemp(prefix="ozwell-baseline-"))
+    atexit.register(shutil.rmtree, folder, True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", BASELINE, "ozwell.py", "schemas"],
+                             capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tree:
+        tree.extractall(folder, filter="data")
+    (folder / "schemas").rename(folder / "ozwell_schemas")  # the package its code loads
+    return folder
+
+
 def ozwell_server(data_dir: str, *extra: str, env: dict | None = None,
-                  inherit_ozwell_env: bool = True) -> Server:
+                  inherit_ozwell_env: bool = True, baseline: bool = False) -> Server:
     """`python ozwell.py` on a free port; `inherit_ozwell_env=False` drops the caller's OZWELL_*
-    variables so that only the command line and `env` configure it."""
+    variables so that only the command line and `env` configure it. `baseline=True` runs the
+    BASELINE revision's ozwell.py instead of this one."""
     inherited = {k: v for k, v in os.environ.items() if inherit_ozwell_env or not k.startswith("OZWELL_")}
-    return Server([sys.executable, str(ROOT / "ozwell.py"), "--host", "127.0.0.1", "--port", "{port}",
+    script = ROOT / "ozwell.py"
+    if baseline:
+        script = _baseline_tree() / "ozwell.py"
+        inherited["PYTHONPATH"] = str(_baseline_tree())
+    return Server([sys.executable, str(script), "--host", "127.0.0.1", "--port", "{port}",
                    "--data-dir", data_dir, *extra], env={**inherited, **(env or {})})
 
 
-def wrk(url: str, connections: int = CONNECTIONS, seconds: int = SECONDS, post: dict | None = None,
-        headers: dict | None = None) -> float:
-    """Requests per second that wrk measured (one thread: the machine has two cores); `post`
-    is a JSON body to POST instead of a GET."""
+def _lua_string(data: bytes) -> str:
+    return '"' + "".join(chr(byte) if 32 <= byte < 127 and byte not in (34, 92) else f"\\{byte:03d}"
+                         for byte in data) + '"'
+
+
+def wrk_run(url: str, connections: int = CONNECTIONS, seconds: int = SECONDS,
+            post: dict | None = None, headers: dict | None = None, body: bytes | None = None,
+            content_type: str = "application/json") -> dict[str, float]:
+    """wrk's figures (one thread: the machine has two cores): `rps`, `requests`, `p99_ms`.
+    `post` is a JSON body to POST instead of a GET; `body` any other body."""
     if not shutil.which("wrk"):
         raise RuntimeError("wrk is not installed (apt-get install wrk)")
     command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
     headers = headers or {"Authorization": "Bearer bench"}
     for name, value in headers.items():
         command += ["-H", f"{name}: {value}"]
+    if post is not None:
+        body = json.dumps(post).encode()
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        if post is not None:
-            script.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-                         f"wrk.body = [[{json.dumps(post)}]]\n")
+        if body is not None:
+            script.write(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "{content_type}"\n'
+                         f"wrk.body = {_lua_string(body)}\n")
     command += ["-s", script.name]
     try:
         output = subprocess.run(command + [url], capture_output=True, text=True, check=True,
@@ -130,40 +175,136 @@ def wrk(url: str, connections: int = CONNECTIONS, seconds: int = SECONDS, post: 
     non_2xx = [line for line in output.splitlines() if "Non-2xx" in line or "Socket errors" in line]
     if non_2xx:
         raise RuntimeError(f"wrk saw errors: {non_2xx}")
-    return float(next(l for l in output.splitlines() if l.startswith("Requests/sec")).split()[1])
+    lines = output.splitlines()
+    p99 = next(line.split()[1] for line in lines if line.strip().startswith("99%"))
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    unit = next(suffix for suffix in ("us", "ms", "s") if p99.endswith(suffix))
+    return {"rps": float(next(l for l in lines if l.startswith("Requests/sec")).split()[1]),
+            "requests": float(next(l for l in lines if "requests in" in l).split()[0]),
+            "p99_ms": float(p99[:-len(unit)]) * scale[unit]}
+
+
+def wrk(url: str, connections: int = CONNECTIONS, seconds: int = SECONDS, post: dict | None = None,
+        headers: dict | None = None) -> float:
+    """Requests per second that wrk measured; see wrk_run()."""
+    return wrk_run(url, connections, seconds, post, headers)["rps"]
+
+
+def cpu_ms_per_request(server: Server, url: str, **load) -> tuple[float, float]:
+    """(requests/s, the server process's CPU milliseconds per request) under a wrk load."""
+    before = cpu_seconds(server.process.pid)
+    figures = wrk_run(url, **load)
+    return figures["rps"], 1000 * (cpu_seconds(server.process.pid) - before) / figures["requests"]
+
+
+class HealthProbe:
+    """GET /health every 10 ms over one keep-alive connection while a load runs: its p99."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.timings: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            while not self._stop.wait(0.01):
+                started = time.perf_counter()
+                connection.request("GET", "/health")
+                connection.getresponse().read()
+                self.timings.append(1000 * (time.perf_counter() - started))
+        finally:
+            connection.close()
+
+    @property
+    def p99_ms(self) -> float:
+        ordered = sorted(self.timings)
+        return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def ratio(figure: float, baseline: float) -> str:
+    return f"{figure / baseline:.2f}x" if baseline else "n/a"
+
+
+ROUNDS = 3  # alternating rounds of each side of a comparison; the best of them counts
+CHAT = {"model": "ozwell-deterministic", "messages": [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Write one short sentence about rivers."}]}
+RESPONSE = {"model": "ozwell-deterministic", "input": "Say something short.", "store": False}
+EMBEDDING = {"model": "text-embedding-3-small", "input": "The quick brown fox jumps over the lazy dog"}
 
 
 def rows() -> list[tuple[str, str]]:
-    out = []
     with tempfile.TemporaryDirectory() as scratch:
-        with Server([sys.executable, "-c", BARE_TORNADO, "{port}"], "/v1/models") as bare, \
-                ozwell_server(scratch) as ozwell:
-            idle = rss_mb(ozwell.process.pid)
-            wrk(ozwell.url + "/v1/models", seconds=1)  # warm up both
-            wrk(bare.url + "/v1/models", seconds=1)
-            bare_rps = wrk(bare.url + "/v1/models")
-            ozwell_rps = wrk(ozwell.url + "/v1/models")
-            out += [("GET /v1/models, c16 (wrk)", f"{ozwell_rps:,.0f} req/s"),
-                    ("bare Tornado handler, same body, c16", f"{bare_rps:,.0f} req/s"),
-                    ("/v1/models as a share of bare", f"{100 * ozwell_rps / bare_rps:.0f} %"),
-                    ("idle RSS, python ozwell.py", f"{idle:.1f} MB")]
-        out += _workers(scratch)
-        out += _pyz_start(scratch)
-    return out
+        return (_models_against_bare(scratch) + _workers(scratch) + _built_in_chat(scratch)
+                + _pyz_start(scratch))
+
+
+def alternate(servers: dict[str, Server], path: str, **load) -> dict[str, tuple[float, float]]:
+    """Each server's best requests/s and least CPU ms per request over ROUNDS alternating
+    rounds of the same wrk load."""
+    for server in servers.values():  # warm up
+        wrk_run(server.url + path, seconds=1, **load)
+    measured: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
+    for _ in range(ROUNDS):
+        for name, server in servers.items():
+            measured[name].append(cpu_ms_per_request(server, server.url + path, **load))
+    return {name: (max(rate for rate, _ in figures), min(cpu for _, cpu in figures))
+            for name, figures in measured.items()}
+
+
+def _models_against_bare(scratch: str) -> list[tuple[str, str]]:
+    with Server([sys.executable, "-c", BARE_TORNADO, "{port}"], "/v1/models") as bare, \
+            ozwell_server(os.path.join(scratch, "models")) as ozwell:
+        idle = rss_mb(ozwell.process.pid)
+        figures = alternate({"bare": bare, "ozwell": ozwell}, "/v1/models")
+    (rate, cpu), (bare_rate, bare_cpu) = figures["ozwell"], figures["bare"]
+    return [
+        ("GET /v1/models, c16: requests/s against a bare Tornado handler (goal 0.95x)",
+         f"{ratio(rate, bare_rate)} ({rate:,.0f} against {bare_rate:,.0f} req/s)"),
+        ("GET /v1/models: CPU per request, bare Tornado's against the server's",
+         f"{ratio(bare_cpu, cpu)} ({1000 * cpu:.0f} against {1000 * bare_cpu:.0f} us)"),
+        ("idle RSS, python ozwell.py", f"{idle:.1f} MB"),
+    ]
 
 
 def _workers(scratch: str) -> list[tuple[str, str]]:
-    """The same loads on 1 and on 2 worker processes, in one run."""
-    response = {"model": "ozwell-deterministic", "input": "Say something short.", "store": False}
+    """The same loads on 2 worker processes and on 1, in alternating rounds."""
     out = []
-    for workers in (1, 2):
-        with ozwell_server(os.path.join(scratch, f"w{workers}"), "--workers", str(workers)) as server:
-            wrk(server.url + "/v1/models", seconds=1)
-            models = wrk(server.url + "/v1/models")
-            responses = wrk(server.url + "/v1/responses", post=response)
-        out += [(f"GET /v1/models, {workers} worker(s), c16", f"{models:,.0f} req/s"),
-                (f"POST /v1/responses (store false), {workers} worker(s), c16", f"{responses:,.0f} req/s")]
+    with ozwell_server(os.path.join(scratch, "w1"), "--workers", "1") as one, \
+            ozwell_server(os.path.join(scratch, "w2"), "--workers", "2") as two:
+        for what, path, body in (("POST /v1/responses (store false)", "/v1/responses", RESPONSE),
+                                 ("POST /v1/embeddings (one short input)", "/v1/embeddings",
+                                  EMBEDDING)):
+            for connections in (16, 64):
+                figures = alternate({"1": one, "2": two}, path, post=body,
+                                    connections=connections)
+                out.append((f"{what}, c{connections}: 2 workers against 1 (goal 1.3x)",
+                            f"{ratio(figures['2'][0], figures['1'][0])} ({figures['2'][0]:,.0f} "
+                            f"against {figures['1'][0]:,.0f} req/s)"))
     return out
+
+
+def _built_in_chat(scratch: str) -> list[tuple[str, str]]:
+    with ozwell_server(os.path.join(scratch, "chat")) as now, \
+            ozwell_server(os.path.join(scratch, "chat-baseline"), baseline=True) as before:
+        figures = alternate({"now": now, "before": before}, "/v1/chat/completions", post=CHAT)
+    (rate, cpu), (before_rate, before_cpu) = figures["now"], figures["before"]
+    return [
+        ("built-in chat completion: server CPU per request (goal 0.25 ms), against " + BASELINE,
+         f"{cpu:.3f} ms: {ratio(cpu, before_cpu)} of {before_cpu:.3f} ms"),
+        ("built-in chat completion, c16: requests/s against " + BASELINE,
+         f"{ratio(rate, before_rate)} ({rate:,.0f} against {before_rate:,.0f} req/s)"),
+    ]
 
 
 def _pyz_start(scratch: str) -> list[tuple[str, str]]:

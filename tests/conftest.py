@@ -67,14 +67,15 @@ def wait_for_health(url: str, process: subprocess.Popen | None = None, timeout: 
 class ServerProcess:
     """A real `python ozwell.py` process on a free port: for the sync SDK, signals, kill -9."""
 
-    def __init__(self, data_dir: Path, env: dict | None = None, args: tuple = ()):
+    def __init__(self, data_dir: Path, env: dict | None = None, args: tuple = (), **popen):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "ozwell.py"), "--host", "127.0.0.1",
              "--port", str(self.port), "--data-dir", str(data_dir), *args],
-            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            env=full_env, text=True,
+            **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen})
         wait_for_health(self.url, self.process)
 
     def stop(self, timeout: float = 10.0) -> int:
@@ -89,11 +90,13 @@ class ServerProcess:
 
 @pytest.fixture
 def server_process(tmp_path):
-    """Start real server processes: `server_process(env={...})`; all are stopped at the end."""
+    """Start real server processes: `server_process(env={...})`; all are stopped at the end.
+    Other keywords go to subprocess.Popen (`stderr=`, `preexec_fn=`)."""
     started = []
 
-    def start(env: dict | None = None, args: tuple = (), data_dir: Path | None = None) -> ServerProcess:
-        server = ServerProcess(data_dir or tmp_path / "data", env, args)
+    def start(env: dict | None = None, args: tuple = (), data_dir: Path | None = None,
+              **popen) -> ServerProcess:
+        server = ServerProcess(data_dir or tmp_path / "data", env, args, **popen)
         started.append(server)
         return server
 

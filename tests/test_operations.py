@@ -15,51 +15,14 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import API_KEY, ROOT, free_port, wait_for_health
+from conftest import API_KEY, ROOT
 
 resource = pytest.importorskip("resource", reason="descriptor limits are POSIX")
 
 
-class LimitedServer:
-    """`python ozwell.py` started with a given descriptor limit; its log goes to a file."""
-
-    def __init__(self, tmp_path, soft: int, hard: int, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp_path / "server.log"
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, str(ROOT / "ozwell.py"), "--host", "127.0.0.1", "--port",
-                 str(self.port), "--data-dir", str(tmp_path / "data"), *args],
-                stdout=subprocess.DEVNULL, stderr=log,
-                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
-        wait_for_health(self.url, self.process)
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-@pytest.fixture
-def limited_server(tmp_path):
-    started = []
-
-    def start(soft: int, hard: int, *args: str) -> LimitedServer:
-        server = LimitedServer(tmp_path, soft, hard, *args)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+def with_descriptor_limit(soft: int, hard: int) -> dict:
+    """What server_process() needs to start the server with this limit on open files."""
+    return {"preexec_fn": lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))}
 
 
 def open_files_limit(pid: int) -> tuple[int, int]:
@@ -77,11 +40,11 @@ def health_status(url: str, timeout: float = 5) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(limited_server):
+def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(server_process):
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard <= 256:
         pytest.skip("the hard limit here is too low to tell")
-    server = limited_server(256, hard)
+    server = server_process(**with_descriptor_limit(256, hard))
     soft, reported_hard = open_files_limit(server.process.pid)
     assert soft == reported_hard and soft > 256
 
@@ -122,9 +85,12 @@ def test_a_thousand_connections_arriving_at_once_are_all_queued(server_process):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts descriptors in /proc")
-def test_out_of_descriptors_the_accept_loop_says_so_once_a_second_and_resumes(limited_server):
+def test_out_of_descriptors_the_accept_loop_says_so_once_a_second_and_resumes(server_process,
+                                                                              tmp_path):
     limit = 64
-    server = limited_server(limit, limit)
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log_file:  # a file, which a storm of messages cannot fill up
+        server = server_process(stderr=log_file, **with_descriptor_limit(limit, limit))
     held = []
     try:
         # Far more connections than the server has descriptors for; each sends a request, so
@@ -134,7 +100,7 @@ def test_out_of_descriptors_the_accept_loop_says_so_once_a_second_and_resumes(li
             client.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             held.append(client)
         time.sleep(2.5)  # long enough for a storm of messages, were there one
-        log = server.log()
+        log = log_path.read_text()
         assert "Traceback" not in log and len(log) < 20_000
         messages = [line for line in log.splitlines() if "cannot accept new connections" in line]
         assert 1 <= len(messages) <= 4 and "Too many open files" in messages[0], messages

@@ -83,13 +83,18 @@ def test_every_request_body_is_checked_by_a_compiled_check():
 
 
 def test_a_schema_with_a_keyword_it_does_not_compile_falls_back_to_jsonschema():
-    registry = ozwell.SchemaRegistry({"Pair": {
-        "type": "array", "uniqueItems": True, "items": {"type": "integer"}}})
-    assert registry.checks["Pair"] is None
-    registry.validate("Pair", [1, 2])
+    registry = ozwell.SchemaRegistry({
+        # Each refers to the other; only Pair uses a keyword the fast path does not compile.
+        "Holder": {"type": "object", "properties": {"pair": {"$ref": "Pair.json"}}},
+        "Pair": {"type": "array", "uniqueItems": True,
+                 "items": {"anyOf": [{"type": "integer"}, {"$ref": "Holder.json"}]}},
+        "Plain": {"type": "object", "properties": {"holder": {"$ref": "Holder.json"}}},
+    })
+    assert registry.checks == {"Holder": None, "Pair": None, "Plain": None}
+    registry.validate("Pair", [1, 2, {"pair": [3]}])
     with pytest.raises(ozwell.APIError) as raised:
-        registry.validate("Pair", [1, 1])
-    assert "non-unique" in raised.value.message
+        registry.validate("Plain", {"holder": {"pair": [1, 1]}})
+    assert "non-unique" in raised.value.message and raised.value.param == "holder.pair"
 
 
 def test_references_between_files_and_to_a_schema_itself_are_followed():
