@@ -1,4 +1,6 @@
 """Shared fixtures, in pytest-tornado's idiom: `app` is served at `base_url` for each test."""
+import hashlib
+import json
 import os
 import shutil
 import socket
@@ -143,6 +145,52 @@ def node_sdk():
         script.write_text(source)
         try:
             return subprocess.run([node, str(script), *args], capture_output=True, text=True,
+                                  timeout=timeout)
+        finally:
+            script.unlink()
+
+    return run
+
+
+AGENTS_SDK = ("openai-agents==0.24.0",)
+
+
+@pytest.fixture(scope="session")
+def python_env():
+    """Run a script with packages the project's venv cannot hold: `python_env(packages, source,
+    *args) -> CompletedProcess`.
+
+    openai-agents needs jsonschema 4.20 or newer (through mcp), while the server keeps to 4.17,
+    the last pure-Python line, so a client like it gets a venv of its own, made with the Python
+    running the tests. Each set of packages is installed once per machine into a cache folder
+    (staged, then renamed, so an interrupted install is never taken for a finished one).
+    """
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ozwell-tests"
+
+    def python_for(packages: tuple[str, ...]) -> Path:
+        key = hashlib.sha256(json.dumps([sys.version, packages]).encode()).hexdigest()[:16]
+        folder = cache / f"python-{key}"
+        binary = Path("Scripts", "python.exe") if os.name == "nt" else Path("bin", "python")
+        if not (folder / binary).exists():
+            staging = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(staging)], check=True)
+            result = subprocess.run(
+                [str(staging / binary), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                 *packages], capture_output=True, text=True, timeout=900)
+            if result.returncode != 0:
+                pytest.fail(f"pip install {' '.join(packages)} failed:\n{result.stderr}")
+            shutil.rmtree(folder, ignore_errors=True)
+            staging.rename(folder)
+        return folder / binary
+
+    def run(packages: tuple[str, ...], source: str, *args: str,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+        python = python_for(packages)
+        script = python.parent.parent / f"script-{uuid.uuid4().hex}.py"
+        script.write_text(source)
+        try:
+            return subprocess.run([str(python), str(script), *args], capture_output=True, text=True,
                                   timeout=timeout)
         finally:
             script.unlink()
