@@ -108,7 +108,8 @@ class Settings:
 
     host: str = _setting("0.0.0.0", "HOST", "address to listen on")
     port: int = _setting(3000, "PORT", "port to listen on (0 picks a free one)", int)
-    data_dir: str = _setting("./data", "OZWELL_DATA_DIR", "where files and stored responses live")
+    data_dir: str = _setting("./data", "OZWELL_DATA_DIR",
+                             "where files, responses, conversations and stored chat completions live")
     llama_base_url: str = _setting(
         "http://localhost:11434/v1", "LLAMA_BASE_URL",
         "OpenAI-compatible upstream for chat completions", flag=False)
@@ -132,7 +133,8 @@ class Settings:
         float)
     stream_tokens_per_second: float = _setting(
         0.0, "OZWELL_STREAM_TOKENS_PER_SECOND",
-        "pace of the built-in model's streams (0: as fast as possible)", float)
+        "pace of the built-in model's streams and background responses (0: as fast as possible)",
+        float)
     max_upload_bytes: int = _setting(
         512 * MiB, "OZWELL_MAX_UPLOAD_BYTES", "largest file upload, in bytes", int)
     workers: int = _setting(
@@ -421,6 +423,7 @@ class RecordStore:
 
     FOLDER = ""
     ID: re.Pattern = re.compile(r"(?!)")
+    NOUN = ""  # what a record is, in "No ... found with id ..."
 
     def __init__(self, data_dir: str) -> None:
         self.directory = os.path.join(data_dir, self.FOLDER)
@@ -491,6 +494,7 @@ class ResponseStore(RecordStore):
 
     FOLDER = "responses"
     ID = re.compile(r"resp_[0-9a-f]{32}")
+    NOUN = "response"
 
 
 class ConversationStore(RecordStore):
@@ -499,6 +503,7 @@ class ConversationStore(RecordStore):
 
     FOLDER = "conversations"
     ID = re.compile(r"conv_[0-9a-f]{32}")
+    NOUN = "conversation"
 
 
 class ChatCompletionStore(RecordStore):
@@ -508,6 +513,7 @@ class ChatCompletionStore(RecordStore):
 
     FOLDER = "chat_completions"
     ID = re.compile(r"chatcmpl-[0-9a-f]{32}")
+    NOUN = "chat completion"
 
 
 def _lock(descriptor: int, wait: bool = True) -> bool:
@@ -1675,6 +1681,29 @@ def cursor_page(items: Sequence[dict[str, Any]], after: str | None, limit: int) 
             "has_more": len(items) > limit}
 
 
+def record_or_404(store: RecordStore, record_id: str) -> dict[str, Any]:
+    record = store.load(record_id)
+    if record is None:
+        raise not_found(store.NOUN, record_id)
+    return record
+
+
+def delete_or_404(store: RecordStore, record_id: str) -> None:
+    if not store.delete(record_id):
+        raise not_found(store.NOUN, record_id)
+
+
+def replace_metadata(store: RecordStore, record_id: str, field: str,
+                     metadata: dict[str, str] | None) -> dict[str, Any]:
+    """Give the object a record keeps under `field` new metadata; returns the object."""
+    def change(record: dict | None) -> tuple[dict, dict]:
+        if record is None:
+            raise not_found(store.NOUN, record_id)
+        record[field]["metadata"] = metadata or {}
+        return record, record[field]
+    return store.update(record_id, change)
+
+
 class NotFoundHandler(BaseHandler):
     """Every path the route table does not know."""
 
@@ -2050,13 +2079,6 @@ async def _stream_response(handler: BaseHandler, record: dict[str, Any],
         stream.close()
 
 
-def _stored_response(context: Context, response_id: str) -> dict[str, Any]:
-    record = context.responses.load(response_id)
-    if record is None:
-        raise not_found("response", response_id)
-    return record
-
-
 class ResponsesHandler(BaseHandler):
     api = {"post": Operation("Create a model response", "Responses", request="CreateResponse",
                              response="Response", stream="ResponseStreamEvent")}
@@ -2067,7 +2089,7 @@ class ResponsesHandler(BaseHandler):
         if not body.get("stream"):
             self.write_json(response)
         elif response["background"]:
-            await _stream_response(self, _stored_response(self.context, response["id"]))
+            await _stream_response(self, record_or_404(self.context.responses, response["id"]))
         else:
             await _stream_response(self, {"response": response})
 
@@ -2087,7 +2109,7 @@ class ResponseHandler(BaseHandler):
     }
 
     async def get(self, response_id: str) -> None:
-        record = _stored_response(self.context, response_id)
+        record = record_or_404(self.context.responses, response_id)
         query = read_query(self, self.api["get"].query)
         if query["stream"]:
             await _stream_response(self, record, query["starting_after"])
@@ -2095,8 +2117,7 @@ class ResponseHandler(BaseHandler):
             self.write_json(response_now(record))
 
     def delete(self, response_id: str) -> None:
-        if not self.context.responses.delete(response_id):
-            raise not_found("response", response_id)
+        delete_or_404(self.context.responses, response_id)
         self.write_json({"id": response_id, "object": "response", "deleted": True})
 
 
@@ -2119,7 +2140,8 @@ class ResponseCancelHandler(BaseHandler):
             if current["status"] == "cancelled":
                 return None, current
             if current["status"] not in ("queued", "in_progress"):
-                raise APIError(400, f"Cannot cancel a {current['status']} response.",
+                article = "an" if current["status"].startswith(("a", "e", "i", "o", "u")) else "a"
+                raise APIError(400, f"Cannot cancel {article} {current['status']} response.",
                                param="response_id")
             record["cancelled_at"] = now
             return record, response_now(record, now)
@@ -2153,7 +2175,7 @@ class ResponseInputItemsHandler(BaseHandler):
                             response="ResponseItemList", query=(_AFTER, _LIMIT, _ORDER))}
 
     def get(self, response_id: str) -> None:
-        items = _stored_response(self.context, response_id)["input_items"]
+        items = record_or_404(self.context.responses, response_id)["input_items"]
         query = read_query(self, self.api["get"].query)
         if query["order"] == "desc":
             items = items[::-1]
@@ -2441,13 +2463,6 @@ def _json_or_none(text: bytes) -> Any:
         return None
 
 
-def _kept_completion(context: Context, completion_id: str) -> dict[str, Any]:
-    record = context.chat_completions.load(completion_id)
-    if record is None:
-        raise not_found("chat completion", completion_id)
-    return record
-
-
 class ChatCompletionHandler(BaseHandler):
     api = {
         "get": Operation("Retrieve a stored chat completion", "Chat",
@@ -2460,21 +2475,14 @@ class ChatCompletionHandler(BaseHandler):
     }
 
     def get(self, completion_id: str) -> None:
-        self.write_json(_kept_completion(self.context, completion_id)["completion"])
+        self.write_json(record_or_404(self.context.chat_completions, completion_id)["completion"])
 
     def post(self, completion_id: str) -> None:
-        metadata = self.payload["metadata"] or {}
-
-        def change(record: dict | None) -> tuple[dict, dict]:
-            if record is None:
-                raise not_found("chat completion", completion_id)
-            record["completion"]["metadata"] = metadata
-            return record, record["completion"]
-        self.write_json(self.context.chat_completions.update(completion_id, change))
+        self.write_json(replace_metadata(self.context.chat_completions, completion_id, "completion",
+                                         self.payload["metadata"]))
 
     def delete(self, completion_id: str) -> None:
-        if not self.context.chat_completions.delete(completion_id):
-            raise not_found("chat completion", completion_id)
+        delete_or_404(self.context.chat_completions, completion_id)
         self.write_json({"object": "chat.completion.deleted", "id": completion_id, "deleted": True})
 
 
@@ -2484,7 +2492,7 @@ class ChatCompletionMessagesHandler(BaseHandler):
                             query=(_AFTER, _LIMIT, _OLDEST_FIRST))}
 
     def get(self, completion_id: str) -> None:
-        messages = _kept_completion(self.context, completion_id)["messages"]
+        messages = record_or_404(self.context.chat_completions, completion_id)["messages"]
         query = read_query(self, self.api["get"].query)
         if query["order"] == "desc":
             messages = messages[::-1]
@@ -3030,13 +3038,6 @@ def conversation_items(given: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
-def _conversation_or_404(context: Context, conversation_id: str) -> dict[str, Any]:
-    record = context.conversations.load(conversation_id)
-    if record is None:
-        raise not_found("conversation", conversation_id)
-    return record
-
-
 class ConversationsHandler(BaseHandler):
     api = {"post": Operation("Create a conversation", "Conversations",
                              request="CreateConversationBody", response="ConversationResource")}
@@ -3061,21 +3062,14 @@ class ConversationHandler(BaseHandler):
     }
 
     def get(self, conversation_id: str) -> None:
-        self.write_json(_conversation_or_404(self.context, conversation_id)["conversation"])
+        self.write_json(record_or_404(self.context.conversations, conversation_id)["conversation"])
 
     def post(self, conversation_id: str) -> None:
-        metadata = self.payload["metadata"] or {}
-
-        def change(record: dict | None) -> tuple[dict, dict]:
-            if record is None:
-                raise not_found("conversation", conversation_id)
-            record["conversation"]["metadata"] = metadata
-            return record, record["conversation"]
-        self.write_json(self.context.conversations.update(conversation_id, change))
+        self.write_json(replace_metadata(self.context.conversations, conversation_id,
+                                         "conversation", self.payload["metadata"]))
 
     def delete(self, conversation_id: str) -> None:
-        if not self.context.conversations.delete(conversation_id):
-            raise not_found("conversation", conversation_id)
+        delete_or_404(self.context.conversations, conversation_id)
         self.write_json({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
 
 
@@ -3090,7 +3084,7 @@ class ConversationItemsHandler(BaseHandler):
     }
 
     def get(self, conversation_id: str) -> None:
-        items = _conversation_or_404(self.context, conversation_id)["items"]
+        items = record_or_404(self.context.conversations, conversation_id)["items"]
         read_include(self)
         query = read_query(self, (_ITEMS_AFTER, _LIMIT, _ORDER))
         if query["order"] == "desc":
@@ -3120,7 +3114,7 @@ class ConversationItemHandler(BaseHandler):
     }
 
     def get(self, conversation_id: str, item_id: str) -> None:
-        items = _conversation_or_404(self.context, conversation_id)["items"]
+        items = record_or_404(self.context.conversations, conversation_id)["items"]
         read_include(self)
         item = next((item for item in items if item["id"] == item_id), None)
         if item is None:

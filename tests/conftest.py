@@ -45,6 +45,21 @@ def client(base_url, http_server):
     return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0)
 
 
+def assert_valid(registry, name: str, instance) -> None:
+    """`instance` validates against the schema `name`; the errors show when it does not."""
+    assert [f"{list(e.absolute_path)}: {e.message}" for e in registry.errors(name, instance)] == []
+
+
+async def call_api(http_client, base_url: str, method: str, path: str, body=None):
+    """One request with the test key: (status, the body: parsed when it is JSON, else bytes)."""
+    reply = await http_client.fetch(f"{base_url}{path}", method=method, headers=AUTH,
+                                    body=None if body is None else json.dumps(body),
+                                    allow_nonstandard_methods=True, raise_error=False)
+    if reply.headers.get("Content-Type", "").startswith("application/json"):
+        return reply.code, json.loads(reply.body)
+    return reply.code, reply.body
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,45 +1,20 @@
 """Chat completions kept with `store: true`, built-in and proxied, streamed and not: listed,
 retrieved, updated, deleted, and their messages listed, as OpenAI serves them."""
-import json
-
 import openai
 import pytest
 
 import ozwell
-from conftest import AUTH
-from test_chat import FakeLlama, sse_events
+from conftest import assert_valid, call_api as call
+from test_chat import llama, settings, sse_events  # noqa: F401 (the fake upstream's fixtures)
 
 MODEL = ozwell.OFFLINE_MODEL
 UNKNOWN = "chatcmpl-0123456789abcdef0123456789abcdef"
-
-
-@pytest.fixture
-def llama(io_loop):
-    fake = FakeLlama()
-    server = fake.start()
-    yield fake
-    server.stop()
-
-
-@pytest.fixture
-def settings(tmp_path, llama):
-    return ozwell.Settings(data_dir=str(tmp_path / "data"), llama_base_url=llama.url)
 
 
 @pytest.fixture(scope="module")
 def registry():
     return ozwell.SchemaRegistry.load()
 
-
-def assert_valid(registry, name, instance):
-    assert [f"{list(e.absolute_path)}: {e.message}" for e in registry.errors(name, instance)] == []
-
-
-async def call(http_client, base_url, method, path, body=None):
-    reply = await http_client.fetch(f"{base_url}{path}", method=method, headers=AUTH,
-                                    body=None if body is None else json.dumps(body),
-                                    allow_nonstandard_methods=True, raise_error=False)
-    return reply.code, reply.body
 
 
 async def kept(client, **extra):
@@ -59,12 +34,11 @@ async def test_a_kept_completion_is_retrieved_updated_listed_and_deleted(client,
     updated = await client.chat.completions.update(created.id, metadata={"run": "2", "ok": "yes"})
     assert updated.id == created.id and updated.metadata == {"run": "2", "ok": "yes"}
     status, raw = await call(http_client, base_url, "GET", f"/v1/chat/completions/{created.id}")
-    assert status == 200 and json.loads(raw)["metadata"] == {"run": "2", "ok": "yes"}
-    assert_valid(registry, "CreateChatCompletionResponse", json.loads(raw))
+    assert status == 200 and raw["metadata"] == {"run": "2", "ok": "yes"}
+    assert_valid(registry, "CreateChatCompletionResponse", raw)
 
     assert [item.id async for item in client.chat.completions.list()] == [created.id]
-    status, raw = await call(http_client, base_url, "DELETE", f"/v1/chat/completions/{created.id}")
-    deleted = json.loads(raw)
+    status, deleted = await call(http_client, base_url, "DELETE", f"/v1/chat/completions/{created.id}")
     assert deleted == {"object": "chat.completion.deleted", "id": created.id, "deleted": True}
     assert_valid(registry, "ChatCompletionDeleted", deleted)
     with pytest.raises(openai.NotFoundError):
@@ -103,15 +77,14 @@ async def test_the_list_pages_in_order_and_filters_by_model_and_metadata(client,
     assert [item.id async for item in client.chat.completions.list(
         model=MODEL, metadata={"group": "a", "n": "4"})] == [ids[4]]
 
-    status, raw = await call(http_client, base_url, "GET", f"/v1/chat/completions?limit=2&after={ids[1]}")
-    page = json.loads(raw)
+    status, page = await call(http_client, base_url, "GET", f"/v1/chat/completions?limit=2&after={ids[1]}")
     assert status == 200 and [item["id"] for item in page["data"]] == ids[2:4]
     assert page["has_more"] is True and (page["first_id"], page["last_id"]) == (ids[2], ids[3])
     assert_valid(registry, "ChatCompletionList", page)
     for query, param in (("limit=0", "limit"), ("limit=101", "limit"), ("order=up", "order"),
                          (f"after={ozwell.new_id('chatcmpl-')}", "after")):
         status, raw = await call(http_client, base_url, "GET", f"/v1/chat/completions?{query}")
-        assert status == 400 and json.loads(raw)["error"]["param"] == param
+        assert status == 400 and raw["error"]["param"] == param
 
 
 @pytest.mark.gen_test
@@ -128,9 +101,8 @@ async def test_the_messages_of_a_kept_completion_are_listed(client, http_client,
     assert listed[0].content_parts is None
     newest = [message.id async for message in client.chat.completions.messages.list(created.id, order="desc")]
     assert newest == [message.id for message in reversed(listed)]
-    status, raw = await call(http_client, base_url, "GET",
-                             f"/v1/chat/completions/{created.id}/messages?limit=2&after={created.id}-0")
-    page = json.loads(raw)
+    status, page = await call(http_client, base_url, "GET",
+                              f"/v1/chat/completions/{created.id}/messages?limit=2&after={created.id}-0")
     assert [item["id"] for item in page["data"]] == [f"{created.id}-1", f"{created.id}-2"]
     assert page["has_more"] is True
     assert_valid(registry, "ChatCompletionMessageList", page)
@@ -193,9 +165,8 @@ async def test_a_kept_proxied_stream_is_kept_once_it_has_ended(client, http_clie
 async def test_unknown_or_malformed_ids_get_a_404(http_client, base_url, registry, completion_id):
     for method, path, body in (("GET", "", None), ("POST", "", {"metadata": {}}), ("DELETE", "", None),
                                ("GET", "/messages", None)):
-        status, raw = await call(http_client, base_url, method,
-                                 f"/v1/chat/completions/{completion_id}{path}", body)
-        reply = json.loads(raw)
+        status, reply = await call(http_client, base_url, method,
+                                   f"/v1/chat/completions/{completion_id}{path}", body)
         assert status == 404 and "No chat completion found with id" in reply["error"]["message"]
         assert_valid(registry, "ErrorResponse", reply)
 
@@ -204,10 +175,10 @@ async def test_unknown_or_malformed_ids_get_a_404(http_client, base_url, registr
 async def test_an_update_needs_metadata(client, http_client, base_url):
     created = await kept(client)
     status, raw = await call(http_client, base_url, "POST", f"/v1/chat/completions/{created.id}", {})
-    assert status == 400 and json.loads(raw)["error"]["param"] == "metadata"
+    assert status == 400 and raw["error"]["param"] == "metadata"
     status, raw = await call(http_client, base_url, "POST", f"/v1/chat/completions/{created.id}",
                              {"metadata": None})
-    assert status == 200 and json.loads(raw)["metadata"] == {}
+    assert status == 200 and raw["metadata"] == {}
 
 
 def test_openapi_documents_the_stored_completion_routes():

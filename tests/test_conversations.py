@@ -8,7 +8,7 @@ import openai
 import pytest
 
 import ozwell
-from conftest import AGENTS_SDK, AUTH
+from conftest import AGENTS_SDK, AUTH, assert_valid, call_api as call
 
 MODEL = ozwell.OFFLINE_MODEL
 UNKNOWN = "conv_0123456789abcdef0123456789abcdef"
@@ -18,16 +18,6 @@ UNKNOWN = "conv_0123456789abcdef0123456789abcdef"
 def registry():
     return ozwell.SchemaRegistry.load()
 
-
-def assert_valid(registry, name, instance):
-    assert [f"{list(e.absolute_path)}: {e.message}" for e in registry.errors(name, instance)] == []
-
-
-async def call(http_client, base_url, method, path, body=None):
-    reply = await http_client.fetch(f"{base_url}{path}", method=method, headers=AUTH,
-                                    body=None if body is None else json.dumps(body),
-                                    allow_nonstandard_methods=True, raise_error=False)
-    return reply.code, json.loads(reply.body)
 
 
 def reply_to(conversation, model=MODEL):
