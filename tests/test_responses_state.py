@@ -277,3 +277,22 @@ def test_openapi_documents_cancel_and_input_tokens():
         "application/json"]["schema"] == {"$ref": "#/components/schemas/Response"}
     counting = paths["/v1/responses/input_tokens"]["post"]
     assert counting["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/TokenCountsBody")
+
+
+@pytest.mark.slow
+def test_servers_sharing_a_data_dir_agree_on_a_background_response(server_process, tmp_path):
+    env = {"OZWELL_STREAM_TOKENS_PER_SECOND": "10"}
+    first, second = server_process(env=env), server_process(env=env, data_dir=tmp_path / "data")
+    clients = [openai.OpenAI(base_url=f"{server.url}/v1", api_key="test", max_retries=0)
+               for server in (first, second)]
+    running = clients[0].responses.create(model=MODEL, input="started on one", background=True)
+    seen = [clients[1].responses.retrieve(running.id).status]
+    while seen[-1] in ("queued", "in_progress"):
+        time.sleep(0.05)
+        seen.append(clients[1].responses.retrieve(running.id).status)
+    assert runs(["queued"] + seen) == ["queued", "in_progress", "completed"]
+    assert clients[1].responses.retrieve(running.id).output_text == reply_to([("user", "started on one")])
+
+    stopped = clients[0].responses.create(model=MODEL, input="stopped by the other", background=True)
+    assert clients[1].responses.cancel(stopped.id).status == "cancelled"
+    assert clients[0].responses.retrieve(stopped.id).status == "cancelled"
