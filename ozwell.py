@@ -1641,8 +1641,28 @@ def _same_json(first: Any, second: Any) -> bool:
     return json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
 
 
+class CheckedSchemas:
+    """The JSON Schemas of tools and formats already found valid, by their JSON text: an agent
+    sends the same ones on every turn, and checking one against the metaschema costs more than
+    answering the request."""
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self._texts: dict[str, None] = {}
+
+    def check(self, schema: Any) -> None:
+        """Raise jsonschema's SchemaError unless `schema` is a valid JSON Schema."""
+        text = json.dumps(schema, sort_keys=True)
+        if text not in self._texts:
+            jsonschema.Draft202012Validator.check_schema(schema)
+            if len(self._texts) >= self.LIMIT:
+                self._texts.clear()
+            self._texts[text] = None
+
+
 def check_tool_schema(schema: Any, subject: str, param: str, strict: bool,
-                      must_be_object: bool, code: str) -> None:
+                      must_be_object: bool, code: str, checked: CheckedSchemas) -> None:
     """OpenAI's checks of a function's parameters or a response format's schema: a valid JSON
     Schema; an object at the root for functions (and strict formats); in strict mode, every
     object closed (`additionalProperties: false`) with all its properties required."""
@@ -1650,7 +1670,7 @@ def check_tool_schema(schema: Any, subject: str, param: str, strict: bool,
         return APIError(400, f"Invalid schema for {subject}: {message}", param=param, code=code)
 
     try:
-        jsonschema.Draft202012Validator.check_schema(schema)
+        checked.check(schema)
     except jsonschema.exceptions.SchemaError as error:
         where = param_path(list(error.absolute_path))
         raise invalid(f"{error.message}" + (f" (at '{where}')." if where else ".")) from None
@@ -2272,6 +2292,7 @@ class Context:
             model: HashedEmbedder(model, size, resizable=model not in FIXED_SIZE_EMBEDDING_MODELS)
             for model, size in EMBEDDING_MODELS.items()}
         self.files = FileStore.open(os.path.join(settings.data_dir, "files"))
+        self.checked_schemas = CheckedSchemas()
 
     def models(self) -> list[dict[str, Any]]:
         owners = dict(LOCAL_MODELS)
@@ -2592,7 +2613,7 @@ def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
         raise APIError(400, "This server has no Conversations API: continue a conversation by "
                             "passing the last response's id as 'previous_response_id'.",
                        param="conversation")
-    options = response_reply_options(body)
+    options = response_reply_options(body, context.checked_schemas)
     turns, input_items = response_turns(context, body)
     instructions = body.get("instructions")
     conversation = ([Turn("developer", instructions)] if instructions else []) + turns
@@ -2609,7 +2630,7 @@ def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     return response
 
 
-def response_reply_options(body: dict[str, Any]) -> ReplyOptions:
+def response_reply_options(body: dict[str, Any], checked: CheckedSchemas) -> ReplyOptions:
     """The tools, tool choice and text format of a CreateResponse body, checked as OpenAI does."""
     tools = []
     for index, tool in enumerate(body.get("tools") or ()):
@@ -2619,19 +2640,19 @@ def response_reply_options(body: dict[str, Any]) -> ReplyOptions:
                                 "use it. Offer a function tool instead and answer its calls with "
                                 "function_call_output items.", param=f"tools[{index}].type",
                            code="unsupported_tool")
-        tools.append(function_tool(tool, f"tools[{index}].parameters"))
+        tools.append(function_tool(tool, f"tools[{index}].parameters", checked))
     mode, allowed = tool_choice_mode(body.get("tool_choice"), tools)
     text_format = (body.get("text") or {}).get("format") or {"type": "text"}
     json_format = None
     if text_format["type"] == "json_object":
         json_format = JSONFormat("json_object", None, False, "text.format")
     elif text_format["type"] == "json_schema":
-        json_format = json_schema_format(text_format, "text.format.schema")
+        json_format = json_schema_format(text_format, "text.format.schema", checked)
     return ReplyOptions(tuple(tools), mode, allowed, body.get("parallel_tool_calls") is not False,
                         body.get("max_tool_calls"), json_format, body.get("max_output_tokens"))
 
 
-def function_tool(definition: dict[str, Any], param: str) -> FunctionTool:
+def function_tool(definition: dict[str, Any], param: str, checked: CheckedSchemas) -> FunctionTool:
     """A function tool (chat's `function` object, or a Responses tool), its schema checked."""
     name = definition["name"]
     parameters = definition.get("parameters")
@@ -2639,18 +2660,19 @@ def function_tool(definition: dict[str, Any], param: str) -> FunctionTool:
         parameters = {"type": "object", "properties": {}, "additionalProperties": False}
     strict = bool(definition.get("strict"))
     check_tool_schema(parameters, f"function '{name}'", param, strict, must_be_object=True,
-                      code="invalid_function_parameters")
+                      code="invalid_function_parameters", checked=checked)
     return FunctionTool(name, definition.get("description") or "", parameters, strict, param)
 
 
-def json_schema_format(definition: dict[str, Any], param: str) -> JSONFormat:
+def json_schema_format(definition: dict[str, Any], param: str,
+                       checked: CheckedSchemas) -> JSONFormat:
     """A `json_schema` format (chat's `json_schema` object, or Responses' `text.format`)."""
     name = definition["name"]
     schema = definition.get("schema")
     strict = bool(definition.get("strict"))
     if schema is not None:
         check_tool_schema(schema, f"response_format '{name}'", param, strict,
-                          must_be_object=False, code="invalid_json_schema")
+                          must_be_object=False, code="invalid_json_schema", checked=checked)
     return JSONFormat(name, schema, strict, param)
 
 
@@ -2924,7 +2946,7 @@ class ChatCompletionsHandler(BaseHandler):
     async def _answer_offline(self, body: dict[str, Any]) -> None:
         model = body["model"]
         turns = chat_turns(body["messages"])
-        options = chat_reply_options(body, turns)
+        options = chat_reply_options(body, turns, self.context.checked_schemas)
         generations = [offline_reply(model, turns, options, variant)
                        for variant in range(body.get("n") or 1)]
         head = {"id": new_id("chatcmpl-"), "created": unix_now(), "model": model}
@@ -2986,7 +3008,8 @@ def _unanswered_calls(call_ids: Sequence[str], index: int) -> APIError:
                     param=f"messages.[{index}].role")
 
 
-def chat_reply_options(body: dict[str, Any], turns: Sequence[Turn]) -> ReplyOptions:
+def chat_reply_options(body: dict[str, Any], turns: Sequence[Turn],
+                       checked: CheckedSchemas) -> ReplyOptions:
     """The tools, tool choice and response format of a chat request, checked as OpenAI does."""
     tools = []
     for index, tool in enumerate(body.get("tools") or ()):
@@ -2994,7 +3017,8 @@ def chat_reply_options(body: dict[str, Any], turns: Sequence[Turn]) -> ReplyOpti
             raise APIError(400, f"The built-in model calls function tools only; tools[{index}] "
                                 f"is a '{tool['type']}' tool.", param=f"tools[{index}].type",
                            code="invalid_value")
-        tools.append(function_tool(tool["function"], f"tools[{index}].function.parameters"))
+        tools.append(function_tool(tool["function"], f"tools[{index}].function.parameters",
+                                   checked))
     if body.get("tool_choice") is not None and not tools:
         raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
                             "'tools' are specified.", param="tool_choice")
@@ -3006,7 +3030,8 @@ def chat_reply_options(body: dict[str, Any], turns: Sequence[Turn]) -> ReplyOpti
                                "use 'response_format' of type 'json_object'.", "messages")
         json_format = JSONFormat("json_object", None, False, "response_format")
     elif response_format["type"] == "json_schema":
-        json_format = json_schema_format(response_format["json_schema"], "response_format")
+        json_format = json_schema_format(response_format["json_schema"], "response_format",
+                                         checked)
     max_tokens = body.get("max_completion_tokens")
     return ReplyOptions(tuple(tools), mode, allowed, body.get("parallel_tool_calls") is not False,
                         None, json_format, body.get("max_tokens") if max_tokens is None else max_tokens)

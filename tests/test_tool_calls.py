@@ -63,7 +63,8 @@ def sse_data(raw: bytes) -> list:
 
 
 def reply_options(**fields):
-    fields.setdefault("tools", tuple(ozwell.function_tool(t["function"], "p") for t in CHAT_TOOLS))
+    fields.setdefault("tools", tuple(ozwell.function_tool(t["function"], "p", ozwell.CheckedSchemas())
+                                     for t in CHAT_TOOLS))
     return ozwell.ReplyOptions(**fields)
 
 
@@ -193,7 +194,7 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import ozwell
 schemas = json.loads(sys.argv[2])
-tools = tuple(ozwell.function_tool({"name": f"tool_{i}", "parameters": s}, "p")
+tools = tuple(ozwell.function_tool({"name": f"tool_{i}", "parameters": s}, "p", ozwell.CheckedSchemas())
               for i, s in enumerate(schemas))
 turns = [ozwell.Turn("user", "Plan a trip from Oslo to Rome via Paris, 2026-05-01, 4 people")]
 calls = [ozwell.offline_reply("m", turns, ozwell.ReplyOptions(
@@ -410,9 +411,13 @@ async def test_structured_output_parses_into_the_callers_model(client):
 
 @pytest.mark.gen_test
 async def test_a_json_schema_reply_cut_short_is_length_and_parse_says_so(client):
-    with pytest.raises(openai.LengthFinishReasonError):
+    whole = await client.chat.completions.parse(model=MODEL, messages=ASK, response_format=Forecast)
+    with pytest.raises(openai.LengthFinishReasonError) as raised:
         await client.chat.completions.parse(model=MODEL, messages=ASK, response_format=Forecast,
                                             max_completion_tokens=3)
+    cut = raised.value.completion.choices[0]
+    assert cut.finish_reason == "length"
+    assert cut.message.content == "".join(ozwell.tokenize(whole.choices[0].message.content)[:3])
 
 
 # --- Responses ------------------------------------------------------------------------------
