@@ -1273,22 +1273,20 @@ _FREE_TEXT_NAMES = frozenset("""
 
 # For each string format: the pattern of such a value in a message, and a value to use when
 # the message has none.
+_EMAIL = (r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+", "user@example.com")
+_HOSTNAME = (r"\b(?:[a-z0-9-]+\.)+[a-z]{2,}\b", "example.com")
+_URL = (r"\bhttps?://[^\s\"'<>]+", "https://example.com/")
 _FORMATS: dict[str, tuple[str, str]] = {
     "date-time": (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)",
                   "2026-01-01T12:00:00Z"),
     "date": (r"\b\d{4}-\d\d-\d\d\b", "2026-01-01"),
     "time": (r"\b\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)", "12:00:00Z"),
     "duration": (r"\bP(?:\d+[YMWD])+(?:T(?:\d+[HMS])+)?\b", "P1D"),
-    "email": (r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+", "user@example.com"),
-    "idn-email": (r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+", "user@example.com"),
-    "hostname": (r"\b(?:[a-z0-9-]+\.)+[a-z]{2,}\b", "example.com"),
-    "idn-hostname": (r"\b(?:[a-z0-9-]+\.)+[a-z]{2,}\b", "example.com"),
+    "email": _EMAIL, "idn-email": _EMAIL,
+    "hostname": _HOSTNAME, "idn-hostname": _HOSTNAME,
     "ipv4": (r"\b(?:\d{1,3}\.){3}\d{1,3}\b", "192.0.2.1"),
     "ipv6": (r"\b[0-9a-fA-F]{1,4}(?::[0-9a-fA-F]{0,4}){2,7}\b", "2001:db8::1"),
-    "uri": (r"\bhttps?://[^\s\"'<>]+", "https://example.com/"),
-    "iri": (r"\bhttps?://[^\s\"'<>]+", "https://example.com/"),
-    "uri-reference": (r"\bhttps?://[^\s\"'<>]+", "https://example.com/"),
-    "url": (r"\bhttps?://[^\s\"'<>]+", "https://example.com/"),
+    "uri": _URL, "iri": _URL, "uri-reference": _URL, "url": _URL,
 }
 _UUID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.]*\d)")

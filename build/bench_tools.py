@@ -9,16 +9,13 @@ state; each figure is printed beside the plain one.
 from __future__ import annotations
 
 import http.client
-import json
 import tempfile
-import time
 
-from benchmark import ozwell_server
+from benchmark import ozwell_server, requests_per_second
 
-HEADERS = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
+PATH = "/v1/chat/completions"
 SECONDS_PER_PHASE = 1.0
 PHASES = 3                      # each kind measured this many times, alternating
-MAX_REQUESTS = 5000
 QUESTION = "What is the weather in Paris for 3 days, in celsius, and what should I wear?"
 
 PLAIN = {"model": "ozwell-deterministic", "messages": [{"role": "user", "content": QUESTION}]}
@@ -46,10 +43,10 @@ def rows() -> list[tuple[str, str]]:
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         try:
             for kind, body in bodies.items():  # warm up
-                _measure(connection, json.dumps(body), 0.2)
+                requests_per_second(connection, PATH, body, 0.2)
             for _ in range(PHASES):
                 for kind, body in bodies.items():
-                    count, seconds = _measure(connection, json.dumps(body), SECONDS_PER_PHASE)
+                    count, seconds = requests_per_second(connection, PATH, body, SECONDS_PER_PHASE)
                     counts[kind] += count
                     elapsed[kind] += seconds
         finally:
@@ -58,19 +55,6 @@ def rows() -> list[tuple[str, str]]:
     return [(f"chat, built-in model: {kind} (one connection)",
              f"{rate[kind]:.0f} requests/s ({100 * rate[kind] / rate['plain']:.0f} % of plain)")
             for kind in bodies]
-
-
-def _measure(connection: http.client.HTTPConnection, payload: str, seconds: float) -> tuple[int, float]:
-    count = 0
-    started = time.perf_counter()
-    while count < MAX_REQUESTS and time.perf_counter() - started < seconds:
-        connection.request("POST", "/v1/chat/completions", payload, HEADERS)
-        reply = connection.getresponse()
-        reply.read()
-        if reply.status != 200:
-            raise RuntimeError(f"POST /v1/chat/completions answered {reply.status}")
-        count += 1
-    return count, time.perf_counter() - started
 
 
 if __name__ == "__main__":
