@@ -1,5 +1,4 @@
 """Shared fixtures, in pytest-tornado's idiom: `app` is served at `base_url` for each test."""
-import hashlib
 import json
 import os
 import shutil
@@ -167,47 +166,30 @@ def node_sdk():
     return run
 
 
-AGENTS_SDK = ("openai-agents==0.24.0",)
+OPENAI_AGENTS_VERSION = "0.24.0"
 
 
 @pytest.fixture(scope="session")
-def python_env():
-    """Run a script with packages the project's venv cannot hold: `python_env(packages, source,
-    *args) -> CompletedProcess`.
-
-    openai-agents needs jsonschema 4.20 or newer (through mcp), while the server keeps to 4.17,
-    the last pure-Python line, so a client like it gets a venv of its own, made with the Python
-    running the tests. Each set of packages is installed once per machine into a cache folder
+def openai_agents_python():
+    """A Python with openai-agents, in a venv made once per machine in the cache folder
     (staged, then renamed, so an interrupted install is never taken for a finished one).
+
+    openai-agents cannot share the test environment: its MCP dependency needs jsonschema 4.20
+    or newer, and the server keeps to 4.17, the last pure-Python line.
     """
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ozwell-tests"
-
-    def python_for(packages: tuple[str, ...]) -> Path:
-        key = hashlib.sha256(json.dumps([sys.version, packages]).encode()).hexdigest()[:16]
-        folder = cache / f"python-{key}"
-        binary = Path("Scripts", "python.exe") if os.name == "nt" else Path("bin", "python")
-        if not (folder / binary).exists():
-            staging = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
-            shutil.rmtree(staging, ignore_errors=True)
-            subprocess.run([sys.executable, "-m", "venv", str(staging)], check=True)
-            result = subprocess.run(
-                [str(staging / binary), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                 *packages], capture_output=True, text=True, timeout=900)
-            if result.returncode != 0:
-                pytest.fail(f"pip install {' '.join(packages)} failed:\n{result.stderr}")
-            shutil.rmtree(folder, ignore_errors=True)
-            staging.rename(folder)
-        return folder / binary
-
-    def run(packages: tuple[str, ...], source: str, *args: str,
-            timeout: float = 120) -> subprocess.CompletedProcess:
-        python = python_for(packages)
-        script = python.parent.parent / f"script-{uuid.uuid4().hex}.py"
-        script.write_text(source)
-        try:
-            return subprocess.run([str(python), str(script), *args], capture_output=True, text=True,
-                                  timeout=timeout)
-        finally:
-            script.unlink()
-
-    return run
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = cache / "ozwell-tests" / f"openai-agents-{OPENAI_AGENTS_VERSION}-py{sys.version_info[0]}{sys.version_info[1]}"
+    python = folder / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    if not python.exists():
+        staging = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(staging)], check=True, timeout=120)
+        staged_python = staging / python.relative_to(folder)
+        result = subprocess.run([str(staged_python), "-m", "pip", "install", "-q",
+                                 f"openai-agents=={OPENAI_AGENTS_VERSION}"],
+                                capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            pytest.fail(f"pip install openai-agents=={OPENAI_AGENTS_VERSION} failed:\n{result.stderr}")
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)  # venvs keep absolute paths only in their scripts, not in python
+    return python

@@ -1,6 +1,7 @@
 """The Conversations API, `conversation` on POST /v1/responses, and openai-agents' sessions on it."""
 import json
 import os
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -8,7 +9,7 @@ import openai
 import pytest
 
 import ozwell
-from conftest import AGENTS_SDK, AUTH, assert_valid, call_api as call
+from conftest import AUTH, assert_valid, call_api as call
 
 MODEL = ozwell.OFFLINE_MODEL
 UNKNOWN = "conv_0123456789abcdef0123456789abcdef"
@@ -268,10 +269,11 @@ asyncio.run(main(sys.argv[1]))
 
 
 @pytest.mark.slow
-def test_openai_agents_conversation_sessions_run_on_the_conversations_api(server_process, python_env,
-                                                                          tmp_path):
+def test_openai_agents_conversation_sessions_run_on_the_conversations_api(
+        server_process, openai_agents_python, tmp_path):
     server = server_process()
-    result = python_env(AGENTS_SDK, AGENTS_SCRIPT, f"{server.url}/v1")
+    result = subprocess.run([str(openai_agents_python), "-c", AGENTS_SCRIPT, f"{server.url}/v1"],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
 
@@ -295,3 +297,22 @@ def test_openai_agents_conversation_sessions_run_on_the_conversations_api(server
     assert [(item["role"], item["content"][0]["text"]) for item in out["listed"]] == \
         managed[1:] + [("assistant", out["fourth"])]
     assert os.path.isdir(tmp_path / "data" / "conversations")
+
+
+@pytest.mark.gen_test
+async def test_a_call_kept_in_the_conversation_is_answered_by_the_next_input(client):
+    conversation = await client.conversations.create(items=[
+        {"role": "user", "content": "What is the weather in Lisbon?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+         "arguments": '{"city": "Lisbon"}'}])
+    response = await client.responses.create(
+        model=MODEL, conversation=conversation.id,
+        input=[{"type": "function_call_output", "call_id": "call_1", "output": "Foggy, 61 F"}])
+    assert 'get_weather returned "Foggy, 61 F"' in response.output_text
+    kinds = [item.type async for item in client.conversations.items.list(conversation.id, order="asc")]
+    assert kinds == ["message", "function_call", "function_call_output", "message"]
+    unanswered = await client.conversations.create(items=[
+        {"type": "function_call", "call_id": "call_2", "name": "get_weather", "arguments": "{}"}])
+    with pytest.raises(openai.BadRequestError) as raised:  # as OpenAI checks
+        await client.responses.create(model=MODEL, conversation=unanswered.id, input="hi")
+    assert "No tool output found for function call call_2" in raised.value.message
