@@ -1907,7 +1907,16 @@ def render_response(body: dict[str, Any], generation: Generation, model: str) ->
     for field, default in RESPONSE_ECHOED_FIELDS.items():
         value = body.get(field)
         response[field] = copy.deepcopy(default) if value is None else value
+    response["reasoning"] = {**RESPONSE_ECHOED_FIELDS["reasoning"], **response["reasoning"]}
+    conversation_id = conversation_id_of(body)
+    response["conversation"] = None if conversation_id is None else {"id": conversation_id}
     return response
+
+
+def conversation_id_of(body: dict[str, Any]) -> str | None:
+    """The id of a request's `conversation`, given as the id or as `{"id": ...}`."""
+    conversation = body.get("conversation")
+    return conversation if conversation is None or isinstance(conversation, str) else conversation["id"]
 
 
 def response_output(generation: Generation, status: str) -> list[dict[str, Any]]:
@@ -2747,10 +2756,6 @@ def create_response(context: Context, body: dict[str, Any], keep: bool = True) -
                                "input")
     generation = offline_reply(model, conversation, options)
     response = render_response(body, generation, model)
-    response["conversation"] = (None if earlier.conversation_id is None
-                                else {"id": earlier.conversation_id})
-    response["reasoning"] = {**RESPONSE_ECHOED_FIELDS["reasoning"], **response["reasoning"]}
-    response["background"] = background
     if not keep:
         return response
     reply = Turn("assistant", generation.text, generation.tool_calls)
@@ -2783,8 +2788,8 @@ class EarlierTurns:
 def _earlier_turns(context: Context, body: dict[str, Any]) -> EarlierTurns:
     """The turns a response builds on: those of a previous response, or of a conversation."""
     previous_id = body.get("previous_response_id")
-    conversation = body.get("conversation")
-    if previous_id is not None and conversation is not None:
+    conversation_id = conversation_id_of(body)
+    if previous_id is not None and conversation_id is not None:
         raise APIError(400, "Mutually exclusive parameters: Ensure you are only providing one of: "
                             "'previous_response_id' or 'conversation'.", param="conversation",
                        code="mutually_exclusive_parameters")
@@ -2795,8 +2800,7 @@ def _earlier_turns(context: Context, body: dict[str, Any]) -> EarlierTurns:
                             code="previous_response_not_found")
         return EarlierTurns([Turn.from_stored(turn) for turn in previous["turns"]],
                             previous["response"]["model"], None)
-    if conversation is not None:
-        conversation_id = conversation if isinstance(conversation, str) else conversation["id"]
+    if conversation_id is not None:
         record = context.conversations.load(conversation_id)
         if record is None:
             raise not_found("conversation", conversation_id, param="conversation")
