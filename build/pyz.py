@@ -7,6 +7,7 @@ own dependencies). tornado and pyrsistent are built from source with their optio
 speed-ups switched off, so no compiled module lands in the archive; the build fails if one
 does. Pinned versions and fixed timestamps make the same sources give the same bytes.
 """
+import csv
 import hashlib
 import os
 import shutil
@@ -48,12 +49,29 @@ def build(output: Path = OUTPUT) -> Path:
 
 
 def _prune(site_packages: Path) -> None:
-    """Drop what never runs: source maps, byte code compiled here, pip's scripts."""
-    for path in list(site_packages.rglob("*.map")):
+    """Drop what never runs or would tie the bytes to this checkout, then make each RECORD
+    list exactly the files that ship.
+
+    Gone: source maps, byte code compiled here, pip's scripts (their shebangs name this
+    interpreter, so their RECORD hashes differ from venv to venv) and `direct_url.json` (the
+    checkout's path).
+    """
+    for path in [*site_packages.rglob("*.map"), *site_packages.glob("*.dist-info/direct_url.json")]:
         path.unlink()
     for path in list(site_packages.rglob("__pycache__")):
         shutil.rmtree(path)
     shutil.rmtree(site_packages / "bin", ignore_errors=True)
+    root = site_packages.resolve()
+    for record in root.glob("*.dist-info/RECORD"):
+        rows = csv.reader(record.read_text(encoding="utf-8").splitlines())
+        shipped = [row for row in rows if _ships(root, row[0])]
+        with record.open("w", encoding="utf-8", newline="") as out:
+            csv.writer(out, lineterminator="\n").writerows(shipped)
+
+
+def _ships(root: Path, listed: str) -> bool:
+    path = (root / listed).resolve()
+    return path.is_relative_to(root) and path.is_file()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -48,8 +49,29 @@ def test_build_is_pure_python_and_reproducible(built, tmp_path):
     assert any(n.startswith("site-packages/swagger_ui_bundle/") and n.endswith("swagger-ui-bundle.js")
                for n in names)
     assert not [n for n in names if n.endswith(pyz.COMPILED_SUFFIXES)]
-    again = pyz.build(tmp_path / "again.pyz")
-    assert hashlib.sha256(again.read_bytes()).digest() == hashlib.sha256(built.read_bytes()).digest()
+
+
+def test_two_clones_of_one_commit_build_the_same_bytes(tmp_path):
+    first = build_in_a_fresh_clone(tmp_path / "one")
+    second = build_in_a_fresh_clone(tmp_path / "elsewhere" / "two")
+    assert hashlib.sha256(first).hexdigest() == hashlib.sha256(second).hexdigest()
+
+
+def build_in_a_fresh_clone(folder: Path) -> bytes:
+    """Clone this commit into `folder` and build there with the clone's own venv, whose path
+    is what pip writes into script shebangs."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    subprocess.run(["git", "clone", "--quiet", "--no-checkout", str(ROOT), str(folder)], check=True)
+    subprocess.run(["git", "checkout", "--quiet", commit], cwd=folder, check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder / ".venv")], check=True)
+    python = folder / ".venv" / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    # pip and shiv come from this venv's packages; the interpreter running them is the clone's.
+    tools = {**os.environ, "PYTHONPATH": os.pathsep.join(site.getsitepackages())}
+    result = subprocess.run([str(python), "build/pyz.py"], cwd=folder, env=tools,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return (folder / "build" / "ozwell.pyz").read_bytes()
 
 
 def test_runs_from_an_empty_folder_on_every_supported_python(built, tmp_path):
