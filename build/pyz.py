@@ -5,7 +5,8 @@
 The packages inside are exactly build/pyz-requirements.txt (pinned, installed without their
 own dependencies). tornado and pyrsistent are built from source with their optional C
 speed-ups switched off, so no compiled module lands in the archive; the build fails if one
-does. Pinned versions and fixed timestamps make the same sources give the same bytes.
+does. Pinned versions, fixed timestamps and nothing that names the checkout or its venv make
+one commit give the same bytes wherever it is built.
 """
 import csv
 import hashlib
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +47,21 @@ def build(output: Path = OUTPUT) -> Path:
              "--python", "/usr/bin/env python3", "--entry-point", "ozwell:main",
              "--site-packages", str(site_packages), "--output-file", str(output)],
             check=True, env=env, stdout=subprocess.DEVNULL)
+    _start_with_launcher(output)
     return output
+
+
+def _start_with_launcher(output: Path) -> None:
+    """Put build/pyz_main.py (where to unpack) in front of shiv's own __main__.py."""
+    with zipfile.ZipFile(output) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    shebang = output.read_bytes().partition(b"\n")[0] + b"\n"
+    launcher = (ROOT / "build" / "pyz_main.py").read_bytes()
+    with output.open("wb") as out:
+        out.write(shebang)
+        with zipfile.ZipFile(out, "w") as archive:
+            for info, data in entries:
+                archive.writestr(info, launcher + b"\n" + data if info.filename == "__main__.py" else data)
 
 
 def _prune(site_packages: Path) -> None:

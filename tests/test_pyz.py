@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import ozwell
+
 from conftest import ROOT, require
 
 sys.path.insert(0, str(ROOT / "build"))
@@ -105,8 +107,38 @@ def test_pythons_not_found_are_reported_as_skips_naming_them(tmp_path):
         assert any(f"Python {version}" in line for line in skipped), (version, skipped)
 
 
+def a_supported_python() -> str:
+    return require(next(filter(None, map(find_python, SUPPORTED)), None), "a Python 3.11 to 3.13")
+
+
+def without_a_home(tmp_path: Path, **extra: str) -> dict:
+    """The environment of a user whose HOME cannot be written, with no SHIV_ROOT."""
+    env = {name: value for name, value in os.environ.items() if name != "SHIV_ROOT"}
+    return {**env, "HOME": "/dev/null", "TMPDIR": str(tmp_path), **extra}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="HOME=/dev/null is a POSIX idea")
+def test_starts_where_home_cannot_be_written(built, tmp_path):
+    result = subprocess.run([a_supported_python(), str(built), "--version"], capture_output=True,
+                            text=True, timeout=60, env=without_a_home(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"ozwell {ozwell.__version__}"
+    assert (tmp_path / f"ozwell-shiv-{os.getuid()}").is_dir()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="HOME=/dev/null is a POSIX idea")
+def test_says_in_one_line_that_shiv_root_is_needed_when_nothing_is_writable(built, tmp_path):
+    (tmp_path / f"ozwell-shiv-{os.getuid()}").write_text("not a folder")
+    for extra in ({}, {"SHIV_ROOT": "/dev/null/shiv"}):
+        result = subprocess.run([a_supported_python(), str(built), "--version"], capture_output=True,
+                                text=True, timeout=60, env=without_a_home(tmp_path, **extra))
+        assert result.returncode != 0
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "SHIV_ROOT" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_spec_command_from_the_pyz(built, tmp_path):
-    python = require(find_python("3.11") or find_python("3.12") or find_python("3.13"), "Python 3.11+")
+    python = a_supported_python()
     result = subprocess.run([python, str(built), "spec"], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "SHIV_ROOT": str(tmp_path / "shiv")}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
