@@ -26,6 +26,8 @@ import binascii
 import contextlib
 import copy
 import dataclasses
+import difflib
+import errno
 import functools
 import gzip
 import hashlib
@@ -36,6 +38,7 @@ import math
 import mimetypes
 import os
 import re
+import shlex
 import signal
 import socket
 import time
@@ -146,39 +149,95 @@ class Settings:
     def from_environment(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
         """Environment first, then `overrides` (the flags) on top."""
         values: dict[str, Any] = {}
+        given: dict[str, str] = {}  # how each value was given, to name it in an error
         for field in dataclasses.fields(cls):
             raw = environ.get(field.metadata["env"])
             if raw is not None and raw != "":
-                values[field.name] = _parse_setting(field, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+                given[field.name] = f"{field.metadata['env']}={shlex.quote(raw)}"
+                values[field.name] = _parse_setting(field, raw, given[field.name])
+        for field in dataclasses.fields(cls):
+            value = overrides.get(field.name)
+            if value is not None:
+                name = _flag(field) if field.metadata["flag"] else field.name
+                given[field.name] = f"{name} {_shown_default(value)}"
+                values[field.name] = value
         settings = cls(**values)
-        settings.check()
+        try:
+            settings.check()
+        except SettingsError as exc:
+            if exc.setting is None:
+                raise
+            value = given.get(exc.setting) or f"{exc.setting} {getattr(settings, exc.setting)}"
+            raise SettingsError(f"{value} {exc}") from None
         return settings
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
-            raise SettingsError(f"port {self.port} is out of range: use 0 to 65535")
+            raise SettingsError("is out of range: use 0 to 65535", setting="port")
         if self.workers < 0:
-            raise SettingsError("OZWELL_WORKERS must be 0 (one per CPU) or more")
+            raise SettingsError("must be 0 (one per CPU) or more", setting="workers")
         if self.max_request_bytes < 1:
-            raise SettingsError("OZWELL_MAX_REQUEST_BYTES must be a positive number of bytes")
+            raise SettingsError("must be a positive number of bytes", setting="max_request_bytes")
 
 
 class SettingsError(Exception):
-    """A setting that cannot work; main() prints it in one line and exits non-zero."""
+    """A setting that cannot work; main() prints it in one line and exits non-zero.
+
+    With `setting` (a field's name), the message is said of that setting's value, and the
+    value is named as it was given: `--port 70000 is out of range`, `PORT=70000 is ...`.
+    """
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
-def _parse_setting(field: dataclasses.Field, raw: str) -> Any:
+# What a value that does not parse should have been, by parser.
+_EXPECTED = {int: "a whole number", float: "a number"}
+
+
+def _parse_setting(field: dataclasses.Field, raw: str, given: str) -> Any:
+    """`raw` parsed for `field`; `given` is how it was given (`--port abc`, `PORT=abc`)."""
+    parse = field.metadata["parse"]
     try:
-        return field.metadata["parse"](raw)
-    except ValueError:
-        raise SettingsError(
-            f"{field.metadata['env']}={raw!r} is not valid for {field.name}") from None
+        return parse(raw)
+    except ValueError as exc:
+        reason = f"is not {_EXPECTED[parse]}" if parse in _EXPECTED else f"is not valid: {exc}"
+        raise SettingsError(f"{given} {reason}") from None
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return "--" + field.name.replace("_", "-")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, saying every mistake in one line (a SettingsError) that names the option."""
+
+    def parse_args(self, args: Sequence[str], namespace=None) -> argparse.Namespace:
+        # Checked first: argparse would otherwise take the value of a mistyped flag
+        # (`--prot 3000`) for the command and complain about that.
+        for arg in args:
+            if arg == "--":
+                break
+            name = arg.partition("=")[0]
+            if name.startswith("-") and name not in self._option_string_actions \
+                    and not _NEGATIVE_NUMBER.fullmatch(name):
+                near = difflib.get_close_matches(name, self._option_string_actions, n=1, cutoff=0.7)
+                raise SettingsError(f"unknown option {name}"
+                                    + (f" (did you mean {near[0]}?)" if near else "")
+                                    + ". `ozwell --help` lists the options.")
+        return super().parse_args(args, namespace)
+
+    def error(self, message: str):
+        raise SettingsError(f"{message}. `ozwell --help` lists the options.")
+
+
+_NEGATIVE_NUMBER = re.compile(r"-\d+(\.\d*)?")
 
 
 def _argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ozwell",
+    parser = _ArgumentParser(
+        prog="ozwell", allow_abbrev=False,
         description="An OpenAI-compatible API server. Flags win over environment variables.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_settings_table())
@@ -188,7 +247,7 @@ def _argument_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(Settings):
         if field.metadata["flag"]:
             parser.add_argument(
-                "--" + field.name.replace("_", "-"), dest=field.name, default=None,
+                _flag(field), dest=field.name, default=None,
                 metavar=field.metadata["env"],
                 help=f"{field.metadata['help']} (env {field.metadata['env']}, "
                      f"default {_shown_default(field.default)})")
@@ -202,18 +261,22 @@ def _shown_default(value: Any) -> str:
 
 
 def _settings_table() -> str:
-    rows = [f"  {f.metadata['env']:<26} {_shown_default(f.default):<28} {f.metadata['help']}"
+    """The --help table of settings, its columns as wide as their longest entry."""
+    rows = [(f.metadata["env"], _shown_default(f.default), f.metadata["help"])
             for f in dataclasses.fields(Settings)]
-    return "settings (environment variable, default, meaning):\n" + "\n".join(rows)
+    env_width = max(len(env) for env, _, _ in rows)
+    default_width = max(len(default) for _, default, _ in rows)
+    return "settings (environment variable, default, meaning):\n" + "\n".join(
+        f"  {env:<{env_width}}  {default:<{default_width}}  {meaning}" for env, default, meaning in rows)
 
 
 def settings_from_command_line(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, Settings]:
-    args = _argument_parser().parse_args(argv)
+    args = _argument_parser().parse_args(list(argv))
     flags = {}
     for field in dataclasses.fields(Settings):
         raw = getattr(args, field.name, None)
         if raw is not None:
-            flags[field.name] = _parse_setting(field, raw)
+            flags[field.name] = _parse_setting(field, raw, f"{_flag(field)} {shlex.quote(raw)}")
     return args.command, Settings.from_environment(environ, **flags)
 
 
@@ -2788,10 +2851,19 @@ def _print_spec() -> int:
 def _bind(settings: Settings) -> list[socket.socket]:
     try:
         return tornado.netutil.bind_sockets(settings.port, settings.host)
+    except socket.gaierror as exc:
+        raise SettingsError(f"cannot listen on {settings.host}:{settings.port}: the host is unknown "
+                            f"({exc.strerror}). {_HOST_ADVICE}") from None
     except OSError as exc:
+        advice = {errno.EADDRINUSE: "Pick another --port (0 picks a free one) or stop the program "
+                                    "using it.",
+                  errno.EADDRNOTAVAIL: _HOST_ADVICE,
+                  errno.EACCES: "Ports below 1024 need privileges here: pick a higher --port."}
         raise SettingsError(f"cannot listen on {settings.host}:{settings.port}: "
-                            f"{exc.strerror or exc}. Pick another --port or stop the program "
-                            "using it.") from None
+                            f"{exc.strerror or exc}. {advice.get(exc.errno, '')}".rstrip()) from None
+
+
+_HOST_ADVICE = "Give --host (or HOST) an address of this machine: 127.0.0.1, or 0.0.0.0 for all."
 
 
 def _worker_count(settings: Settings) -> int:
