@@ -144,6 +144,9 @@ class Settings:
         1, "OZWELL_WORKERS", "processes serving the port (0: one per CPU; POSIX only)", int)
     shutdown_grace_seconds: float = _setting(
         30.0, "OZWELL_SHUTDOWN_GRACE", "on SIGTERM, how long in-flight requests may finish", float)
+    ready_file: str = _setting(
+        "", "OZWELL_READY_FILE",
+        "once listening, write host, port, base_url and pid here as JSON (removed at exit)")
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -1502,6 +1505,7 @@ class Context:
         self.settings = settings
         self.schemas = schemas
         self.started_at = time.monotonic()
+        self.main_pid = os.getpid()  # the process that was started; a worker's parent
         self.in_flight = 0
         self.openapi: dict[str, Any] = {}
         self.responses = ResponseStore(settings.data_dir)
@@ -1738,6 +1742,7 @@ class HealthHandler(BaseHandler):
 
     def get(self) -> None:
         self.write_json({"status": "ok", "version": __version__, "pid": os.getpid(),
+                         "main_pid": self.context.main_pid,
                          "uptime_seconds": round(time.monotonic() - self.context.started_at, 3)})
 
 
@@ -2823,13 +2828,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         ensure_data_dir(settings.data_dir)
         # Built before anything is said or bound: a damaged store ends the start in one line.
         app = make_app(settings)
+        _remove_ready_file(settings)  # a file left by an earlier run never stands for this one
         sockets = _bind(settings)
         workers = _worker_count(settings)
-        _log_banner(settings, sockets, workers)
+        ready = _ready(settings, sockets)
+        _print_banner(settings, ready, workers)
         _log_upstream_reachability(settings)
-        if workers > 1:
-            return _run_workers(settings, sockets, workers)  # each worker builds its own app
-        return asyncio.run(serve(settings, sockets, app))
+        # The sockets listen from here on: a connection waits in their backlog until the
+        # server (or a worker) accepts it, so a script may connect as soon as the file is there.
+        _write_ready_file(settings, ready)
+        try:
+            if workers > 1:
+                return _run_workers(settings, sockets, workers)  # each worker builds its own app
+            return asyncio.run(serve(settings, sockets, app))
+        finally:
+            _remove_ready_file(settings)
     except SettingsError as exc:
         print(f"ozwell: {exc}", file=sys.stderr)
         return 2
@@ -2875,19 +2888,52 @@ def _worker_count(settings: Settings) -> int:
     return wanted
 
 
-def _log_banner(settings: Settings, sockets: list[socket.socket], workers: int) -> None:
+def _ready(settings: Settings, sockets: list[socket.socket]) -> dict[str, Any]:
+    """Where the server listens, the base URL a client on this machine gives the SDK, and the
+    process that was started (with workers, their parent): the ready file's content."""
     port = sockets[0].getsockname()[1]
-    host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    local = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    if ":" in local:
+        local = f"[{local}]"
+    return {"host": settings.host, "port": port, "base_url": f"http://{local}:{port}/v1",
+            "pid": os.getpid()}
+
+
+def _print_banner(settings: Settings, ready: dict[str, Any], workers: int) -> None:
+    """One line on stdout that a script can parse (`key=value` after `ozwell listening`), then
+    the details for a person."""
+    fields = {**ready, "workers": workers, "version": __version__}
     local = ", ".join(f"{model} (built in)" for model in LOCAL_MODELS)
     upstream = ", ".join(settings.llama_models)
-    log.info("ozwell %s listening on %s:%d with %d worker%s\n"
-             "  docs:     http://%s:%d/docs\n"
-             "  data dir: %s\n"
-             "  models:   %s%s\n"
-             "  upstream: %s (chat completions for any other model)",
-             __version__, settings.host, port, workers, "" if workers == 1 else "s", host, port,
-             os.path.abspath(settings.data_dir), local, f", {upstream} (upstream)" if upstream else "",
-             settings.llama_base_url)
+    print("ozwell listening " + " ".join(f"{key}={value}" for key, value in fields.items()),
+          f"  docs:     {ready['base_url'].removesuffix('/v1')}/docs",
+          f"  data dir: {os.path.abspath(settings.data_dir)}",
+          f"  models:   {local}" + (f", {upstream} (upstream)" if upstream else ""),
+          f"  upstream: {settings.llama_base_url} (chat completions for any other model)",
+          sep="\n", flush=True)
+
+
+def _write_ready_file(settings: Settings, ready: dict[str, Any]) -> None:
+    if settings.ready_file:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(settings.ready_file)), exist_ok=True)
+            write_atomically(settings.ready_file, json.dumps(ready).encode() + b"\n")
+        except OSError as exc:
+            raise SettingsError(f"cannot write the ready file {settings.ready_file!r}: "
+                                f"{exc.strerror or exc}. Point --ready-file at a writable "
+                                "place.") from None
+
+
+def _remove_ready_file(settings: Settings) -> None:
+    if settings.ready_file:
+        try:
+            os.remove(settings.ready_file)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise SettingsError(f"cannot replace the ready file {settings.ready_file!r}: "
+                                f"{exc.strerror or exc}. Point --ready-file at a writable "
+                                "place.") from None
 
 
 def _log_upstream_reachability(settings: Settings) -> None:
@@ -2914,6 +2960,7 @@ def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -
     workers: dict[int, int] = {}
     stopping = False
     restarts_left = 5 * count
+    main_pid = os.getpid()
 
     def start(number: int) -> None:
         # A worker is born with the stop signals blocked: one that arrives before its event
@@ -2925,7 +2972,7 @@ def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -
         if pid == 0:
             code = 1
             try:
-                code = asyncio.run(serve(settings, sockets))
+                code = asyncio.run(serve(settings, sockets, main_pid=main_pid))
             except BaseException:
                 log.exception("worker %d failed", number)
             finally:
@@ -2962,10 +3009,14 @@ def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -
 
 
 async def serve(settings: Settings, sockets: list[socket.socket],
-                app: tornado.web.Application | None = None) -> int:
-    """Serve on `sockets` until SIGTERM or SIGINT, then let in-flight requests finish."""
+                app: tornado.web.Application | None = None, main_pid: int | None = None) -> int:
+    """Serve on `sockets` until SIGTERM or SIGINT, then let in-flight requests finish.
+
+    `main_pid` is the process that was started, when this one is a worker it forked.
+    """
     app = app or make_app(settings)
     context: Context = app.settings["ozwell"]
+    context.main_pid = main_pid or context.main_pid
     server = tornado.httpserver.HTTPServer(app, max_body_size=settings.max_request_bytes)
     server.add_sockets(sockets)
 

@@ -5,9 +5,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import site
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 
 import ozwell
 
-from conftest import ROOT, require
+from conftest import ROOT, free_port, require
 
 sys.path.insert(0, str(ROOT / "build"))
 import pyz  # noqa: E402  (build/pyz.py, the one build command)
@@ -137,6 +139,71 @@ def test_says_in_one_line_that_shiv_root_is_needed_when_nothing_is_writable(buil
         assert result.returncode != 0
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert "SHIV_ROOT" in result.stderr and "Traceback" not in result.stderr
+
+
+def sidecar_recipe(port: int) -> str:
+    """README's sidecar recipe, on `port` instead of 3000."""
+    readme = (ROOT / "README.md").read_text()
+    recipe = next(block for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
+                  if "--ready-file" in block and "ozwell.pyz" in block)
+    return recipe.replace("3000", str(port))
+
+
+def run_sidecar_recipe(built: Path, folder: Path, port: int, env: dict) -> subprocess.CompletedProcess:
+    """Run the recipe in `folder` beside a copy of the pyz, then ask the API as a CI step would."""
+    folder.mkdir()
+    shutil.copy(built, folder / "ozwell.pyz")
+    then = ('\ncurl -sf -H "Authorization: Bearer $OPENAI_API_KEY" "$OPENAI_BASE_URL/models"\n'
+            'echo; echo "sidecar=$ozwell_pid dir=$ozwell_dir"\n')
+    return subprocess.run(["bash", "-c", sidecar_recipe(port) + then], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the recipe is a POSIX shell script")
+@pytest.mark.parametrize("runner_temp", [True, False], ids=["RUNNER_TEMP", "no-RUNNER_TEMP"])
+def test_readme_sidecar_recipe_starts_the_pyz_and_exports_its_url(built, tmp_path, runner_temp):
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("RUNNER_TEMP", "OPENAI_BASE_URL", "OPENAI_API_KEY")}
+    env.update({"SHIV_ROOT": str(tmp_path / "shiv"), "TMPDIR": str(tmp_path / "tmp"),
+                **({"RUNNER_TEMP": str(tmp_path / "runner")} if runner_temp else {})})
+    for folder in ("tmp", "runner"):
+        (tmp_path / folder).mkdir()
+    port = free_port()
+    result = run_sidecar_recipe(built, tmp_path / "job", port, env)
+    fields = dict(item.split("=", 1) for item in result.stdout.split()[-2:])
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "ozwell-deterministic" in result.stdout  # the models list, through the exports
+        assert fields["dir"].startswith(str(tmp_path / ("runner" if runner_temp else "tmp")))
+        ready = json.loads(Path(fields["dir"], "ready.json").read_text())
+        assert (ready["pid"], ready["port"]) == (int(fields["sidecar"]), port)
+    finally:
+        if fields.get("sidecar"):
+            os.kill(int(fields["sidecar"]), signal.SIGTERM)
+            _wait_until_gone(int(fields["sidecar"]))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the recipe is a POSIX shell script")
+def test_readme_sidecar_recipe_fails_loudly_when_another_process_holds_the_port(
+        built, tmp_path, server_process):
+    other = server_process()  # answers /health on the port the recipe asks for
+    env = {**os.environ, "SHIV_ROOT": str(tmp_path / "shiv"), "TMPDIR": str(tmp_path)}
+    env.pop("RUNNER_TEMP", None)
+    result = run_sidecar_recipe(built, tmp_path / "job", other.port, env)
+    assert result.returncode != 0
+    assert "ozwell did not start" in result.stderr and "cannot listen" in result.stderr
+    assert "ozwell-deterministic" not in result.stdout  # no step after it ran
+
+
+def _wait_until_gone(pid: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
 
 
 def test_spec_command_from_the_pyz(built, tmp_path):
