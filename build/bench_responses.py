@@ -12,7 +12,7 @@ import statistics
 import tempfile
 import time
 
-from benchmark import BASELINE, HealthProbe, ozwell_server, ratio, wrk_run
+from benchmark import BASELINE, HealthProbe, ozwell_server, ratio, requests_per_second, wrk_run
 
 HEADERS = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
 BODY = {"model": "ozwell-deterministic", "input": "How fast can you answer this question?"}
@@ -61,17 +61,9 @@ def _stored_against_baseline() -> list[tuple[str, str]]:
 
 
 def _requests_per_second(connection: http.client.HTTPConnection, body: dict) -> float:
-    payload = json.dumps(body)
-    count = 0
-    started = time.perf_counter()
-    while count < MAX_REQUESTS and time.perf_counter() - started < SECONDS_PER_ROW:
-        connection.request("POST", "/v1/responses", payload, HEADERS)
-        reply = connection.getresponse()
-        reply.read()
-        if reply.status != 200:
-            raise RuntimeError(f"POST /v1/responses answered {reply.status}")
-        count += 1
-    return count / (time.perf_counter() - started)
+    count, seconds = requests_per_second(connection, "/v1/responses", body, SECONDS_PER_ROW,
+                                         MAX_REQUESTS)
+    return count / seconds
 
 
 def _stream_events_per_second(connection: http.client.HTTPConnection) -> tuple[int, float]:

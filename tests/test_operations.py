@@ -201,4 +201,4 @@ def test_an_unknown_access_log_setting_is_refused_in_one_line(tmp_path):
          str(tmp_path / "data")], env={**os.environ, "OZWELL_ACCESS_LOG": "loud"},
         capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
-    assert result.stderr.strip() == "ozwell: OZWELL_ACCESS_LOG='loud' is not valid: use on or off"
+    assert result.stderr.strip() == "ozwell: OZWELL_ACCESS_LOG=loud is not valid: use on or off"

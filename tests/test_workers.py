@@ -46,7 +46,7 @@ def test_two_workers_share_the_port_and_stop_together_on_sigterm(server_process)
 def test_workers_zero_means_one_per_cpu(server_process):
     server = server_process(env={"OZWELL_WORKERS": "0"})
     assert server.stop() == 0
-    assert f"with {os.cpu_count()} worker" in server.process.stderr.read()
+    assert f" workers={os.cpu_count()} " in server.process.stdout.readline()
 
 
 def test_first_start_without_a_backend_says_so_once_and_serves(server_process, tmp_path):
@@ -58,10 +58,11 @@ def test_first_start_without_a_backend_says_so_once_and_serves(server_process, t
     warnings = [line for line in log.splitlines() if "is not reachable now" in line]
     assert len(warnings) == 1
     assert upstream in warnings[0] and "ozwell-deterministic works meanwhile" in warnings[0]
-    assert f"docs:     {server.url}/docs" in log
-    assert f"data dir: {tmp_path / 'data'}" in log
-    assert "ozwell-deterministic (built in)" in log and "llama3, qwen (upstream)" in log
-    assert f"upstream: {upstream}" in log
+    banner = server.process.stdout.read()
+    assert f"docs:     {server.url}/docs" in banner
+    assert f"data dir: {tmp_path / 'data'}" in banner
+    assert "ozwell-deterministic (built in)" in banner and "llama3, qwen (upstream)" in banner
+    assert f"upstream: {upstream}" in banner
 
 
 def test_uploads_through_any_worker_are_listed_and_served_by_every_worker(server_process):
@@ -163,17 +164,19 @@ def test_each_worker_listens_on_its_own_socket_and_takes_its_share_of_keep_alive
     assert server.stop() == 0
 
 
-def test_port_0_with_workers_is_one_port_picked_by_the_parent(tmp_path):
+def test_port_0_with_workers_is_one_port_picked_by_the_parent_and_said_once_they_listen(
+        tmp_path):
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "ozwell.py"), "--host", "127.0.0.1", "--port", "0",
-         "--workers", "2", "--data-dir", str(tmp_path / "data")],
-        stderr=subprocess.PIPE, text=True)
+         "--workers", "2", "--quiet", "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        banner = process.stderr.readline()
-        port = int(re.search(r"listening on 127\.0\.0\.1:(\d+) with 2 workers", banner).group(1))
+        banner = process.stdout.readline()
+        port = int(re.search(r"^ozwell listening host=127\.0\.0\.1 port=(\d+) .*workers=2 ",
+                             banner).group(1))
+        if sys.platform.startswith("linux"):  # said once both workers listen, not before
+            assert len(listening_sockets(port)) == 2
         url = f"http://127.0.0.1:{port}"
-        until(lambda: len(listening_sockets(port)) == 2 if sys.platform.startswith("linux")
-              else health(url), what="both workers listening")
         assert {health(url)["pid"] for _ in range(50)} <= children_of(process.pid)
     finally:
         process.terminate()
