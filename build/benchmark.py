@@ -7,11 +7,12 @@ Loads come from `wrk` (Debian package `wrk`) on 127.0.0.1; every server is start
 stopped at the end. Each area of the API adds its rows in build/bench_<area>.py (`rows()`).
 
 Where a figure has a baseline, the baseline is measured in the same run and the row shows the
-ratio: one worker against two, a bare Tornado handler against the server, and the `main`
-revision of ozwell.py (or OZWELL_BENCH_BASELINE=<git revision>) against this one.
+figure as a ratio to it: two workers to one, the server to a bare Tornado handler, and this
+ozwell.py to the one of the `main` revision (or OZWELL_BENCH_BASELINE=<git revision>).
 """
 import atexit
 import functools
+import http.client
 import importlib
 import io
 import json
@@ -24,7 +25,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import http.client
 import urllib.request
 import zipfile
 from pathlib import Path
