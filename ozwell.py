@@ -245,6 +245,10 @@ SERVER_ERROR_MESSAGE = ("The server had an error while processing your request (
                         "The details are in the server's log.")
 
 
+def server_error(request_id: str, status: int = 500) -> APIError:
+    return APIError(status, SERVER_ERROR_MESSAGE.format(request_id), type="server_error")
+
+
 # =============================================================================
 # Schemas
 # =============================================================================
@@ -1408,6 +1412,71 @@ class Context:
                  "owned_by": owner} for model_id, owner in owners.items()]
 
 
+# Deeper JSON is refused: Python's JSON parser and encoder recurse, and a few hundred levels
+# would exhaust the stack. Real requests (tool schemas included) stay far below this.
+MAX_JSON_DEPTH = 128
+
+_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """A request's JSON as OpenAI reads it: NaN and Infinity are not JSON (nor is a number too
+    large for a float), a number with an integral value (`2.0`) is that integer, a lone
+    surrogate escape (`"\\ud800"`) is U+FFFD, and nesting has a limit. A ValueError says why
+    the text is refused."""
+    text = raw.decode(json.detect_encoding(raw)) if isinstance(raw, bytes) else raw
+    try:
+        value = _JSON_DECODER.decode(text)
+    except RecursionError:
+        raise ValueError(_too_deep()) from None
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _deeper_than(value, MAX_JSON_DEPTH):
+        raise ValueError(_too_deep())
+    if _LONE_SURROGATE_ESCAPE.search(text):  # a pair is one character once decoded
+        value = _without_lone_surrogates(value)
+    return value
+
+
+def _json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value (JSON has no NaN or Infinity)")
+
+
+def _json_float(text: str) -> int | float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} is too large for a 64-bit float")
+    return int(value) if value.is_integer() else value
+
+
+_JSON_DECODER = json.JSONDecoder(parse_float=_json_float, parse_constant=_json_constant)
+
+
+def _too_deep() -> str:
+    return f"it nests arrays and objects more than {MAX_JSON_DEPTH} levels deep, the limit"
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    pending = [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(key): _without_lone_surrogates(item)
+                for key, item in value.items()}
+    return value
+
+
 @tornado.web.stream_request_body
 class BaseHandler(tornado.web.RequestHandler):
     """JSON in, JSON out, OpenAI's errors, CORS, and a request id on every response.
@@ -1500,8 +1569,8 @@ class BaseHandler(tornado.web.RequestHandler):
                            code="request_too_large")
         raw = b"".join(self._body_parts)
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            body = parse_json(raw)
+        except ValueError as exc:
             raise APIError(400, "We could not parse the JSON body of your request: "
                                 f"{exc}. Send a JSON object with Content-Type: application/json."
                            ) from None
@@ -1556,8 +1625,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if status_code == 404:
             return APIError(404, f"Invalid URL ({self.request.method} {self.request.path}).")
         if status_code >= 500:
-            return APIError(status_code, SERVER_ERROR_MESSAGE.format(self.request_id),
-                            type="server_error")
+            return server_error(self.request_id, status_code)
         reason = getattr(exc, "log_message", None) or tornado.httputil.responses.get(status_code, "")
         return APIError(status_code, f"{reason}.")
 
@@ -1829,14 +1897,22 @@ async def _stream_response(handler: BaseHandler, response: dict[str, Any],
     try:
         await stream.open()
         pacer = Pacer(settings.stream_tokens_per_second)
+        sent = -1 if starting_after is None else starting_after
         for number, event in enumerate(response_events(response)):
-            if starting_after is not None and number <= starting_after:
+            if number <= sent:
                 continue
             if event["type"] == "response.output_text.delta":
                 await pacer.tick()
             await stream.send({**event, "sequence_number": number}, event=event["type"])
+            sent = number
     except tornado.iostream.StreamClosedError:
         pass  # the client left; a stored response is saved whole already
+    except Exception:
+        log.exception("request %s: the response stream failed", handler.request_id)
+        error = server_error(handler.request_id)
+        with contextlib.suppress(tornado.iostream.StreamClosedError):
+            await stream.send({"type": "error", "code": "server_error", "message": error.message,
+                               "param": None, "sequence_number": sent + 1}, event="error")
     finally:
         stream.close()
 
@@ -2022,6 +2098,10 @@ class ChatCompletionsHandler(BaseHandler):
             await stream.send("[DONE]")
         except tornado.iostream.StreamClosedError:
             pass  # the client left: nobody to finish for
+        except Exception:
+            log.exception("request %s: the chat stream failed", self.request_id)
+            with contextlib.suppress(tornado.iostream.StreamClosedError):
+                await stream.send_error(server_error(self.request_id))
         finally:
             stream.close()
 
