@@ -326,20 +326,34 @@ def _api_error_from_validation(error: jsonschema.exceptions.ValidationError) -> 
         return APIError(400, message, param=param, code="invalid_type")
     if error.validator == "enum":
         allowed = ", ".join(json.dumps(v) for v in error.validator_value)
-        message = (f"Invalid value for {where}: {json.dumps(error.instance)}. "
+        message = (f"Invalid value for {where}: {_shown_value(error.instance)}. "
                    f"Supported values are: {allowed}.")
         return APIError(400, message, param=param, code="invalid_value")
     if error.validator == "const":
-        message = (f"Invalid value for {where}: {json.dumps(error.instance)}. "
+        message = (f"Invalid value for {where}: {_shown_value(error.instance)}. "
                    f"It must be {json.dumps(error.validator_value)}.")
         return APIError(400, message, param=param, code="invalid_value")
     if error.validator in ("minItems", "maxItems", "minLength", "maxLength"):
         return _length_error(error, where, param)
     if error.validator == "additionalProperties":
-        return APIError(400, f"Invalid parameter in {where}: {error.message}.", param=param,
-                        code="unknown_parameter")
-    return APIError(400, f"Invalid value for {where}: {error.message}.", param=param,
+        return APIError(400, f"Invalid parameter in {where}: {_cut(error.message, 300)}.",
+                        param=param, code="unknown_parameter")
+    return APIError(400, f"Invalid value for {where}: {_cut(error.message, 300)}.", param=param,
                     code="invalid_value")
+
+
+# How much of a refused value an error message quotes; OpenAI cuts long ones too.
+SHOWN_VALUE_CHARS = 100
+
+
+def _shown_value(value: Any) -> str:
+    return _cut(json.dumps(value))
+
+
+def _cut(text: str, limit: int = SHOWN_VALUE_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _length_error(error: jsonschema.exceptions.ValidationError, where: str,
@@ -1752,6 +1766,13 @@ class DocsAssetHandler(tornado.web.StaticFileHandler):
     def set_default_headers(self) -> None:
         self.set_header("Access-Control-Allow-Origin", "*")
 
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # Tornado's own message for a path outside the folder names the folder: not shown.
+        what = "is not one of Swagger UI's files" if status_code in (403, 404) else "cannot be served"
+        error = APIError(status_code, f"{self.request.path} {what}.")
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(error.body()))
+
 
 class ModelsHandler(BaseHandler):
     api = {"get": Operation("List models", "Models", response="ListModelsResponse")}
@@ -1767,7 +1788,7 @@ class ModelHandler(BaseHandler):
         for entry in self.context.models():
             if entry["id"] == model:
                 return self.write_json(entry)
-        raise APIError(404, f"The model '{model}' does not exist. GET /v1/models lists the "
+        raise APIError(404, f"The model '{_cut(model)}' does not exist. GET /v1/models lists the "
                             "models this server answers for.", param="model", code="model_not_found")
 
 
@@ -1790,7 +1811,7 @@ def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     """
     model = body["model"]
     if model not in {entry["id"] for entry in context.models()}:
-        raise APIError(400, f"The requested model '{model}' does not exist. GET /v1/models lists "
+        raise APIError(400, f"The requested model '{_cut(model)}' does not exist. GET /v1/models lists "
                             "the models this server answers for.", param="model",
                        code="model_not_found")
     if body.get("conversation") is not None:
@@ -2124,7 +2145,7 @@ class EmbeddingsHandler(BaseHandler):
         body = self.payload
         embedder = self.context.embedders.get(body["model"])
         if embedder is None:
-            raise APIError(404, f"The model '{body['model']}' does not exist or cannot make "
+            raise APIError(404, f"The model '{_cut(body['model'])}' does not exist or cannot make "
                                 f"embeddings. Use one of: {', '.join(EMBEDDING_MODELS)}.",
                            param="model", code="model_not_found")
         dimensions = _embedding_dimensions(embedder, body.get("dimensions"))
@@ -2761,6 +2782,125 @@ def _access_log(handler: tornado.web.RequestHandler) -> None:
 
 
 # =============================================================================
+# HTTP connections
+# =============================================================================
+
+# What Tornado writes when it cannot read a request (bad framing, a malformed request line or
+# header, a broken chunk), before it closes the connection.
+_TORNADO_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\n\r\n"
+# How long, and how much, a connection refused that way is still read from before it closes:
+# closing with unread bytes resets the connection, and the client may lose the answer.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 * MiB
+
+
+class HTTPServer(tornado.httpserver.HTTPServer):
+    """Tornado's server, with connections that answer unreadable requests as the API would."""
+
+    def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple) -> None:
+        if type(stream) is tornado.iostream.IOStream:
+            stream = ServerStream(stream.socket, self.conn_params.max_header_size,
+                                  max_buffer_size=self.max_buffer_size,
+                                  read_chunk_size=self.read_chunk_size)
+        super().handle_stream(stream, address)
+
+
+class ServerStream(tornado.iostream.IOStream):
+    """One server connection. Tornado answers a request it cannot read with a bare
+    "400 Bad Request" and closes, and closes without a word when the request line or headers
+    are over their limit; here each gets an OpenAI-shaped error (400, 414 or 431) instead, and
+    the connection is drained a little before it closes so that the client reads it."""
+
+    def __init__(self, sock: socket.socket, header_limit: int, **kwargs: Any) -> None:
+        super().__init__(sock, **kwargs)
+        self.header_limit = header_limit
+        self._reading_headers = False
+        self._answering = False     # a response to the current request is being written
+        self._refused = False       # an error was sent in Tornado's place: linger on close
+
+    def read_until_regex(self, regex: bytes, max_bytes: int | None = None) -> Awaitable[bytes]:
+        self._reading_headers, self._answering = True, False  # only headers are read this way
+        return super().read_until_regex(regex, max_bytes)
+
+    def read_until(self, delimiter: bytes, max_bytes: int | None = None) -> Awaitable[bytes]:
+        self._reading_headers = False  # a chunk's size line
+        return super().read_until(delimiter, max_bytes)
+
+    def write(self, data: bytes | memoryview) -> Awaitable[None]:
+        if data == _TORNADO_BAD_REQUEST:
+            self._refused = True
+            data = b"" if self._answering else raw_error_response(APIError(
+                400, "The request is not valid HTTP/1.1 and cannot be read: for instance a "
+                     "Content-Length that is not a number, both Content-Length and "
+                     "Transfer-Encoding, a broken chunk, or a malformed request line or header."))
+        elif not bytes(data[:10]).startswith(b"HTTP/1.1 1"):  # 100 Continue starts nothing
+            self._answering = True
+        return super().write(data)
+
+    def close(self, exc_info: Any = False) -> None:
+        error = sys.exc_info()[1] if exc_info is True else (
+            exc_info[1] if isinstance(exc_info, tuple) else exc_info)
+        if isinstance(error, tornado.iostream.UnsatisfiableReadError) and not self.closed():
+            self._refused = True
+            if not self._answering:
+                with contextlib.suppress(OSError):
+                    self.socket.send(raw_error_response(self._over_limit()))
+        if self._refused and not self.closed():
+            _linger(self.socket)
+        super().close(exc_info)
+
+    def _over_limit(self) -> APIError:
+        if not self._reading_headers:
+            return APIError(400, "A chunk of the request body has a size line over 64 bytes: "
+                                 "the chunked body is broken.")
+        # Tornado keeps what it read so far in its buffer: did the request line end in it?
+        first_line_ended = b"\n" in self._read_buffer[:self.header_limit]
+        if first_line_ended:
+            return APIError(431, f"The request's headers are over {self.header_limit} bytes, "
+                                 "the limit. Send fewer or shorter headers.",
+                            code="request_header_fields_too_large")
+        return APIError(414, f"The request's URL is over {self.header_limit} bytes, the limit. "
+                             "Send long values in a JSON body instead.", code="uri_too_long")
+
+
+def raw_error_response(error: APIError) -> bytes:
+    """A whole HTTP/1.1 response carrying `error`, for a connection about to close."""
+    body = json.dumps(error.body()).encode()
+    reason = tornado.httputil.responses.get(error.status_code, "Error")
+    return (f"HTTP/1.1 {error.status_code} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+            f"x-request-id: {new_id('req_')}\r\nAccess-Control-Allow-Origin: *\r\n\r\n"
+            ).encode() + body
+
+
+def _linger(sock: socket.socket) -> None:
+    """Keep a copy of the socket open while what the client still sends is read and dropped
+    (for a while, up to a size), so the close does not reset the connection under the answer."""
+    try:
+        copy = sock.dup()
+        copy.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    asyncio.get_running_loop().create_task(_drain_and_close(copy))
+
+
+async def _drain_and_close(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LINGER_SECONDS
+    drained = 0
+    try:
+        while drained < LINGER_BYTES and (left := deadline - loop.time()) > 0:
+            data = await asyncio.wait_for(loop.sock_recv(sock, 64 * 1024), left)
+            if not data:
+                break
+            drained += len(data)
+    except (OSError, asyncio.TimeoutError):
+        pass
+    finally:
+        sock.close()
+
+
+# =============================================================================
 # Main
 # =============================================================================
 
@@ -2912,7 +3052,7 @@ async def serve(settings: Settings, sockets: list[socket.socket],
     """Serve on `sockets` until SIGTERM or SIGINT, then let in-flight requests finish."""
     app = app or make_app(settings)
     context: Context = app.settings["ozwell"]
-    server = tornado.httpserver.HTTPServer(app, max_body_size=settings.max_request_bytes)
+    server = HTTPServer(app, max_body_size=settings.max_request_bytes)
     server.add_sockets(sockets)
 
     stopping = asyncio.Event()
