@@ -324,6 +324,10 @@ def _api_error_from_validation(error: jsonschema.exceptions.ValidationError) -> 
         message = (f"Invalid type for {where}: expected {expected}, "
                    f"but got {_describe_json_type(error.instance)} instead.")
         return APIError(400, message, param=param, code="invalid_type")
+    if error.validator == "enum" and error.validator_value == [None]:
+        # A field this request cannot have (with these other values): the schema says why.
+        message = f"{where} cannot be set in this request. {error.schema.get('description', '')}"
+        return APIError(400, message.strip(), param=param, code="invalid_value")
     if error.validator == "enum":
         allowed = ", ".join(json.dumps(v) for v in error.validator_value)
         message = (f"Invalid value for {where}: {_shown_value(error.instance)}. "
@@ -1387,8 +1391,8 @@ class QueryParam:
 class Operation:
     """What one verb of one handler does, as /openapi.json tells it.
 
-    `request` and `response` name schemas in `schemas/`; `stream` names the schema of one
-    server-sent event when the operation can answer with `text/event-stream` instead.
+    `request` and `response` name schemas in `schemas/`; `stream` names the schema of the
+    `data` of one server-sent event when the operation can answer with `text/event-stream`.
     """
 
     summary: str
@@ -1396,6 +1400,8 @@ class Operation:
     response: str | None = None
     request: str | None = None
     stream: str | None = None
+    stream_error: str | None = None     # the schema of an error event, if not one of `stream`'s
+    stream_end: str | None = None       # the `data` of the last event, such as "[DONE]"
     query: tuple[QueryParam, ...] = ()
     request_media: str = "application/json"
     response_media: str = "application/json"
@@ -1986,8 +1992,9 @@ class ResponseHandler(BaseHandler):
         self.write_json({"id": response_id, "object": "response", "deleted": True})
 
 
-_AFTER = QueryParam("after", {"type": "string"},
-                    "An item id from the previous page (its last_id): the page starts after it.")
+_AFTER = QueryParam("after", {"type": "string", "minLength": 1},
+                    "An item id from the previous page (its last_id): the page starts after it. "
+                    "An id that is not in the list gets a 400.")
 _LIMIT = QueryParam("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
                     "How many items a page holds: an integer from 1 to 100 (default 20).")
 _ORDER = QueryParam("order", {"enum": ["asc", "desc"], "default": "desc"},
@@ -2013,6 +2020,7 @@ class ChatCompletionsHandler(BaseHandler):
                              request="CreateChatCompletionRequest",
                              response="CreateChatCompletionResponse",
                              stream="CreateChatCompletionStreamResponse",
+                             stream_error="ErrorResponse", stream_end="[DONE]",
                              errors=(400, 401, 413, 500, 502, 504))}
 
     upstream_call: UpstreamCall | None = None
@@ -2500,8 +2508,9 @@ class FilesHandler(BaseHandler):
     api = {
         "get": Operation(
             "List files", "Files", response="ListFilesResponse", query=(
-                QueryParam("after", {"type": "string"},
-                           "The id of the last file of the page before: the list goes on after it."),
+                QueryParam("after", {"type": "string", "minLength": 1},
+                           "The id of the last file of the page before: the list goes on after "
+                           "it. An id that is not in the list gets a 400."),
                 QueryParam("limit", {"type": "integer", "minimum": 1, "maximum": 10000,
                                      "default": 10000}, "How many files to return (1 to 10,000)."),
                 QueryParam("order", {"type": "string", "enum": ["asc", "desc"], "default": "desc"},
@@ -2586,8 +2595,8 @@ class FileHandler(BaseHandler):
 class FileContentHandler(BaseHandler):
     """The file's bytes, read from disk a chunk at a time; each flush waits for the client."""
 
-    api = {"get": Operation("Retrieve file content", "Files",
-                            response_media="application/octet-stream")}
+    # Sent with the media type its filename suggests (application/octet-stream when none does).
+    api = {"get": Operation("Retrieve file content", "Files", response_media="*/*")}
 
     CHUNK_BYTES = 256 * 1024
 
@@ -2715,18 +2724,21 @@ def _openapi_operation(route: Route, method: str, operation: Operation) -> dict[
     if operation.response:
         content[operation.response_media] = {"schema": _ref(operation.response)}
     elif operation.response_media != "application/json":
+        ok["description"] = "OK; the bytes, with their media type in Content-Type."
         content[operation.response_media] = {"schema": {"type": "string", "format": "binary"}}
     else:
         content["application/json"] = {"schema": {"type": "object"}}
     if operation.stream:
         # A media type object has no description in OpenAPI 3.1: the response's says it.
         ok["description"] = "OK; server-sent events when the request asks for a stream."
-        content["text/event-stream"] = {"schema": _ref(operation.stream)}
+        content["text/event-stream"] = {"schema": _event_schema(operation)}
     ok["content"] = content
     responses = {"200": ok}
     for status in operation.errors:
-        responses[str(status)] = {"description": tornado.httputil.responses.get(status, "Error"),
-                                  "content": {"application/json": {"schema": _ref("ErrorResponse")}}}
+        responses[str(status)] = {
+            "description": tornado.httputil.responses.get(status, "Error"),
+            "content": {"application/json": {"schema": _ref("ErrorResponse"),
+                                             "example": {"error": ERROR_EXAMPLES[status]}}}}
     spec["responses"] = responses
     if route.handler.requires_auth:
         spec["security"] = [{"ApiKeyAuth": []}]
@@ -2735,6 +2747,48 @@ def _openapi_operation(route: Route, method: str, operation: Operation) -> dict[
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _event_schema(operation: Operation) -> dict[str, Any]:
+    """One server-sent event as a stream reader sees it (`event` and `data` lines), with the
+    schema of the JSON text in `data` as its `contentSchema` (JSON Schema's keywords for
+    encoded content, read by OpenAPI tools)."""
+    payload = _ref(operation.stream)
+    if operation.stream_error:
+        payload = {"anyOf": [payload, _ref(operation.stream_error)]}
+    data: dict[str, Any] = {"type": "string", "contentMediaType": "application/json",
+                            "contentSchema": payload}
+    if operation.stream_end:
+        data = {"anyOf": [data, {"const": operation.stream_end,
+                                 "description": "The last event of a stream that ended well."}]}
+    return {"type": "object", "description": "One server-sent event.",
+            "properties": {"event": {"type": "string", "description": "The event's name, if any."},
+                           "data": data},
+            "required": ["data"]}
+
+
+# What each error status of the document looks like: one real message per status.
+ERROR_EXAMPLES: dict[int, dict[str, Any]] = {
+    400: {"message": "Missing required parameter: 'model'.", "type": "invalid_request_error",
+          "param": "model", "code": "missing_required_parameter"},
+    401: {"message": "You didn't provide an API key. You need to provide your API key in an "
+                     "Authorization header using Bearer auth (i.e. Authorization: Bearer "
+                     "YOUR_KEY).", "type": "invalid_request_error", "param": None, "code": None},
+    404: {"message": "No file found with id 'file-0123456789abcdef0123456789abcdef'.",
+          "type": "invalid_request_error", "param": "id", "code": None},
+    413: {"message": "The request body is 40000000 bytes; the limit is 33554432 bytes.",
+          "type": "invalid_request_error", "param": None, "code": "request_too_large"},
+    500: {"message": SERVER_ERROR_MESSAGE.format("req_0123456789abcdef0123456789abcdef"),
+          "type": "server_error", "param": None, "code": None},
+    502: {"message": "Could not reach the Llama backend: connection refused. Start it (for "
+                     "Ollama: `ollama serve`), or set LLAMA_BASE_URL to the address of a running "
+                     "OpenAI-compatible server.", "type": "server_error", "param": None,
+          "code": "upstream_unavailable"},
+    504: {"message": "The Llama backend sent no answer within 300 s "
+                     "(OZWELL_UPSTREAM_HEADER_TIMEOUT). It may still be loading the model, or be "
+                     "overloaded: try again, or raise the timeout.", "type": "server_error",
+          "param": None, "code": "upstream_timeout"},
+}
 
 
 def _component(schema: dict) -> dict:
