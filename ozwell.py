@@ -2371,7 +2371,9 @@ class UploadForm:
     sending, and reads the answer only once it is done.
     """
 
-    FIELDS = ("purpose", "expires_after[anchor]", "expires_after[seconds]")
+    # `expires_after` comes as two bracket fields from the SDKs, or as one JSON text from
+    # Swagger UI's form at /docs (empty when the field is cleared).
+    FIELDS = ("purpose", "expires_after", "expires_after[anchor]", "expires_after[seconds]")
     FIELD_LIMIT = 64 * 1024
 
     def __init__(self, store: FileStore, content_type: str) -> None:
@@ -2446,6 +2448,18 @@ class UploadForm:
             expires_after["seconds"] = int(seconds) if re.fullmatch(r"-?\d{1,18}", seconds) else seconds
         if expires_after:
             form["expires_after"] = expires_after
+        as_json = self.fields.get("expires_after", "").strip()
+        if as_json:
+            if expires_after:
+                raise APIError(400, "Give 'expires_after' once: as the fields "
+                                    "'expires_after[anchor]' and 'expires_after[seconds]', or as "
+                                    "one JSON object.", param="expires_after", code="invalid_value")
+            try:
+                form["expires_after"] = parse_json(as_json)
+            except ValueError as exc:
+                raise APIError(400, f"'expires_after' is not JSON: {exc}. Send "
+                                    '{"anchor": "created_at", "seconds": 3600}, or leave it empty.',
+                               param="expires_after", code="invalid_value") from None
         return form
 
     async def _begin_part(self, headers: dict[str, str]) -> None:
