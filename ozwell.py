@@ -36,11 +36,12 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 import jsonschema.exceptions
@@ -84,6 +85,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("ozwell")
+T = TypeVar("T")
 
 MiB = 1024 * 1024
 
@@ -265,11 +267,16 @@ class SchemaRegistry:
 
     def __init__(self, schemas: Mapping[str, dict]) -> None:
         self.schemas = dict(schemas)
-        store = {f"{name}.json": schema for name, schema in self.schemas.items()}
-        self._validators = {
-            name: jsonschema.Draft202012Validator(
-                schema, resolver=jsonschema.RefResolver(f"{name}.json", schema, store=store))
-            for name, schema in self.schemas.items()}
+        self._store = {f"{name}.json": schema for name, schema in self.schemas.items()}
+        self._validators = self._made_validators()
+        # A validator's reference resolver keeps a stack of scopes while it validates, so a
+        # worker thread (large requests are validated off the event loop) has its own.
+        self._thread_validators = threading.local()
+
+    def _made_validators(self) -> dict[str, jsonschema.Draft202012Validator]:
+        return {name: jsonschema.Draft202012Validator(
+                    schema, resolver=jsonschema.RefResolver(f"{name}.json", schema, store=self._store))
+                for name, schema in self.schemas.items()}
 
     @classmethod
     def load(cls) -> SchemaRegistry:
@@ -280,7 +287,12 @@ class SchemaRegistry:
         return cls(found)
 
     def errors(self, name: str, instance: Any) -> Iterator[jsonschema.exceptions.ValidationError]:
-        return self._validators[name].iter_errors(instance)
+        validators = self._validators
+        if threading.current_thread() is not threading.main_thread():
+            validators = getattr(self._thread_validators, "validators", None)
+            if validators is None:
+                validators = self._thread_validators.validators = self._made_validators()
+        return validators[name].iter_errors(instance)
 
     def validate(self, name: str, instance: Any) -> None:
         """Raise a 400 APIError naming the first offending field, as OpenAI does."""
@@ -827,6 +839,12 @@ MODELS_CREATED_AT = 1767225600
 # at most six letters or digits (a longer word makes several tokens), or one punctuation mark,
 # together with the white space before it. Joining the tokens gives back the text exactly.
 TOKEN_PATTERN = re.compile(r"\s*(?:\w{1,6}|[^\w\s])|\s+")
+# Where one token surely ends and the next begins: before white space that follows a word or
+# a mark, and after a mark.
+_TOKEN_END = re.compile(r"(?<=\S)(?=\s)|(?<=[^\w\s])")
+# A long text is counted this many characters at a time (cut where a token ends), so that
+# counting holds neither much memory nor the interpreter for long.
+_COUNT_SLICE_CHARS = 1 << 16
 
 
 def tokenize(text: str) -> list[str]:
@@ -834,7 +852,14 @@ def tokenize(text: str) -> list[str]:
 
 
 def count_tokens(text: str) -> int:
-    return sum(1 for _ in TOKEN_PATTERN.finditer(text))
+    count, start = 0, 0
+    while len(text) - start > _COUNT_SLICE_CHARS:
+        cut = _TOKEN_END.search(text, start + _COUNT_SLICE_CHARS)
+        if cut is None:
+            break
+        count += TOKEN_PATTERN.subn("", text[start:cut.start()])[1]  # subn counts in C
+        start = cut.start()
+    return count + TOKEN_PATTERN.subn("", text[start:] if start else text)[1]
 
 
 _VOCABULARY = (
@@ -898,22 +923,85 @@ def deterministic_reply(model: str, conversation: Sequence[tuple[str, str]],
     turn, so different prompts give visibly different answers; `variant` tells apart the n
     choices of one chat request.
     """
-    seed = hashlib.sha256(json.dumps([model, list(conversation), variant]).encode()).digest()
+    return deterministic_replies(model, conversation, max_tokens, (variant,))[0]
+
+
+def deterministic_replies(model: str, conversation: Sequence[tuple[str, str]],
+                          max_tokens: int | None, variants: Sequence[int]) -> list[Generation]:
+    """deterministic_reply() for each of `variants`, reading the conversation once for all.
+
+    However long the conversation, it is read in bounded pieces: hashed a slice at a time,
+    quoted from its first words, counted a slice at a time.
+    """
+    start = _conversation_digest(model, conversation)
     last_user = next((text for role, text in reversed(conversation) if role == "user"), "")
-    quoted = " ".join(last_user.split())
-    if len(quoted) > 160:
-        quoted = quoted[:157].rstrip() + "..."
-    length = 12 + seed[0] % 13
-    words = list(_seed_words(seed, length))
-    sentence = " ".join(words).capitalize()
-    text = (f'You said: "{quoted}". ' if quoted else "") + (
-        f"Here is a deterministic answer from {model} (turn {len(conversation)}): {sentence}.")
-    tokens = tokenize(text)
-    finish_reason = "stop"
-    if max_tokens is not None and len(tokens) > max_tokens:
-        tokens, finish_reason = tokens[:max_tokens], "length"
+    quoted = _quoted(last_user)
     prompt_tokens = sum(count_tokens(text) for _, text in conversation)
-    return Generation(tuple(tokens), finish_reason, prompt_tokens)
+    generations = []
+    for variant in variants:
+        digest = start.copy()
+        digest.update(f"{json.dumps(variant)}]".encode())
+        seed = digest.digest()
+        length = 12 + seed[0] % 13
+        words = list(_seed_words(seed, length))
+        sentence = " ".join(words).capitalize()
+        text = (f'You said: "{quoted}". ' if quoted else "") + (
+            f"Here is a deterministic answer from {model} (turn {len(conversation)}): {sentence}.")
+        tokens = tokenize(text)
+        finish_reason = "stop"
+        if max_tokens is not None and len(tokens) > max_tokens:
+            tokens, finish_reason = tokens[:max_tokens], "length"
+        generations.append(Generation(tuple(tokens), finish_reason, prompt_tokens))
+    return generations
+
+
+# Texts are turned into JSON and hashed this many characters at a time.
+_SEED_PIECE_CHARS = 1 << 18
+
+
+def _conversation_digest(model: str, conversation: Sequence[tuple[str, str]]) -> Any:
+    """SHA-256 fed with `json.dumps([model, list(conversation), variant])` up to the variant,
+    a bounded piece at a time (never the whole conversation as one string)."""
+    digest = hashlib.sha256(f"[{json.dumps(model)}, [".encode())
+    separator, start = "", 0
+    while start < len(conversation):
+        end, size = start, 0
+        while end < len(conversation) and size + len(conversation[end][1]) <= _SEED_PIECE_CHARS:
+            size += len(conversation[end][1])
+            end += 1
+        if end > start:  # turns that fit in a piece together
+            digest.update((separator + json.dumps(list(conversation[start:end]))[1:-1]).encode())
+        else:  # one turn longer than a piece: JSON escapes each character on its own
+            role, text = conversation[start]
+            digest.update(f'{separator}[{json.dumps(role)}, "'.encode())
+            for at in range(0, len(text), _SEED_PIECE_CHARS):
+                digest.update(json.dumps(text[at:at + _SEED_PIECE_CHARS])[1:-1].encode())
+            digest.update(b'"]')
+            end = start + 1
+        separator, start = ", ", end
+    digest.update(b"], ")
+    return digest
+
+
+_NON_SPACE = re.compile(r"\S+")
+QUOTED_CHARS = 160
+
+
+def _quoted(text: str) -> str:
+    """The text with each run of white space made one space, cut to QUOTED_CHARS: only its
+    first words are read."""
+    words: list[str] = []
+    length = -1
+    for match in _NON_SPACE.finditer(text):
+        start, end = match.span()
+        words.append(text[start:min(end, start + QUOTED_CHARS + 1)])
+        length += len(words[-1]) + 1
+        if length > QUOTED_CHARS:
+            break
+    quoted = " ".join(words)
+    if len(quoted) > QUOTED_CHARS:
+        quoted = quoted[:QUOTED_CHARS - 3].rstrip() + "..."
+    return quoted
 
 
 class Pacer:
@@ -1440,12 +1528,11 @@ _LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def parse_json(raw: bytes | str) -> Any:
+def parse_json(text: str) -> Any:
     """A request's JSON as OpenAI reads it: NaN and Infinity are not JSON (nor is a number too
     large for a float), a number with an integral value (`2.0`) is that integer, a lone
     surrogate escape (`"\\ud800"`) is U+FFFD, and nesting has a limit. A ValueError says why
     the text is refused."""
-    text = raw.decode(json.detect_encoding(raw)) if isinstance(raw, bytes) else raw
     try:
         value = _JSON_DECODER.decode(text)
     except RecursionError:
@@ -1511,10 +1598,14 @@ class BaseHandler(tornado.web.RequestHandler):
     # A refused body up to this size is still read and dropped, so the client, which sends
     # the whole body before it reads the answer, gets to see the 413.
     DRAIN_LIMIT = 1024 * MiB
+    # A request with a larger body is parsed, validated and answered on a worker thread, so
+    # that it never holds up the others; a small one is done at once (a thread hop would cost
+    # more than its work).
+    INLINE_BODY_BYTES = 16 * 1024
 
     def initialize(self, context: Context) -> None:
         self.context = context
-        self._body_parts: list[bytes] = []
+        self._body: bytearray | str = bytearray()
         self._body_size = 0
         self._counted = False
 
@@ -1578,7 +1669,32 @@ class BaseHandler(tornado.web.RequestHandler):
             return
         self._body_size += len(chunk)
         if self._body_size <= self.body_limit():
-            self._body_parts.append(chunk)
+            self._body += chunk
+
+    def body_text(self) -> str:
+        """The body as text. The bytes are let go once decoded: a large body is held once."""
+        if not isinstance(self._body, str):
+            self._body = self._body.decode(json.detect_encoding(self._body))
+        return self._body
+
+    def body_bytes(self) -> bytes:
+        """The body as it was received, to pass on."""
+        return self._body.encode() if isinstance(self._body, str) else bytes(self._body)
+
+    @property
+    def large_body(self) -> bool:
+        return self._body_size > self.INLINE_BODY_BYTES
+
+    async def compute(self, work: Callable[[], T], large: bool) -> T:
+        """`work()`, on a worker thread when it is `large`, so that the event loop goes on
+        serving everyone else meanwhile."""
+        if not large:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(None, work)
+
+    async def read_payload(self) -> dict[str, Any]:
+        """`payload`, worked out off the event loop when the body is large."""
+        return await self.compute(lambda: self.payload, self.large_body)
 
     @functools.cached_property
     def payload(self) -> dict[str, Any]:
@@ -1587,9 +1703,8 @@ class BaseHandler(tornado.web.RequestHandler):
         if self._body_size > limit:
             raise APIError(413, f"The request body is over the limit of {limit} bytes.",
                            code="request_too_large")
-        raw = b"".join(self._body_parts)
         try:
-            body = parse_json(raw)
+            body = parse_json(self.body_text())
         except ValueError as exc:
             raise APIError(400, "We could not parse the JSON body of your request: "
                                 f"{exc}. Send a JSON object with Content-Type: application/json."
@@ -1956,8 +2071,8 @@ class ResponsesHandler(BaseHandler):
                              response="Response", stream="ResponseStreamEvent")}
 
     async def post(self) -> None:
-        body = self.payload
-        response = create_response(self.context, body)
+        body = await self.read_payload()
+        response = await self.compute(lambda: create_response(self.context, body), self.large_body)
         if body.get("stream"):
             await _stream_response(self, response)
         else:
@@ -2027,7 +2142,7 @@ class ChatCompletionsHandler(BaseHandler):
     client_gone = False
 
     async def post(self) -> None:
-        body = self.payload
+        body = await self.read_payload()
         if body["model"] == OFFLINE_MODEL:
             await self._answer_offline(body)
         else:
@@ -2042,7 +2157,7 @@ class ChatCompletionsHandler(BaseHandler):
     async def _proxy(self, body: dict[str, Any]) -> None:
         # Forwarded as received: fields this server does not know reach the upstream untouched.
         call = self.upstream_call = self.context.upstream.call(
-            "/chat/completions", b"".join(self._body_parts))
+            "/chat/completions", self.body_bytes())
         try:
             await call.open()
         except APIError:
@@ -2084,13 +2199,15 @@ class ChatCompletionsHandler(BaseHandler):
 
     async def _answer_offline(self, body: dict[str, Any]) -> None:
         model = body["model"]
-        conversation = [(message["role"], message_text(message.get("content")))
-                        for message in body["messages"]]
         max_tokens = body.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = body.get("max_tokens")
-        generations = [deterministic_reply(model, conversation, max_tokens, variant)
-                       for variant in range(body.get("n") or 1)]
+
+        def generate() -> list[Generation]:
+            conversation = [(message["role"], message_text(message.get("content")))
+                            for message in body["messages"]]
+            return deterministic_replies(model, conversation, max_tokens, range(body.get("n") or 1))
+        generations = await self.compute(generate, self.large_body)
         head = {"id": new_id("chatcmpl-"), "object": "chat.completion",
                 "created": unix_now(), "model": model}
         if body.get("stream"):
@@ -2149,23 +2266,39 @@ class EmbeddingsHandler(BaseHandler):
     api = {"post": Operation("Create embeddings", "Embeddings", request="CreateEmbeddingRequest",
                              response="CreateEmbeddingResponse")}
 
-    def post(self) -> None:
-        body = self.payload
+    # More inputs than this are embedded off the event loop; a reply of more vectors than
+    # this goes out in pieces of this many, each sent before the next is written.
+    BATCH_INPUTS = 64
+
+    async def post(self) -> None:
+        body = await self.read_payload()
         embedder = self.context.embedders.get(body["model"])
         if embedder is None:
             raise APIError(404, f"The model '{_cut(body['model'])}' does not exist or cannot make "
                                 f"embeddings. Use one of: {', '.join(EMBEDDING_MODELS)}.",
                            param="model", code="model_not_found")
         dimensions = _embedding_dimensions(embedder, body.get("dimensions"))
-        inputs, tokens = _embedding_inputs(body["input"], embedder.model)
         encode = _base64_json if body.get("encoding_format") == "base64" else _floats_json
-        items = ",".join(
-            f'{{"object":"embedding","index":{index},"embedding":'
-            f'{encode(*embedder.embed(words, dimensions))}}}'
-            for index, words in enumerate(inputs))
-        # Written by hand, not with json.dumps: formatting thousands of floats per vector
-        # that way is most of the cost of a large request.
-        self.finish(f'{{"object":"list","data":[{items}],"model":{json.dumps(embedder.model)},'
+
+        def embed() -> tuple[list[str], int]:
+            inputs, tokens = _embedding_inputs(body["input"], embedder.model)
+            # Written by hand, not with json.dumps: formatting thousands of floats per vector
+            # that way is most of the cost of a large request.
+            return [f'{{"object":"embedding","index":{index},"embedding":'
+                    f'{encode(*embedder.embed(words, dimensions))}}}'
+                    for index, words in enumerate(inputs)], tokens
+        many = isinstance(body["input"], list) and len(body["input"]) > self.BATCH_INPUTS
+        items, tokens = await self.compute(embed, self.large_body or many)
+        self.write('{"object":"list","data":[')
+        try:
+            for start in range(0, len(items), self.BATCH_INPUTS):
+                if start:
+                    await self.flush()
+                    self.write(",")
+                self.write(",".join(items[start:start + self.BATCH_INPUTS]))
+        except tornado.iostream.StreamClosedError:
+            return  # the client left
+        self.finish(f'],"model":{json.dumps(embedder.model)},'
                     f'"usage":{{"prompt_tokens":{tokens},"total_tokens":{tokens}}}}}')
 
 
@@ -2973,6 +3106,9 @@ async def _drain_and_close(sock: socket.socket) -> None:
 # =============================================================================
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Large requests are worked on in threads (BaseHandler.compute); Python's default switch
+# interval (5 ms) would keep the event loop waiting that long each time it wants to run again.
+SWITCH_INTERVAL_SECONDS = 0.001
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -3120,6 +3256,7 @@ async def serve(settings: Settings, sockets: list[socket.socket],
     """Serve on `sockets` until SIGTERM or SIGINT, then let in-flight requests finish."""
     app = app or make_app(settings)
     context: Context = app.settings["ozwell"]
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     server = HTTPServer(app, max_body_size=settings.max_request_bytes)
     server.add_sockets(sockets)
 
