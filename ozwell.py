@@ -274,8 +274,8 @@ class SchemaRegistry:
         self._thread_validators = threading.local()
 
     def _made_validators(self) -> dict[str, jsonschema.Draft202012Validator]:
-        return {name: jsonschema.Draft202012Validator(
-                    schema, resolver=jsonschema.RefResolver(f"{name}.json", schema, store=self._store))
+        return {name: jsonschema.Draft202012Validator(schema, resolver=jsonschema.RefResolver(
+                    f"{name}.json", schema, store=self._store))
                 for name, schema in self.schemas.items()}
 
     @classmethod
@@ -1889,7 +1889,8 @@ class DocsAssetHandler(tornado.web.StaticFileHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         # Tornado's own message for a path outside the folder names the folder: not shown.
-        what = "is not one of Swagger UI's files" if status_code in (403, 404) else "cannot be served"
+        what = ("is not one of Swagger UI's files" if status_code in (403, 404)
+                else "cannot be served")
         error = APIError(status_code, f"{self.request.path} {what}.")
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(error.body()))
@@ -1932,8 +1933,8 @@ def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     """
     model = body["model"]
     if model not in {entry["id"] for entry in context.models()}:
-        raise APIError(400, f"The requested model '{_cut(model)}' does not exist. GET /v1/models lists "
-                            "the models this server answers for.", param="model",
+        raise APIError(400, f"The requested model '{_cut(model)}' does not exist. GET /v1/models "
+                            "lists the models this server answers for.", param="model",
                        code="model_not_found")
     if body.get("conversation") is not None:
         raise APIError(400, "This server has no Conversations API: continue a conversation by "
