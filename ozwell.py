@@ -1176,7 +1176,8 @@ def _conversation_digest(model: str, turns: Sequence[Turn]) -> Any:
             digest.update(f'{separator}[{json.dumps(role)}, "'.encode())
             for at in range(0, len(text), _SEED_PIECE_CHARS):
                 digest.update(json.dumps(text[at:at + _SEED_PIECE_CHARS])[1:-1].encode())
-            digest.update(('"' + "".join([f", {json.dumps(rest)}" for rest in calls]) + "]").encode())
+            closing = '"' + "".join([f", {json.dumps(rest)}" for rest in calls]) + "]"
+            digest.update(closing.encode())
             end = start + 1
         separator, start = ", ", end
     digest.update(b"], ")
@@ -3055,8 +3056,8 @@ class ModelHandler(BaseHandler):
         for entry in self.context.models():
             if entry["id"] == model:
                 return self.write_json(entry)
-        raise APIError(404, f"The model '{_clipped(model)}' does not exist. GET /v1/models lists the "
-                            "models this server answers for.", param="model", code="model_not_found")
+        raise APIError(404, f"The model '{_clipped(model)}' does not exist. GET /v1/models lists "
+                            "the models this server answers for.", param="model", code="model_not_found")
 
 
 def create_response(context: Context, body: dict[str, Any], keep: bool = True) -> dict[str, Any]:
@@ -3077,8 +3078,8 @@ def create_response(context: Context, body: dict[str, Any], keep: bool = True) -
                             "conversation that a response has answered in.", param="model",
                        code="missing_required_parameter")
     if model not in {entry["id"] for entry in context.models()}:
-        raise APIError(400, f"The requested model '{_clipped(model)}' does not exist. GET /v1/models "
-                            "lists the models this server answers for.", param="model",
+        raise APIError(400, f"The requested model '{_clipped(model)}' does not exist. "
+                            "GET /v1/models lists the models this server answers for.", param="model",
                        code="model_not_found")
     background = bool(body.get("background")) and keep
     if background and body.get("store") is False:
@@ -3885,8 +3886,8 @@ class EmbeddingsHandler(BaseHandler):
         body = await self.read_payload()
         embedder = self.context.embedders.get(body["model"])
         if embedder is None:
-            raise APIError(404, f"The model '{_clipped(body['model'])}' does not exist or cannot make "
-                                f"embeddings. Use one of: {', '.join(EMBEDDING_MODELS)}.",
+            raise APIError(404, f"The model '{_clipped(body['model'])}' does not exist or cannot "
+                                f"make embeddings. Use one of: {', '.join(EMBEDDING_MODELS)}.",
                            param="model", code="model_not_found")
         dimensions = _embedding_dimensions(embedder, body.get("dimensions"))
         encode = _base64_json if body.get("encoding_format") == "base64" else _floats_json
