@@ -482,7 +482,8 @@ async def test_upstream_error_in_another_shape_is_wrapped_into_openais(client, l
                                              extra_body={"fake": {"status": 503, "error": "overloaded, come back later"}})
     assert caught.value.status_code == 503
     assert_valid(registry, "Error", caught.value.body)
-    assert "overloaded, come back later" in caught.value.body["message"] and llama.url in caught.value.body["message"]
+    assert "overloaded, come back later" in caught.value.body["message"]
+    assert "Llama backend" in caught.value.body["message"] and llama.url not in caught.value.body["message"]
     assert caught.value.body["type"] == "server_error"
     llama_cpp = {"code": 400, "message": "request (2024 tokens) exceeds the available context size (512 tokens)",
                  "type": "exceed_context_size_error", "n_ctx": 512}
@@ -519,15 +520,17 @@ async def test_a_stream_the_upstream_ends_without_done_still_ends_with_done(http
 
 
 @pytest.mark.gen_test
-async def test_connection_refused_is_a_502_naming_the_url_and_the_fix(ozwell_with, sdk):
+async def test_connection_refused_is_a_502_naming_the_fix_and_logging_the_url(ozwell_with, sdk, caplog):
     dead = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(openai.InternalServerError) as caught:
         await sdk(ozwell_with(llama_base_url=dead)).chat.completions.create(model="llama3", messages=HELLO)
     assert caught.value.status_code == 502
     body = caught.value.body
     assert body["code"] == "upstream_unavailable" and body["type"] == "server_error"
-    assert dead in body["message"] and "Connection refused" in body["message"]
+    assert "Llama backend" in body["message"] and "connection refused" in body["message"]
     assert "ollama serve" in body["message"] and "LLAMA_BASE_URL" in body["message"]
+    assert dead not in body["message"] and "127.0.0.1" not in body["message"]
+    assert any(f"{dead}/chat/completions" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.gen_test
