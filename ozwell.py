@@ -48,7 +48,6 @@ from typing import Any
 
 import jsonschema
 import jsonschema.exceptions
-import tornado.http1connection
 import tornado.httpclient
 import tornado.httpserver
 import tornado.httputil
@@ -1116,6 +1115,8 @@ UPSTREAM_IDLE_KEEP_SECONDS = 30.0
 UPSTREAM_DNS_TTL_SECONDS = 30.0
 UPSTREAM_MAX_EVENT_BYTES = 16 * MiB     # one server-sent event of a relayed stream
 UPSTREAM_MAX_BODY_BYTES = 100 * MiB     # an answer read whole into memory
+UPSTREAM_MAX_HEADER_BYTES = 64 * 1024
+READ_PIECE_BYTES = 64 * 1024
 
 UPSTREAM_UNAVAILABLE_FIX = ("Start it (for Ollama: `ollama serve`), or set LLAMA_BASE_URL to the "
                             "address of a running OpenAI-compatible server.")
@@ -1170,8 +1171,9 @@ class KeepAliveHTTPClient(tornado.httpclient.AsyncHTTPClient):
     server had closed it meanwhile) is sent once more on a new one.
 
     Cancelling the future fetch() returns ends the request and closes its connection at once.
-    Redirects are never followed, credentials go in the headers (a URL's userinfo is ignored),
-    TLS takes `ssl_options` or `validate_cert`, and `body_producer` is not supported.
+    Redirects are not followed, nor answers decompressed; credentials go in the headers (a URL's
+    userinfo is ignored); TLS takes `ssl_options` or `validate_cert`; no body_producer, proxy or
+    100-continue.
     """
 
     def initialize(self, max_connections: int = UPSTREAM_MAX_CONNECTIONS,  # type: ignore[override]
@@ -1179,7 +1181,8 @@ class KeepAliveHTTPClient(tornado.httpclient.AsyncHTTPClient):
                    idle_seconds: float = UPSTREAM_IDLE_KEEP_SECONDS,
                    dns_ttl: float = UPSTREAM_DNS_TTL_SECONDS,
                    defaults: dict[str, Any] | None = None) -> None:
-        super().initialize(defaults={"follow_redirects": False, **(defaults or {})})
+        super().initialize(defaults={"follow_redirects": False, "decompress_response": False,
+                                     **(defaults or {})})
         self.max_connections = max_connections
         self.max_idle = max_idle
         self.idle_seconds = idle_seconds
@@ -1201,10 +1204,10 @@ class KeepAliveHTTPClient(tornado.httpclient.AsyncHTTPClient):
 
     def fetch_impl(self, request: tornado.httpclient.HTTPRequest,
                    callback: Callable[[tornado.httpclient.HTTPResponse], None]) -> None:
-        if request.follow_redirects:
-            raise ValueError("KeepAliveHTTPClient does not follow redirects")
-        if request.body_producer is not None:
-            raise ValueError("KeepAliveHTTPClient takes a body, not a body_producer")
+        for option in ("follow_redirects", "decompress_response", "body_producer",
+                       "proxy_host", "expect_100_continue"):
+            if getattr(request, option):
+                raise ValueError(f"KeepAliveHTTPClient does not support {option}")
         self._started = _Exchange(self, request, callback)
 
     def pool(self, scheme: str, host: str, port: int) -> _HostPool:
@@ -1271,8 +1274,15 @@ class _HostPool:
         self.idle.clear()
 
 
-class _Exchange(tornado.httputil.HTTPMessageDelegate):
-    """One request of a KeepAliveHTTPClient, from taking a connection to the response."""
+class _Exchange:
+    """One request of a KeepAliveHTTPClient: a connection taken or made, the request written in
+    one piece, the response read.
+
+    The body is read here rather than by Tornado's HTTP1Connection, which drops the bytes it has
+    gathered for delivery when the connection closes (a reset mid-stream would lose the events
+    just before it). Small pieces that arrive together are handed on together, before any read
+    that must wait for the network and before an error is reported.
+    """
 
     def __init__(self, client: KeepAliveHTTPClient, request: tornado.httpclient.HTTPRequest,
                  callback: Callable[[tornado.httpclient.HTTPResponse], None]) -> None:
@@ -1283,10 +1293,11 @@ class _Exchange(tornado.httputil.HTTPMessageDelegate):
         self.start_line: tornado.httputil.ResponseStartLine | None = None
         self.headers: tornado.httputil.HTTPHeaders | None = None
         self.body = bytearray()
-        self.complete = False
         self.cancelled = False
-        self.failure: BaseException | None = None  # from the caller's callbacks, or a timeout
+        self.failure: BaseException | None = None  # a timeout
         self.stream: tornado.iostream.IOStream | None = None
+        self._held: list[bytes] = []
+        self._held_size = 0
         self._in_callback = False
         self.task = asyncio.ensure_future(self._run())
 
@@ -1303,8 +1314,7 @@ class _Exchange(tornado.httputil.HTTPMessageDelegate):
         timer = None
         if self.request.request_timeout:
             timer = asyncio.get_running_loop().call_later(
-                self.request.request_timeout, self._fail,
-                tornado.simple_httpclient.HTTPTimeoutError("Timeout during request"))
+                self.request.request_timeout, self._time_out)
         try:
             response = await self._exchange()
         except asyncio.CancelledError:
@@ -1318,6 +1328,13 @@ class _Exchange(tornado.httputil.HTTPMessageDelegate):
             if timer is not None:
                 timer.cancel()
         self.callback(response)
+
+    def _time_out(self) -> None:
+        self.failure = tornado.simple_httpclient.HTTPTimeoutError("Timeout during request")
+        if self.stream is not None:
+            self.stream.close()
+        elif not self._in_callback:
+            self.task.cancel()
 
     async def _exchange(self) -> tornado.httpclient.HTTPResponse:
         url = urllib.parse.urlsplit(self.request.url)
@@ -1334,17 +1351,33 @@ class _Exchange(tornado.httputil.HTTPMessageDelegate):
         else:
             await pool.in_use.acquire()
         try:
+            request = self._request_bytes(url)
             stream = pool.take()
             if stream is not None:
                 try:
-                    return await self._send(pool, stream, url)
+                    return await self._send(pool, stream, request)
                 except tornado.iostream.StreamClosedError:
                     if self.start_line is not None or self.failure or self.cancelled:
                         raise
                     pool.close_idle()  # closed while idle: the others likely were too
-            return await self._send(pool, await self._connect(url, port), url)
+            return await self._send(pool, await self._connect(url, port), request)
         finally:
             pool.in_use.release()
+
+    def _request_bytes(self, url: urllib.parse.SplitResult) -> bytes:
+        request = self.request
+        headers = request.headers
+        headers["Host"] = url.netloc.rpartition("@")[2]
+        if request.user_agent:
+            headers["User-Agent"] = request.user_agent
+        if request.body is not None:
+            headers["Content-Length"] = str(len(request.body))
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        lines = [f"{request.method} {path} HTTP/1.1"]
+        lines.extend(f"{name}: {value}" for name, value in headers.get_all())
+        if any("\r" in line or "\n" in line for line in lines):
+            raise ValueError("A header or the URL holds a line break")
+        return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + (request.body or b"")
 
     async def _connect(self, url: urllib.parse.SplitResult, port: int) -> tornado.iostream.IOStream:
         try:
@@ -1359,48 +1392,27 @@ class _Exchange(tornado.httputil.HTTPMessageDelegate):
         return stream
 
     async def _send(self, pool: _HostPool, stream: tornado.iostream.IOStream,
-                    url: urllib.parse.SplitResult) -> tornado.httpclient.HTTPResponse:
+                    request: bytes) -> tornado.httpclient.HTTPResponse:
         self.stream = stream
         try:
             if self.cancelled:
                 raise asyncio.CancelledError
-            request = self.request
-            connection = tornado.http1connection.HTTP1Connection(
-                stream, True, tornado.http1connection.HTTP1ConnectionParameters(
-                    max_body_size=(UPSTREAM_MAX_BODY_BYTES if request.streaming_callback is None
-                                   else sys.maxsize),
-                    decompress=bool(request.decompress_response)))
-            headers = request.headers
-            headers["Host"] = url.netloc.rpartition("@")[2]
-            if request.user_agent:
-                headers["User-Agent"] = request.user_agent
-            if request.decompress_response:
-                headers["Accept-Encoding"] = "gzip"
-            if request.body is not None:
-                headers["Content-Length"] = str(len(request.body))
-            path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-            connection.write_headers(
-                tornado.httputil.RequestStartLine(request.method, path, "HTTP/1.1"), headers,
-                request.body)
-            connection.finish()
-            await connection.read_response(self)
-            if self.failure is not None:
-                raise self.failure
-            if not self.complete:  # Tornado logged why (a malformed answer)
-                raise tornado.iostream.StreamClosedError()
+            # Not awaited: a server may answer (and close) before it has read the whole body.
+            stream.write(request).add_done_callback(lambda written: written.exception())
+            reusable = await self._read_response(stream)
         except BaseException:
             stream.close()
             raise
-        if self._keeps_alive(stream):
-            connection.detach()
+        if reusable and self._keeps_alive(stream):
             pool.give_back(stream)
         else:
             stream.close()
+        assert self.start_line is not None
         return self._response(self.start_line.code)
 
     def _keeps_alive(self, stream: tornado.iostream.IOStream) -> bool:
         assert self.start_line is not None and self.headers is not None
-        if stream.closed() or self.cancelled:
+        if stream.closed() or self.cancelled or self.failure:
             return False
         if self.request.headers.get("Connection", "").lower() == "close":
             return False
@@ -1415,55 +1427,127 @@ class _Exchange(tornado.httputil.HTTPMessageDelegate):
             headers=self.headers, buffer=io.BytesIO(self.body), error=error,
             effective_url=self.request.url, request_time=time.monotonic() - self.started)
 
-    def _fail(self, error: BaseException) -> None:
-        if self.failure is None:
-            self.failure = error
-        if self.stream is not None:
-            self.stream.close()
+    async def _read_response(self, stream: tornado.iostream.IOStream) -> bool:
+        """Read the answer; True when it ended where the connection can carry another."""
+        while True:
+            head = (await stream.read_until_regex(b"\r?\n\r?\n", max_bytes=UPSTREAM_MAX_HEADER_BYTES)
+                    ).decode("latin-1").lstrip("\r\n")
+            first_line, _, fields = head.partition("\n")
+            start_line = tornado.httputil.parse_response_start_line(first_line.rstrip("\r"))
+            if start_line.code >= 200:
+                break  # past interim answers (100 Continue)
+        self.start_line = start_line
+        self.headers = headers = tornado.httputil.HTTPHeaders.parse(fields)
+        if self.request.header_callback is not None:
+            self.request.header_callback("%s %s %s\r\n" % start_line)
+            for name, value in headers.get_all():
+                self.request.header_callback(f"{name}: {value}\r\n")
+            self.request.header_callback("\r\n")
+        if start_line.code in (204, 304) or self.request.method == "HEAD":
+            return True
+        limit = UPSTREAM_MAX_BODY_BYTES if self.request.streaming_callback is None else sys.maxsize
+        if "Transfer-Encoding" in headers:
+            if headers["Transfer-Encoding"].lower().rsplit(",", 1)[-1].strip() != "chunked":
+                await self._read_until_close(stream, limit)
+                return False
+            await self._read_chunked(stream, limit)
+        elif "Content-Length" in headers:
+            # Repeated by some proxies ("12, 12"): fine as long as every copy agrees.
+            lengths = {value.strip() for value in headers["Content-Length"].split(",")}
+            length = lengths.pop() if len(lengths) == 1 else ""
+            if not re.fullmatch(r"[0-9]{1,18}", length):
+                raise tornado.httputil.HTTPInputError(
+                    f"Bad Content-Length: {headers['Content-Length']!r}")
+            await self._read_fixed(stream, int(length), limit)
+        else:
+            await self._read_until_close(stream, limit)
+            return False
+        await self._hand_on_held()
+        return True
 
-    # The delegate's side: Tornado's HTTP1Connection calls these as the response arrives. An
-    # exception from the caller's callbacks ends the exchange and becomes its error.
+    async def _read_fixed(self, stream: tornado.iostream.IOStream, length: int, limit: int) -> None:
+        if length > limit:
+            raise tornado.httputil.HTTPInputError("Content-Length too long")
+        while length:
+            data = await self._read(stream.read_bytes, min(length, READ_PIECE_BYTES), True)
+            length -= len(data)
+            await self._take(data)
 
-    def headers_received(self, start_line: Any, headers: tornado.httputil.HTTPHeaders) -> None:
-        if start_line.code < 200:
-            return  # an interim answer (100 Continue): the real one follows
-        self.start_line, self.headers = start_line, headers
-        header_callback = self.request.header_callback
-        if header_callback is not None:
+    async def _read_chunked(self, stream: tornado.iostream.IOStream, limit: int) -> None:
+        total = 0
+        while True:
+            line = await self._read(stream.read_until, b"\r\n", 64)
+            size_text = line[:-2].split(b";", 1)[0].strip()  # chunk extensions are ignored
+            if not re.fullmatch(rb"[0-9a-fA-F]{1,15}", size_text):
+                raise tornado.httputil.HTTPInputError(f"Bad chunk size: {line[:64]!r}")
+            size = int(size_text, 16)
+            if not size:
+                while await self._read(stream.read_until, b"\r\n", UPSTREAM_MAX_HEADER_BYTES) != b"\r\n":
+                    pass  # trailer fields
+                return
+            total += size
+            if total > limit:
+                raise tornado.httputil.HTTPInputError("Chunked body too large")
+            if size <= READ_PIECE_BYTES:  # the usual case: the chunk and its CRLF in one read
+                data = await self._read(stream.read_bytes, size + 2, False)
+                if data[-2:] != b"\r\n":
+                    raise tornado.httputil.HTTPInputError("Chunk not ended by CRLF")
+                await self._take(data[:-2])
+                continue
+            while size:
+                data = await self._read(stream.read_bytes, min(size, READ_PIECE_BYTES), True)
+                size -= len(data)
+                await self._take(data)
+            if await self._read(stream.read_bytes, 2, False) != b"\r\n":
+                raise tornado.httputil.HTTPInputError("Chunk not ended by CRLF")
+
+    async def _read_until_close(self, stream: tornado.iostream.IOStream, limit: int) -> None:
+        total = 0
+        while True:
             try:
-                header_callback("%s %s %s\r\n" % start_line)
-                for name, value in headers.get_all():
-                    header_callback(f"{name}: {value}\r\n")
-                header_callback("\r\n")
-            except Exception as error:
-                self._fail(error)
+                data = await self._read(stream.read_bytes, READ_PIECE_BYTES, True)
+            except tornado.iostream.StreamClosedError as closed:
+                if closed.real_error is not None:
+                    raise
+                await self._hand_on_held()
+                return
+            total += len(data)
+            if total > limit:
+                raise tornado.httputil.HTTPInputError("Body too large")
+            await self._take(data)
 
-    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
-        streaming_callback = self.request.streaming_callback
-        if streaming_callback is None:
-            self.body += chunk
-            return None
+    async def _read(self, read: Callable[..., asyncio.Future], *args: Any) -> bytes:
         try:
-            pending = streaming_callback(chunk)
-        except Exception as error:
-            self._fail(error)
-            return None
-        return None if pending is None else self._await_callback(pending)
+            future = read(*args)
+            if self._held and not future.done():
+                await self._hand_on_held()
+            return await future
+        except tornado.iostream.StreamClosedError:
+            await self._hand_on_held()  # what came before the close still reaches the caller
+            raise
 
-    async def _await_callback(self, pending: Awaitable[None]) -> None:
-        self._in_callback = True
-        try:
-            await pending
-        except Exception as error:
-            self._fail(error)
-        finally:
-            self._in_callback = False
+    async def _take(self, data: bytes) -> None:
+        if self.request.streaming_callback is None:
+            self.body += data
+            return
+        self._held.append(data)
+        self._held_size += len(data)
+        if self._held_size >= READ_PIECE_BYTES:
+            await self._hand_on_held()
 
-    def finish(self) -> None:
-        self.complete = True
-
-    def on_connection_close(self) -> None:
-        pass  # read_response() raises or returns, and _send() reports it
+    async def _hand_on_held(self) -> None:
+        if not self._held:
+            return
+        data = b"".join(self._held)
+        self._held.clear()
+        self._held_size = 0
+        pending = self.request.streaming_callback(data)
+        if pending is not None:
+            self._in_callback = True
+            try:
+                await pending
+            finally:
+                self._in_callback = False
 
 
 class Upstream:
