@@ -170,6 +170,15 @@ class Settings:
             raise SettingsError("OZWELL_WORKERS must be 0 (one per CPU) or more")
         if self.max_request_bytes < 1:
             raise SettingsError("OZWELL_MAX_REQUEST_BYTES must be a positive number of bytes")
+        try:
+            upstream = urllib.parse.urlsplit(self.llama_base_url)
+            usable = upstream.scheme in ("http", "https") and upstream.hostname and (
+                upstream.port or 0) >= 0
+        except ValueError:  # a bad port or a broken IPv6 address
+            usable = False
+        if not usable:
+            raise SettingsError(f"LLAMA_BASE_URL={without_userinfo(self.llama_base_url)!r} is not "
+                                "an http:// or https:// URL (for Ollama: http://localhost:11434/v1)")
 
 
 class SettingsError(Exception):
@@ -1126,8 +1135,7 @@ OUT_OF_DESCRIPTORS_FIX = ("This server has run out of file descriptors (too many
 
 def without_userinfo(url: str) -> str:
     """`url` as it may be shown: a `user:password@` in it is a secret."""
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return re.sub(r"//[^/?#]*@", "//", url, count=1)
 
 
 class CachingResolver(tornado.netutil.Resolver):
@@ -1339,7 +1347,7 @@ class _Exchange:
     async def _exchange(self) -> tornado.httpclient.HTTPResponse:
         url = urllib.parse.urlsplit(self.request.url)
         if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"Unsupported URL: {without_userinfo(self.request.url)}")
+            raise ValueError("not an http:// or https:// URL with a host")
         port = url.port or (443 if url.scheme == "https" else 80)
         pool = self.client.pool(url.scheme, url.hostname, port)
         if pool.in_use.locked():
@@ -1555,8 +1563,8 @@ class Upstream:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        url = urllib.parse.urlsplit(settings.llama_base_url.rstrip("/"))
-        self.base_url = without_userinfo(urllib.parse.urlunsplit(url))
+        url = urllib.parse.urlsplit(settings.llama_base_url)
+        self.base_url = without_userinfo(settings.llama_base_url).rstrip("/")
         self.headers = {"Content-Type": "application/json"}
         if settings.llama_api_key:
             self.headers["Authorization"] = f"Bearer {settings.llama_api_key}"
@@ -1639,7 +1647,7 @@ class UpstreamCall:
             raise self._failure_before_headers()
         if 300 <= self.status < 400:
             self.abort()
-            raise self._error(
+            raise self.upstream_error(
                 502, f"The Llama backend answered with a redirect (HTTP {self.status}), which this "
                      "server does not follow: set LLAMA_BASE_URL to the address it redirects to "
                      "(the server's log names it).", "upstream_redirected",
@@ -1649,7 +1657,7 @@ class UpstreamCall:
             key = ("refused the key this server sends (LLAMA_API_KEY)"
                    if self.upstream.settings.llama_api_key else
                    "wants a key, and this server sends none (LLAMA_API_KEY is empty)")
-            raise self._error(
+            raise self.upstream_error(
                 502, f"The Llama backend {key}: HTTP {self.status}"
                      f"{': ' + said if said else ''}. Set LLAMA_API_KEY to a key it accepts.",
                 "upstream_auth_failed", f"HTTP {self.status}")
@@ -1664,7 +1672,7 @@ class UpstreamCall:
         def keep(chunk: bytes) -> None:
             received.extend(chunk)
             if len(received) > UPSTREAM_MAX_BODY_BYTES:
-                raise self._error(502, "The Llama backend's answer is over "
+                raise self.upstream_error(502, "The Llama backend's answer is over "
                                        f"{UPSTREAM_MAX_BODY_BYTES // MiB} MiB.",
                                   "upstream_invalid_response", "answer too large")
 
@@ -1682,7 +1690,7 @@ class UpstreamCall:
                 return json.loads(body)
             except ValueError as error:
                 problem = f"with a body that is not JSON ({error})"
-        raise self._error(502, f"The Llama backend answered {problem}: "
+        raise self.upstream_error(502, f"The Llama backend answered {problem}: "
                                f"{body[:200].decode('utf-8', 'replace')!r}.",
                           "upstream_invalid_response", problem)
 
@@ -1703,7 +1711,7 @@ class UpstreamCall:
         except Exception as error:
             if self._failure is not None:
                 raise self._failure from None
-            raise self._error(502, f"The Llama backend broke off its answer: "
+            raise self.upstream_error(502, f"The Llama backend broke off its answer: "
                                    f"{_error_reason(error)}.", "upstream_interrupted",
                               repr(error)) from None
 
@@ -1757,17 +1765,17 @@ class UpstreamCall:
             self._silence_timer = self._loop.call_at(self._heard_at + limit, self.watch_silence)
             return
         if limit == self.upstream.quiet_limit:
-            self._failure = self._error(
+            self._failure = self.upstream_error(
                 504, f"This server is stopping, and the Llama backend has sent nothing for "
                      f"{limit:g} s.", "upstream_timeout", "silent while stopping")
         elif not self.status:
-            self._failure = self._error(
+            self._failure = self.upstream_error(
                 504, f"The Llama backend sent no answer within {limit:g} s "
                      "(OZWELL_UPSTREAM_HEADER_TIMEOUT). It may still be loading the model, or be "
                      "overloaded: try again, or raise the timeout.", "upstream_timeout",
                 "no headers in time")
         else:
-            self._failure = self._error(
+            self._failure = self.upstream_error(
                 504, f"The Llama backend stopped sending: nothing arrived for {limit:g} s "
                      "(OZWELL_UPSTREAM_IDLE_TIMEOUT).", "upstream_timeout", "silent too long")
         self._response.cancel()
@@ -1825,17 +1833,17 @@ class UpstreamCall:
         assert self._response is not None
         error = None if self._response.cancelled() else self._response.exception()
         if isinstance(error, tornado.simple_httpclient.HTTPTimeoutError):
-            return self._error(
+            return self.upstream_error(
                 504, "Could not connect to the Llama backend within "
                      f"{self.upstream.settings.upstream_connect_timeout:g} s "
                      f"(OZWELL_UPSTREAM_CONNECT_TIMEOUT). {UPSTREAM_UNAVAILABLE_FIX}",
                 "upstream_timeout", str(error))
         fix = (OUT_OF_DESCRIPTORS_FIX if getattr(error, "errno", None) in (errno.EMFILE, errno.ENFILE)
                else UPSTREAM_UNAVAILABLE_FIX)
-        return self._error(502, f"Could not reach the Llama backend: {_error_reason(error)}. {fix}",
+        return self.upstream_error(502, f"Could not reach the Llama backend: {_error_reason(error)}. {fix}",
                            "upstream_unavailable", repr(error))
 
-    def _error(self, status: int, message: str, code: str, detail: str) -> APIError:
+    def upstream_error(self, status: int, message: str, code: str, detail: str) -> APIError:
         """An APIError for the client; the log gets the URL, which the client never sees."""
         log.warning("Llama backend %s: %s (answered %d %s)", self.url, detail, status, code)
         return APIError(status, message, type="server_error", code=code)
@@ -1910,12 +1918,12 @@ class EventRelay:
             end = _events_end(chunk)
             events = chunk[:end] if end < len(chunk) else chunk
             self._unfinished += chunk[end:]
-        if len(self._unfinished) > UPSTREAM_MAX_EVENT_BYTES:
-            raise self.call._error(
-                502, f"The Llama backend sent an event over {UPSTREAM_MAX_EVENT_BYTES // MiB} MiB; "
-                     "the stream was ended there.", "upstream_invalid_response", "event too large")
         if events:
             await self._send(events)
+        if len(self._unfinished) > UPSTREAM_MAX_EVENT_BYTES:
+            raise self.call.upstream_error(
+                502, f"The Llama backend sent an event over {UPSTREAM_MAX_EVENT_BYTES // MiB} MiB; "
+                     "the stream was ended there.", "upstream_invalid_response", "event too large")
 
     async def _send(self, events: bytes) -> None:
         self.done_sent = events.rstrip().endswith(b"[DONE]")  # a chunk's JSON ends with "}"
@@ -1934,7 +1942,7 @@ class EventRelay:
             try:
                 json.loads(data)
             except ValueError:
-                raise self.call._error(
+                raise self.call.upstream_error(
                     502, "The Llama backend broke off its answer in the middle of an event.",
                     "upstream_interrupted", "unfinished last event") from None
         await self._send(event.rstrip(b"\r\n") + b"\n\n")
