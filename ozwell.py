@@ -1126,11 +1126,12 @@ UPSTREAM_MAX_EVENT_BYTES = 16 * MiB     # one server-sent event of a relayed str
 UPSTREAM_MAX_BODY_BYTES = 100 * MiB     # an answer read whole into memory
 UPSTREAM_MAX_HEADER_BYTES = 64 * 1024
 READ_PIECE_BYTES = 64 * 1024
+_CHUNK_SIZE = re.compile(rb"[0-9a-fA-F]{1,15}")
 
 UPSTREAM_UNAVAILABLE_FIX = ("Start it (for Ollama: `ollama serve`), or set LLAMA_BASE_URL to the "
                             "address of a running OpenAI-compatible server.")
-OUT_OF_DESCRIPTORS_FIX = ("This server has run out of file descriptors (too many open files): "
-                          "raise its limit (`ulimit -n`) or send fewer requests at once.")
+OUT_OF_DESCRIPTORS = ("this server has run out of file descriptors (too many open files). "
+                      "Raise its limit (`ulimit -n`), or send fewer requests at once.")
 
 
 def without_userinfo(url: str) -> str:
@@ -1297,6 +1298,9 @@ class _Exchange:
         self.client = client
         self.request = request
         self.callback = callback
+        # Read once: each look-up on Tornado's request proxy is a Python call.
+        self.header_callback = request.header_callback
+        self.streaming_callback = request.streaming_callback
         self.started = time.monotonic()
         self.start_line: tornado.httputil.ResponseStartLine | None = None
         self.headers: tornado.httputil.HTTPHeaders | None = None
@@ -1325,9 +1329,9 @@ class _Exchange:
                 self.request.request_timeout, self._time_out)
         try:
             response = await self._exchange()
-        except asyncio.CancelledError:
-            return  # the fetch was cancelled: nobody waits for an answer
-        except Exception as error:
+        except (Exception, asyncio.CancelledError) as error:
+            if isinstance(error, asyncio.CancelledError) and self.failure is None:
+                return  # the fetch was cancelled: nobody waits for an answer
             if isinstance(error, tornado.iostream.StreamClosedError):
                 error = error.real_error or tornado.simple_httpclient.HTTPStreamClosedError(
                     "Connection closed")
@@ -1408,6 +1412,8 @@ class _Exchange:
             # Not awaited: a server may answer (and close) before it has read the whole body.
             stream.write(request).add_done_callback(lambda written: written.exception())
             reusable = await self._read_response(stream)
+            if self.failure is not None:  # timed out: the close looked like a body's end
+                raise self.failure
         except BaseException:
             stream.close()
             raise
@@ -1446,20 +1452,18 @@ class _Exchange:
                 break  # past interim answers (100 Continue)
         self.start_line = start_line
         self.headers = headers = tornado.httputil.HTTPHeaders.parse(fields)
-        if self.request.header_callback is not None:
-            self.request.header_callback("%s %s %s\r\n" % start_line)
+        if self.header_callback is not None:
+            self.header_callback("%s %s %s\r\n" % start_line)
             for name, value in headers.get_all():
-                self.request.header_callback(f"{name}: {value}\r\n")
-            self.request.header_callback("\r\n")
+                self.header_callback(f"{name}: {value}\r\n")
+            self.header_callback("\r\n")
         if start_line.code in (204, 304) or self.request.method == "HEAD":
             return True
-        limit = UPSTREAM_MAX_BODY_BYTES if self.request.streaming_callback is None else sys.maxsize
-        if "Transfer-Encoding" in headers:
-            if headers["Transfer-Encoding"].lower().rsplit(",", 1)[-1].strip() != "chunked":
-                await self._read_until_close(stream, limit)
-                return False
-            await self._read_chunked(stream, limit)
-        elif "Content-Length" in headers:
+        limit = UPSTREAM_MAX_BODY_BYTES if self.streaming_callback is None else sys.maxsize
+        coding = headers.get("Transfer-Encoding", "").lower().rsplit(",", 1)[-1].strip()
+        if coding == "chunked":
+            reusable = await self._read_chunked(stream, limit)
+        elif "Content-Length" in headers and not coding:
             # Repeated by some proxies ("12, 12"): fine as long as every copy agrees.
             lengths = {value.strip() for value in headers["Content-Length"].split(",")}
             length = lengths.pop() if len(lengths) == 1 else ""
@@ -1467,11 +1471,12 @@ class _Exchange:
                 raise tornado.httputil.HTTPInputError(
                     f"Bad Content-Length: {headers['Content-Length']!r}")
             await self._read_fixed(stream, int(length), limit)
-        else:
+            reusable = True
+        else:  # the body ends where the connection does
             await self._read_until_close(stream, limit)
-            return False
+            reusable = False
         await self._hand_on_held()
-        return True
+        return reusable
 
     async def _read_fixed(self, stream: tornado.iostream.IOStream, length: int, limit: int) -> None:
         if length > limit:
@@ -1481,33 +1486,55 @@ class _Exchange:
             length -= len(data)
             await self._take(data)
 
-    async def _read_chunked(self, stream: tornado.iostream.IOStream, limit: int) -> None:
-        total = 0
+    async def _read_chunked(self, stream: tornado.iostream.IOStream, limit: int) -> bool:
+        # Decoded from whole reads of what has arrived, not a read per chunk: a stream of small
+        # events is many chunks, and each IOStream read has a cost of its own.
+        data, at, total = b"", 0, 0
+
+        async def more() -> None:
+            nonlocal data, at
+            data = data[at:] + await self._read(stream.read_bytes, READ_PIECE_BYTES, True)
+            at = 0
+
         while True:
-            line = await self._read(stream.read_until, b"\r\n", 64)
-            size_text = line[:-2].split(b";", 1)[0].strip()  # chunk extensions are ignored
-            if not re.fullmatch(rb"[0-9a-fA-F]{1,15}", size_text):
-                raise tornado.httputil.HTTPInputError(f"Bad chunk size: {line[:64]!r}")
+            line_end = data.find(b"\r\n", at)
+            if line_end < 0:
+                if len(data) - at > 64:
+                    raise tornado.httputil.HTTPInputError("Chunk size line too long")
+                await more()
+                continue
+            size_text = data[at:line_end].split(b";", 1)[0].strip()  # extensions are ignored
+            if not _CHUNK_SIZE.fullmatch(size_text):
+                raise tornado.httputil.HTTPInputError(f"Bad chunk size: {size_text[:64]!r}")
             size = int(size_text, 16)
+            at = line_end + 2
             if not size:
-                while await self._read(stream.read_until, b"\r\n", UPSTREAM_MAX_HEADER_BYTES) != b"\r\n":
-                    pass  # trailer fields
-                return
+                break
             total += size
             if total > limit:
                 raise tornado.httputil.HTTPInputError("Chunked body too large")
-            if size <= READ_PIECE_BYTES:  # the usual case: the chunk and its CRLF in one read
-                data = await self._read(stream.read_bytes, size + 2, False)
-                if data[-2:] != b"\r\n":
-                    raise tornado.httputil.HTTPInputError("Chunk not ended by CRLF")
-                await self._take(data[:-2])
-                continue
-            while size:
-                data = await self._read(stream.read_bytes, min(size, READ_PIECE_BYTES), True)
-                size -= len(data)
-                await self._take(data)
-            if await self._read(stream.read_bytes, 2, False) != b"\r\n":
+            while len(data) - at < size + 2:
+                piece = data[at:at + size]  # handed on as it comes: a chunk may be huge
+                if piece:
+                    await self._take(piece)
+                    size -= len(piece)
+                    at += len(piece)
+                await more()
+            if data[at + size:at + size + 2] != b"\r\n":
                 raise tornado.httputil.HTTPInputError("Chunk not ended by CRLF")
+            if size:
+                await self._take(data[at:at + size])
+            at += size + 2
+        while True:  # trailer fields, up to an empty line
+            line_end = data.find(b"\r\n", at)
+            if line_end < 0:
+                if len(data) - at > UPSTREAM_MAX_HEADER_BYTES:
+                    raise tornado.httputil.HTTPInputError("Trailer too long")
+                await more()
+                continue
+            empty, at = line_end == at, line_end + 2
+            if empty:
+                return at == len(data)  # bytes past the answer: the connection is not reused
 
     async def _read_until_close(self, stream: tornado.iostream.IOStream, limit: int) -> None:
         total = 0
@@ -1517,7 +1544,6 @@ class _Exchange:
             except tornado.iostream.StreamClosedError as closed:
                 if closed.real_error is not None:
                     raise
-                await self._hand_on_held()
                 return
             total += len(data)
             if total > limit:
@@ -1535,7 +1561,7 @@ class _Exchange:
             raise
 
     async def _take(self, data: bytes) -> None:
-        if self.request.streaming_callback is None:
+        if self.streaming_callback is None:
             self.body += data
             return
         self._held.append(data)
@@ -1549,7 +1575,7 @@ class _Exchange:
         data = b"".join(self._held)
         self._held.clear()
         self._held_size = 0
-        pending = self.request.streaming_callback(data)
+        pending = self.streaming_callback(data)
         if pending is not None:
             self._in_callback = True
             try:
@@ -1569,8 +1595,10 @@ class Upstream:
         if settings.llama_api_key:
             self.headers["Authorization"] = f"Bearer {settings.llama_api_key}"
         elif url.username is not None:  # a reverse proxy's basic auth, written into the URL
-            credentials = f"{urllib.parse.unquote(url.username)}:{urllib.parse.unquote(url.password or '')}"
-            self.headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
+            credentials = ":".join(urllib.parse.unquote(part or "")
+                                   for part in (url.username, url.password))
+            self.headers["Authorization"] = "Basic " + base64.b64encode(
+                credentials.encode()).decode()
         self.calls: set[UpstreamCall] = set()
         self.quiet_limit = math.inf  # set when the server stops: see stop()
         self._client: KeepAliveHTTPClient | None = None
@@ -1672,9 +1700,9 @@ class UpstreamCall:
         def keep(chunk: bytes) -> None:
             received.extend(chunk)
             if len(received) > UPSTREAM_MAX_BODY_BYTES:
-                raise self.upstream_error(502, "The Llama backend's answer is over "
-                                       f"{UPSTREAM_MAX_BODY_BYTES // MiB} MiB.",
-                                  "upstream_invalid_response", "answer too large")
+                raise self.upstream_error(
+                    502, f"The Llama backend's answer is over {UPSTREAM_MAX_BODY_BYTES // MiB} MiB.",
+                    "upstream_invalid_response", "answer too large")
 
         await self.relay(keep)
         return bytes(received)
@@ -1690,9 +1718,9 @@ class UpstreamCall:
                 return json.loads(body)
             except ValueError as error:
                 problem = f"with a body that is not JSON ({error})"
-        raise self.upstream_error(502, f"The Llama backend answered {problem}: "
-                               f"{body[:200].decode('utf-8', 'replace')!r}.",
-                          "upstream_invalid_response", problem)
+        raise self.upstream_error(
+            502, f"The Llama backend answered {problem}: "
+                 f"{body[:200].decode('utf-8', 'replace')!r}.", "upstream_invalid_response", problem)
 
     async def relay(self, sink: Sink) -> None:
         """Hand the body to `sink` as it arrives; raise an APIError if the upstream fails."""
@@ -1711,9 +1739,9 @@ class UpstreamCall:
         except Exception as error:
             if self._failure is not None:
                 raise self._failure from None
-            raise self.upstream_error(502, f"The Llama backend broke off its answer: "
-                                   f"{_error_reason(error)}.", "upstream_interrupted",
-                              repr(error)) from None
+            raise self.upstream_error(
+                502, f"The Llama backend broke off its answer: {_error_reason(error)}.",
+                "upstream_interrupted", repr(error)) from None
 
     def abort(self) -> None:
         self.aborted = True
@@ -1831,17 +1859,21 @@ class UpstreamCall:
 
     def _failure_before_headers(self) -> APIError:
         assert self._response is not None
-        error = None if self._response.cancelled() else self._response.exception()
+        if self.aborted:  # our own client left: nobody to tell, nothing to log
+            return APIError(502, "The request was abandoned.", type="server_error")
+        error = self._response.exception()
         if isinstance(error, tornado.simple_httpclient.HTTPTimeoutError):
             return self.upstream_error(
                 504, "Could not connect to the Llama backend within "
                      f"{self.upstream.settings.upstream_connect_timeout:g} s "
                      f"(OZWELL_UPSTREAM_CONNECT_TIMEOUT). {UPSTREAM_UNAVAILABLE_FIX}",
                 "upstream_timeout", str(error))
-        fix = (OUT_OF_DESCRIPTORS_FIX if getattr(error, "errno", None) in (errno.EMFILE, errno.ENFILE)
-               else UPSTREAM_UNAVAILABLE_FIX)
-        return self.upstream_error(502, f"Could not reach the Llama backend: {_error_reason(error)}. {fix}",
-                           "upstream_unavailable", repr(error))
+        if getattr(error, "errno", None) in (errno.EMFILE, errno.ENFILE):
+            message = f"Could not open a connection to the Llama backend: {OUT_OF_DESCRIPTORS}"
+        else:
+            message = (f"Could not reach the Llama backend: {_error_reason(error)}. "
+                       f"{UPSTREAM_UNAVAILABLE_FIX}")
+        return self.upstream_error(502, message, "upstream_unavailable", repr(error))
 
     def upstream_error(self, status: int, message: str, code: str, detail: str) -> APIError:
         """An APIError for the client; the log gets the URL, which the client never sees."""

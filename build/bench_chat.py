@@ -67,17 +67,21 @@ def chunked(data: bytes) -> bytes:
 async def serve_upstream(port: int) -> None:
     """Answers every POST at once; `"stream": true` gets `events` SSE events, one write each,
     or one event of `huge` bytes, or one event then a reset `reset_after` seconds later.
-    `GET /connections` counts the connections that carried a POST; other GETs get an empty 200."""
+    `GET /connections` counts the connections that carried a POST, `GET /last-reset` says when
+    (time.monotonic(), the same clock in every process here) the latest reset went out; other
+    GETs get an empty 200."""
     connections = 0
+    last_reset = 0.0
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
+        nonlocal connections, last_reset
         counted = False
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 if head.startswith(b"GET "):
-                    body = str(connections).encode() if head.startswith(b"GET /connections") else b""
+                    body = (str(connections) if head.startswith(b"GET /connections") else
+                            repr(last_reset) if head.startswith(b"GET /last-reset") else "").encode()
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
                     await writer.drain()
                     continue
@@ -95,6 +99,7 @@ async def serve_upstream(port: int) -> None:
                         await asyncio.sleep(body["reset_after"])
                         sock = writer.get_extra_info("socket")
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        last_reset = time.monotonic()
                         writer.transport.abort()
                         return
                     if "huge" in body:
@@ -264,10 +269,10 @@ async def measure(upstream_port: int, servers: dict[str, int], pids: dict[str, i
     reset_request = json.dumps({**json.loads(REQUEST), "stream": True,
                                 "reset_after": RESET_AFTER}).encode()
     for kind in servers:
-        figures[kind, "reset"] = await timed(connections, kind, reset_request, RESET_GIVE_UP,
-                                             since_first_event=True)
-        if figures[kind, "reset"] is not None:
-            figures[kind, "reset"] -= RESET_AFTER
+        started = time.monotonic()
+        took = await timed(connections, kind, reset_request, RESET_GIVE_UP)
+        reset_at = float(await upstream_stats.request("GET", "/last-reset"))
+        figures[kind, "reset"] = None if took is None else started + took - reset_at
     for name, size in (("big event", BIG_EVENT_BYTES), ("huge event", HUGE_EVENT_BYTES)):
         request = json.dumps({**json.loads(REQUEST), "stream": True, "huge": size,
                               "events": 0}).encode()
@@ -278,22 +283,16 @@ async def measure(upstream_port: int, servers: dict[str, int], pids: dict[str, i
     return figures
 
 
-async def timed(connections: dict[str, Connection], kind: str, request: bytes, give_up: float,
-                since_first_event: bool = False) -> float | None:
+async def timed(connections: dict[str, Connection], kind: str, request: bytes,
+                give_up: float) -> float | None:
     """Seconds until the answer ends (None: not within `give_up`, or the connection broke)."""
-    first: list[float] = []
-
-    def on_data(data: bytes) -> None:
-        if not first:
-            first.append(time.perf_counter())
-
-    started = time.perf_counter()
+    started = time.monotonic()
     try:
-        await asyncio.wait_for(connections[kind].post(request, on_data), give_up)
+        await asyncio.wait_for(connections[kind].post(request), give_up)
     except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
         connections[kind].close()  # reopened by the next call
         return None
-    return time.perf_counter() - (first[0] if since_first_event and first else started)
+    return time.monotonic() - started
 
 
 # --- processes -------------------------------------------------------------------------------------
