@@ -1752,11 +1752,7 @@ class UpstreamCall:
 
     def error_body(self, body: bytes) -> dict[str, Any]:
         """The upstream's error reply in OpenAI's shape, keeping what it said."""
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            parsed = None
-        error = parsed.get("error") if isinstance(parsed, dict) else None
+        error = _error_member(body)
         if isinstance(error, dict) and isinstance(error.get("message"), str):
             shaped = dict(error)  # fields beyond OpenAI's four are kept: they may help
             for key in ("param", "code"):
@@ -1899,13 +1895,18 @@ def _error_reason(error: BaseException | None) -> str:
     return reason[:1].lower() + reason[1:]
 
 
-def _upstream_said(body: bytes) -> str:
-    """The message in an upstream's error body, whatever its shape (at most 500 characters)."""
+def _error_member(body: bytes) -> Any:
+    """The `error` of an upstream's JSON error body (None if there is none)."""
     try:
         parsed = json.loads(body)
     except ValueError:
-        parsed = None
-    error = parsed.get("error") if isinstance(parsed, dict) else None
+        return None
+    return parsed.get("error") if isinstance(parsed, dict) else None
+
+
+def _upstream_said(body: bytes) -> str:
+    """The message in an upstream's error body, whatever its shape (at most 500 characters)."""
+    error = _error_member(body)
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         return error["message"][:500]
     if isinstance(error, str):

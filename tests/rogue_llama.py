@@ -25,7 +25,6 @@ import asyncio
 import json
 import socket
 import struct
-import sys
 
 stats = {"connections": 0, "open": 0, "requests": 0, "authorization": None}
 COMPLETION_HEAD = {"id": "chatcmpl-rogue", "created": 1767225600}

@@ -23,7 +23,7 @@ import tornado.httpserver
 import tornado.testing
 
 import ozwell
-from conftest import API_KEY, AUTH, free_port
+from conftest import free_port, raw_chat_post
 from test_chat import HELLO, assert_valid, post_chat, sse_events
 
 
@@ -65,28 +65,6 @@ def settings(tmp_path, rogue):
 @pytest.fixture(scope="module")
 def registry():
     return ozwell.SchemaRegistry.load()
-
-
-@pytest.fixture
-def ozwell_with(io_loop, tmp_path, rogue):
-    """Serve another Ozwell app with settings of the test's choosing; returns its base URL."""
-    servers = []
-
-    def serve(**overrides) -> str:
-        values = {"data_dir": str(tmp_path / "data"), "llama_base_url": rogue.url, **overrides}
-        sock, port = tornado.testing.bind_unused_port()
-        server = tornado.httpserver.HTTPServer(ozwell.make_app(ozwell.Settings(**values)))
-        server.add_sockets([sock])
-        servers.append(server)
-        return f"http://127.0.0.1:{port}"
-
-    yield serve
-    for server in servers:
-        server.stop()
-
-
-def sdk(base_url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0)
 
 
 def contents(events) -> list:
@@ -236,24 +214,22 @@ async def test_a_stream_the_backend_stops_sending_ends_after_the_idle_timeout(
 
 
 @pytest.mark.gen_test
-async def test_a_plain_answer_the_backend_stops_sending_is_a_504(ozwell_with):
+async def test_a_plain_answer_the_backend_stops_sending_is_a_504(ozwell_with, sdk):
     api = sdk(ozwell_with(upstream_idle_timeout=0.5))
     with pytest.raises(openai.APIStatusError) as caught:
         await api.chat.completions.create(model="llama3", messages=HELLO,
                                           extra_body={"rogue": {"stall_body": True}})
     assert caught.value.status_code == 504 and caught.value.body["code"] == "upstream_timeout"
     assert "OZWELL_UPSTREAM_IDLE_TIMEOUT" in caught.value.body["message"]
-    await api.close()
 
 
 @pytest.mark.gen_test
-async def test_each_byte_from_the_backend_restarts_the_idle_timeout(ozwell_with):
+async def test_each_byte_from_the_backend_restarts_the_idle_timeout(ozwell_with, sdk):
     api = sdk(ozwell_with(upstream_idle_timeout=1.5))
     stream = await api.chat.completions.create(model="llama3", messages=HELLO, stream=True,
                                                extra_body={"rogue": {"events": 25, "interval": 0.1}})
     text = "".join([c.choices[0].delta.content or "" async for c in stream])
     assert text == "".join(f"w{n} " for n in range(25))
-    await api.close()
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -263,14 +239,7 @@ async def test_a_slow_reader_does_not_count_against_the_backend(ozwell_with):
     base = ozwell_with(upstream_idle_timeout=0.5)
     body = json.dumps({"model": "llama3", "messages": HELLO, "stream": True,
                        "rogue": {"huge_event": 8_000_000}}).encode()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", int(base.rsplit(":", 1)[1])))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    await reader.readuntil(b"\r\n\r\n")
+    reader, writer = await raw_chat_post(base, body)
     await asyncio.sleep(2)
     received = bytearray()
     while not received.endswith(b"0\r\n\r\n"):
@@ -398,12 +367,11 @@ async def test_a_large_event_under_the_limit_arrives_whole(http_client, base_url
 # --- nothing secret reaches clients -------------------------------------------------------------
 
 @pytest.mark.gen_test
-async def test_credentials_in_the_base_url_are_never_shown(ozwell_with, caplog):
+async def test_credentials_in_the_base_url_are_never_shown(ozwell_with, sdk, caplog):
     dead = free_port()
     api = sdk(ozwell_with(llama_base_url=f"http://someone:hunter2@127.0.0.1:{dead}/v1"))
     with pytest.raises(openai.InternalServerError) as caught:
         await api.chat.completions.create(model="llama3", messages=HELLO)
-    await api.close()
     assert caught.value.status_code == 502
     assert "hunter2" not in json.dumps(caught.value.body) and "someone" not in json.dumps(caught.value.body)
     logged = "\n".join(r.getMessage() for r in caplog.records)
@@ -411,11 +379,10 @@ async def test_credentials_in_the_base_url_are_never_shown(ozwell_with, caplog):
 
 
 @pytest.mark.gen_test
-async def test_credentials_in_the_base_url_are_sent_as_basic_auth(ozwell_with, rogue):
+async def test_credentials_in_the_base_url_are_sent_as_basic_auth(ozwell_with, sdk, rogue):
     base = rogue.url.replace("http://", "http://someone:hunter%32@")
     api = sdk(ozwell_with(llama_base_url=base))
     await api.chat.completions.create(model="llama3", messages=HELLO)
-    await api.close()
     assert (await rogue.stats())["authorization"] == "Basic " + base64.b64encode(b"someone:hunter2").decode()
 
 
