@@ -390,7 +390,7 @@ def test_the_start_banner_shows_no_credentials(server_process):
     dead = free_port()
     server = server_process(env={"LLAMA_BASE_URL": f"http://someone:hunter2@127.0.0.1:{dead}/v1"})
     server.stop()
-    logged = server.process.stderr.read()
+    logged = server.process.stdout.read() + server.process.stderr.read()
     assert f"upstream: http://127.0.0.1:{dead}/v1" in logged
     assert f"upstream http://127.0.0.1:{dead}/v1 is not reachable" in logged
     assert "hunter2" not in logged and "someone" not in logged
