@@ -2791,7 +2791,11 @@ class UpstreamCall:
         if self._reader_busy:
             self._heard_at = now
         if now - self._heard_at < limit:
-            self._silence_timer = self._loop.call_at(self._heard_at + limit, self.watch_silence)
+            # Looked at again within an idle timeout at most: the limit shrinks once headers
+            # are in, and this saves re-arming the timer for each answer.
+            self._silence_timer = self._loop.call_at(
+                min(self._heard_at + limit, now + settings.upstream_idle_timeout),
+                self.watch_silence)
             return
         if limit == self.upstream.quiet_limit:
             self._failure = self.upstream_error(
@@ -2815,7 +2819,6 @@ class UpstreamCall:
             self.status = tornado.httputil.parse_response_start_line(line.strip()).code
         elif line == "\r\n":
             self._stop_waiting_for_headers()
-            self.watch_silence()  # from now on the idle timeout applies
         else:
             self.headers.parse_line(line)
 
