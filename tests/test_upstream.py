@@ -23,8 +23,8 @@ import tornado.httpserver
 import tornado.testing
 
 import ozwell
-from conftest import free_port, raw_chat_post
-from test_chat import HELLO, assert_valid, post_chat, sse_events
+from conftest import assert_valid, free_port, raw_chat_post
+from test_chat import HELLO, post_chat, sse_events
 
 
 class Rogue:
