@@ -214,6 +214,27 @@ async def test_a_stream_the_backend_stops_sending_ends_after_the_idle_timeout(
 
 
 @pytest.mark.gen_test
+async def test_a_backend_that_does_not_take_the_connection_in_time_is_a_504(ozwell_with, sdk):
+    # A listener whose backlog is full: the kernel drops the next connection's SYN.
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        waiting = [socket.socket() for _ in range(3)]
+        for sock in waiting:
+            sock.setblocking(False)
+            sock.connect_ex(full.getsockname())
+        await asyncio.sleep(0.2)
+        api = sdk(ozwell_with(llama_base_url=f"http://127.0.0.1:{full.getsockname()[1]}/v1",
+                              upstream_connect_timeout=0.5))
+        with pytest.raises(openai.APIStatusError) as caught:
+            await api.chat.completions.create(model="llama3", messages=HELLO)
+        for sock in waiting:
+            sock.close()
+    assert caught.value.status_code == 504 and caught.value.body["code"] == "upstream_timeout"
+    assert "OZWELL_UPSTREAM_CONNECT_TIMEOUT" in caught.value.body["message"]
+
+
+@pytest.mark.gen_test
 async def test_a_plain_answer_the_backend_stops_sending_is_a_504(ozwell_with, sdk):
     api = sdk(ozwell_with(upstream_idle_timeout=0.5))
     with pytest.raises(openai.APIStatusError) as caught:
