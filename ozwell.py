@@ -31,7 +31,9 @@ import errno
 import functools
 import gzip
 import hashlib
+import hmac
 import importlib.resources
+import io
 import json
 import logging
 import math
@@ -42,13 +44,14 @@ import re
 import shlex
 import signal
 import socket
+import ssl
 import struct
 import threading
 import time
 import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 import jsonschema.exceptions
@@ -59,6 +62,7 @@ import tornado.ioloop
 import tornado.iostream
 import tornado.netutil
 import tornado.simple_httpclient
+import tornado.tcpclient
 import tornado.web
 
 if os.name == "nt":  # file locks for the files store
@@ -73,6 +77,7 @@ __all__ = [
     "BaseHandler",
     "EventStream",
     "HashedEmbedder",
+    "KeepAliveHTTPClient",
     "Settings",
     "SettingsError",
     "SchemaRegistry",
@@ -94,6 +99,7 @@ __all__ = [
 
 log = logging.getLogger("ozwell")
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+T = TypeVar("T")
 
 MiB = 1024 * 1024
 
@@ -144,6 +150,10 @@ class Settings:
     upstream_header_timeout: float = _setting(
         300.0, "OZWELL_UPSTREAM_HEADER_TIMEOUT",
         "seconds to wait for the upstream's response headers (then 504)", float)
+    upstream_idle_timeout: float = _setting(
+        60.0, "OZWELL_UPSTREAM_IDLE_TIMEOUT",
+        "seconds the upstream may send nothing once it has answered (then 504, or an error "
+        "event in a stream)", float)
     keepalive_seconds: float = _setting(
         15.0, "OZWELL_KEEPALIVE_SECONDS", "idle seconds before a `: keep-alive` line on a stream",
         float)
@@ -204,6 +214,16 @@ class Settings:
             raise SettingsError("must be a positive number of seconds", setting="idle_timeout")
         if self.access_log not in ("on", "off"):
             raise SettingsError("is not valid: use on or off", setting="access_log")
+        try:
+            upstream = urllib.parse.urlsplit(self.llama_base_url)
+            usable = upstream.scheme in ("http", "https") and upstream.hostname and (
+                upstream.port or 0) >= 0
+        except ValueError:  # a bad port or a broken IPv6 address
+            usable = False
+        if not usable:  # said here, not by the generic naming, which would show credentials
+            raise SettingsError(
+                f"LLAMA_BASE_URL={shlex.quote(without_userinfo(self.llama_base_url))} is not an "
+                "http:// or https:// URL (for Ollama: http://localhost:11434/v1)")
 
 
 class SettingsError(Exception):
@@ -339,6 +359,10 @@ SERVER_ERROR_MESSAGE = ("The server had an error while processing your request (
                         "The details are in the server's log.")
 
 
+def server_error(request_id: str, status: int = 500) -> APIError:
+    return APIError(status, SERVER_ERROR_MESSAGE.format(request_id), type="server_error")
+
+
 # =============================================================================
 # Schemas
 # =============================================================================
@@ -358,13 +382,18 @@ class SchemaRegistry:
 
     def __init__(self, schemas: Mapping[str, dict]) -> None:
         self.schemas = dict(schemas)
-        store = {f"{name}.json": schema for name, schema in self.schemas.items()}
-        self._validators = {
-            name: jsonschema.Draft202012Validator(
-                schema, resolver=jsonschema.RefResolver(f"{name}.json", schema, store=store))
-            for name, schema in self.schemas.items()}
+        self._store = {f"{name}.json": schema for name, schema in self.schemas.items()}
+        self._validators = self._made_validators()
+        # A validator's reference resolver keeps a stack of scopes while it validates, so a
+        # worker thread (large requests are validated off the event loop) has its own.
+        self._thread_validators = threading.local()
         compiler = SchemaCheck(self.schemas)
         self.checks = {name: compiler.check(name) for name in self.schemas}
+
+    def _made_validators(self) -> dict[str, jsonschema.Draft202012Validator]:
+        return {name: jsonschema.Draft202012Validator(schema, resolver=jsonschema.RefResolver(
+                    f"{name}.json", schema, store=self._store))
+                for name, schema in self.schemas.items()}
 
     @classmethod
     def load(cls) -> SchemaRegistry:
@@ -375,7 +404,12 @@ class SchemaRegistry:
         return cls(found)
 
     def errors(self, name: str, instance: Any) -> Iterator[jsonschema.exceptions.ValidationError]:
-        return self._validators[name].iter_errors(instance)
+        validators = self._validators
+        if threading.current_thread() is not threading.main_thread():
+            validators = getattr(self._thread_validators, "validators", None)
+            if validators is None:
+                validators = self._thread_validators.validators = self._made_validators()
+        return validators[name].iter_errors(instance)
 
     def validate(self, name: str, instance: Any) -> None:
         """Raise a 400 APIError naming the first offending field, as OpenAI does."""
@@ -676,22 +710,40 @@ def _api_error_from_validation(error: jsonschema.exceptions.ValidationError) -> 
         message = (f"Invalid type for {where}: expected {expected}, "
                    f"but got {_describe_json_type(error.instance)} instead.")
         return APIError(400, message, param=param, code="invalid_type")
+    if error.validator == "enum" and error.validator_value == [None]:
+        # A field this request cannot have (with these other values): the schema says why.
+        message = f"{where} cannot be set in this request. {error.schema.get('description', '')}"
+        return APIError(400, message.strip(), param=param, code="invalid_value")
     if error.validator == "enum":
         allowed = ", ".join(json.dumps(v) for v in error.validator_value)
-        message = (f"Invalid value for {where}: {json.dumps(error.instance)}. "
+        message = (f"Invalid value for {where}: {_shown_value(error.instance)}. "
                    f"Supported values are: {allowed}.")
         return APIError(400, message, param=param, code="invalid_value")
     if error.validator == "const":
-        message = (f"Invalid value for {where}: {json.dumps(error.instance)}. "
+        message = (f"Invalid value for {where}: {_shown_value(error.instance)}. "
                    f"It must be {json.dumps(error.validator_value)}.")
         return APIError(400, message, param=param, code="invalid_value")
     if error.validator in ("minItems", "maxItems", "minLength", "maxLength"):
         return _length_error(error, where, param)
     if error.validator == "additionalProperties":
-        return APIError(400, f"Invalid parameter in {where}: {error.message}.", param=param,
-                        code="unknown_parameter")
-    return APIError(400, f"Invalid value for {where}: {error.message}.", param=param,
+        return APIError(400, f"Invalid parameter in {where}: {_clipped(error.message, 300)}.",
+                        param=param, code="unknown_parameter")
+    return APIError(400, f"Invalid value for {where}: {_clipped(error.message, 300)}.", param=param,
                     code="invalid_value")
+
+
+# How much of a refused value an error message quotes; OpenAI cuts long ones too.
+SHOWN_VALUE_CHARS = 100
+
+
+def _shown_value(value: Any) -> str:
+    return _clipped(json.dumps(value))
+
+
+def _clipped(text: str, limit: int = SHOWN_VALUE_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _length_error(error: jsonschema.exceptions.ValidationError, where: str,
@@ -1617,6 +1669,12 @@ MODELS_CREATED_AT = 1767225600
 # at most six letters or digits (a longer word makes several tokens), or one punctuation mark,
 # together with the white space before it. Joining the tokens gives back the text exactly.
 TOKEN_PATTERN = re.compile(r"\s*(?:\w{1,6}|[^\w\s])|\s+")
+# Where one token surely ends and the next begins: before white space that follows a word or
+# a mark, and after a mark.
+_TOKEN_END = re.compile(r"(?<=\S)(?=\s)|(?<=[^\w\s])")
+# A long text is counted this many characters at a time (cut where a token ends), so that
+# counting holds neither much memory nor the interpreter for long.
+_COUNT_SLICE_CHARS = 1 << 16
 
 
 def tokenize(text: str) -> list[str]:
@@ -1624,7 +1682,14 @@ def tokenize(text: str) -> list[str]:
 
 
 def count_tokens(text: str) -> int:
-    return sum(1 for _ in TOKEN_PATTERN.finditer(text))
+    count, start = 0, 0
+    while len(text) - start > _COUNT_SLICE_CHARS:
+        cut = _TOKEN_END.search(text, start + _COUNT_SLICE_CHARS)
+        if cut is None:
+            break
+        count += TOKEN_PATTERN.subn("", text[start:cut.start()])[1]  # subn counts in C
+        start = cut.start()
+    return count + TOKEN_PATTERN.subn("", text[start:] if start else text)[1]
 
 
 _VOCABULARY = (
@@ -1725,11 +1790,6 @@ def message_text(content: str | list[dict[str, Any]] | None) -> str:
                      if part.get("type") in ("text", "input_text", "output_text"))
 
 
-def conversation_seed(model: str, turns: Sequence[Turn], variant: int = 0) -> bytes:
-    return hashlib.sha256(json.dumps(
-        [model, [turn.seed_material() for turn in turns], variant]).encode()).digest()
-
-
 def prompt_token_count(turns: Sequence[Turn]) -> int:
     """What the model read: every turn's text and the arguments of the calls it made."""
     return sum(count_tokens(turn.text) + sum(count_tokens(call.arguments)
@@ -1746,8 +1806,65 @@ def deterministic_reply(model: str, conversation: Sequence[Turn | tuple[str, str
     each tool called since, so an agent loop ends with an answer built on its tools; `variant`
     tells apart the n choices of one chat request.
     """
-    turns = [_as_turn(turn) for turn in conversation]
-    seed = conversation_seed(model, turns, variant)
+    return _text_reply(Reading(model, [_as_turn(turn) for turn in conversation]), max_tokens,
+                       variant)
+
+
+class Reading:
+    """What the offline model reads of a conversation, once for all the choices of a request:
+    its prompt tokens, and the hash every choice's seed goes on from. However long the
+    conversation, it is read in bounded pieces."""
+
+    def __init__(self, model: str, turns: Sequence[Turn]) -> None:
+        self.model = model
+        self.turns = turns
+        self.prompt_tokens = prompt_token_count(turns)
+        self._digest = _conversation_digest(model, turns)
+
+    def seed(self, variant: int) -> bytes:
+        """SHA-256 of `json.dumps([model, [turn.seed_material() ...], variant])`."""
+        digest = self._digest.copy()
+        digest.update(f"{json.dumps(variant)}]".encode())
+        return digest.digest()
+
+
+# Texts are turned into JSON and hashed this many characters at a time.
+_SEED_PIECE_CHARS = 1 << 18
+
+
+def _conversation_digest(model: str, turns: Sequence[Turn]) -> Any:
+    """SHA-256 fed with `json.dumps([model, [turn.seed_material() ...], variant])` up to the
+    variant, a bounded piece at a time (never the whole conversation as one string)."""
+    digest = hashlib.sha256(f"[{json.dumps(model)}, [".encode())
+    separator, start = "", 0
+    while start < len(turns):
+        end, size = start, 0
+        while end < len(turns) and size + _turn_size(turns[end]) <= _SEED_PIECE_CHARS:
+            size += _turn_size(turns[end])
+            end += 1
+        if end > start:  # turns that fit in a piece together
+            materials = [turn.seed_material() for turn in turns[start:end]]
+            digest.update((separator + json.dumps(materials)[1:-1]).encode())
+        else:  # one turn longer than a piece: JSON escapes each character on its own
+            role, text, *calls = turns[start].seed_material()
+            digest.update(f'{separator}[{json.dumps(role)}, "'.encode())
+            for at in range(0, len(text), _SEED_PIECE_CHARS):
+                digest.update(json.dumps(text[at:at + _SEED_PIECE_CHARS])[1:-1].encode())
+            closing = '"' + "".join([f", {json.dumps(rest)}" for rest in calls]) + "]"
+            digest.update(closing.encode())
+            end = start + 1
+        separator, start = ", ", end
+    digest.update(b"], ")
+    return digest
+
+
+def _turn_size(turn: Turn) -> int:
+    return len(turn.text) + sum(len(call.arguments) for call in turn.tool_calls)
+
+
+def _text_reply(reading: Reading, max_tokens: int | None, variant: int) -> Generation:
+    turns = reading.turns
+    seed = reading.seed(variant)
     last_user = next((turn.text for turn in reversed(turns) if turn.role == "user"), "")
     quoted = _shortened(last_user, 160)
     length = 12 + seed[0] % 13
@@ -1756,13 +1873,24 @@ def deterministic_reply(model: str, conversation: Sequence[Turn | tuple[str, str
     results = "".join(f'{name} returned "{_shortened(output, 300)}". '
                       for name, output in tool_results(turns))
     text = (f'You said: "{quoted}". ' if quoted else "") + results + (
-        f"Here is a deterministic answer from {model} (turn {len(turns)}): {sentence}.")
-    return _cut(tokenize(text), max_tokens, prompt_token_count(turns))
+        f"Here is a deterministic answer from {reading.model} (turn {len(turns)}): {sentence}.")
+    return _cut(tokenize(text), max_tokens, reading.prompt_tokens)
+
+
+_NON_SPACE = re.compile(r"\S+")
 
 
 def _shortened(text: str, limit: int) -> str:
-    """The text on one line, at most `limit` characters."""
-    text = " ".join(text.split())
+    """The text on one line, at most `limit` characters. Only its first words are read."""
+    words: list[str] = []
+    length = -1
+    for match in _NON_SPACE.finditer(text):
+        start, end = match.span()
+        words.append(text[start:min(end, start + limit + 1)])
+        length += len(words[-1]) + 1
+        if length > limit:
+            break
+    text = " ".join(words)
     return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
 
 
@@ -2015,8 +2143,20 @@ def offline_reply(model: str, turns: Sequence[Turn], options: ReplyOptions,
     """The offline model's answer to a conversation: tool calls when the tool choice says so
     (see choose_tools), else text, or JSON when a format asks for it. Raises a 400 APIError for
     a schema it cannot satisfy."""
-    prompt_tokens = prompt_token_count(turns)
-    seed = conversation_seed(model, turns, variant)
+    return offline_replies(model, turns, options, (variant,))[0]
+
+
+def offline_replies(model: str, turns: Sequence[Turn], options: ReplyOptions,
+                    variants: Sequence[int]) -> list[Generation]:
+    """offline_reply() for each of `variants` (the n choices of a chat request): the
+    conversation is read once for them all."""
+    reading = Reading(model, turns)
+    return [_offline_reply(reading, options, variant) for variant in variants]
+
+
+def _offline_reply(reading: Reading, options: ReplyOptions, variant: int) -> Generation:
+    turns, prompt_tokens = reading.turns, reading.prompt_tokens
+    seed = reading.seed(variant)
     called = choose_tools(options, turns)
     if called:
         calls = tuple(ToolCall(new_id("call_"), tool.name, json_text(schema_instance(
@@ -2025,9 +2165,9 @@ def offline_reply(model: str, turns: Sequence[Turn], options: ReplyOptions,
         return _cut_calls(calls, options.max_tokens, prompt_tokens)
     json_format = options.json_format
     if json_format is None:
-        return deterministic_reply(model, turns, options.max_tokens, variant)
+        return _text_reply(reading, options.max_tokens, variant)
     if json_format.schema is None:
-        value: Any = {"answer": deterministic_reply(model, turns, None, variant).text}
+        value: Any = {"answer": _text_reply(reading, None, variant).text}
     else:
         value = schema_instance(json_format.schema, ValueSource(turns, seed),
                                 f"response_format '{json_format.name}'", json_format.param)
@@ -2856,36 +2996,511 @@ class EventStream:
 # Upstream client
 # =============================================================================
 
-# Tornado's client queues requests past `max_clients` (10 by default): for a proxy that would
-# make the eleventh concurrent stream wait for one of the first ten to end.
-UPSTREAM_MAX_CLIENTS = 10_000
+# Per upstream host. Past the first limit a request waits (within its connect timeout) for a
+# connection to free up; it is high so that long streams never hold up the next request.
+UPSTREAM_MAX_CONNECTIONS = 10_000
+UPSTREAM_IDLE_CONNECTIONS = 64
+# An idle connection older than this is closed rather than reused: a firewall or NAT on the way
+# may have dropped it without a word, and a request sent on it would wait for nothing.
+UPSTREAM_IDLE_KEEP_SECONDS = 30.0
+UPSTREAM_DNS_TTL_SECONDS = 30.0
+UPSTREAM_MAX_EVENT_BYTES = 16 * MiB     # one server-sent event of a relayed stream
+UPSTREAM_MAX_BODY_BYTES = 100 * MiB     # an answer read whole into memory
+UPSTREAM_MAX_HEADER_BYTES = 64 * 1024
+READ_PIECE_BYTES = 64 * 1024
+_CHUNK_SIZE = re.compile(rb"[0-9a-fA-F]{1,15}")
 
 UPSTREAM_UNAVAILABLE_FIX = ("Start it (for Ollama: `ollama serve`), or set LLAMA_BASE_URL to the "
                             "address of a running OpenAI-compatible server.")
+OUT_OF_DESCRIPTORS = ("this server has run out of file descriptors (too many open files). "
+                      "Raise its limit (`ulimit -n`), or send fewer requests at once.")
+
+
+def without_userinfo(url: str) -> str:
+    """`url` as it may be shown: a `user:password@` in it is a secret."""
+    return re.sub(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/?#]*@", r"\1", url, count=1)
+
+
+class CachingResolver(tornado.netutil.Resolver):
+    """Tornado's default resolver, each answer kept for `ttl` seconds; IP addresses skip it."""
+
+    def initialize(self, ttl: float) -> None:  # type: ignore[override]
+        self.ttl = ttl
+        self._resolver = tornado.netutil.DefaultLoopResolver()
+        self._answers: dict[tuple[str, int, int], tuple[float, asyncio.Future]] = {}
+
+    async def resolve(self, host: str, port: int,
+                      family: socket.AddressFamily = socket.AF_UNSPEC) -> list[tuple[int, Any]]:
+        if tornado.netutil.is_valid_ip(host):
+            return [(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port))]
+        key = (host, port, family)
+        now = time.monotonic()
+        cached = self._answers.get(key)
+        if cached is None or cached[0] <= now:
+            # Requests arriving together share one lookup.
+            lookup = asyncio.ensure_future(self._resolver.resolve(host, port, family))
+            cached = self._answers[key] = (now + self.ttl, lookup)
+        try:
+            return await asyncio.shield(cached[1])
+        except Exception:
+            if self._answers.get(key) is cached:
+                del self._answers[key]  # a failed lookup is tried again next time
+            raise
+
+    def close(self) -> None:
+        self._resolver.close()
+
+
+class KeepAliveHTTPClient(tornado.httpclient.AsyncHTTPClient):
+    """Tornado's AsyncHTTPClient interface over HTTP/1.1 connections kept alive, pooled per host.
+
+    Tornado's simple client opens a connection per request, and its pooling client needs pycurl,
+    which is compiled. Here a connection goes back to its host's pool once a whole response has
+    been read and both sides allow keep-alive; an error, a timeout or a cancelled fetch closes
+    it instead. A request's headers and body go out in one write; host names are resolved once
+    per `dns_ttl` seconds. A request that fails on a reused connection before any answer (the
+    server had closed it meanwhile) is sent once more on a new one.
+
+    Cancelling the future fetch() returns ends the request and closes its connection at once.
+    Redirects are not followed, nor answers decompressed; credentials go in the headers (a URL's
+    userinfo is ignored); TLS takes `ssl_options` or `validate_cert`; no body_producer, proxy or
+    100-continue.
+    """
+
+    def initialize(self, max_connections: int = UPSTREAM_MAX_CONNECTIONS,  # type: ignore[override]
+                   max_idle: int = UPSTREAM_IDLE_CONNECTIONS,
+                   idle_seconds: float = UPSTREAM_IDLE_KEEP_SECONDS,
+                   dns_ttl: float = UPSTREAM_DNS_TTL_SECONDS,
+                   defaults: dict[str, Any] | None = None) -> None:
+        super().initialize(defaults={"follow_redirects": False, "decompress_response": False,
+                                     **(defaults or {})})
+        self.max_connections = max_connections
+        self.max_idle = max_idle
+        self.idle_seconds = idle_seconds
+        self.resolver = CachingResolver(ttl=dns_ttl)
+        self.tcp = tornado.tcpclient.TCPClient(resolver=self.resolver)
+        self._pools: dict[tuple[str, str, int], _HostPool] = {}
+        self._tls: dict[bool, ssl.SSLContext] = {}
+        self._started: _Exchange | None = None
+
+    def fetch(self, request: str | tornado.httpclient.HTTPRequest, raise_error: bool = True,
+              **kwargs: Any) -> asyncio.Future[tornado.httpclient.HTTPResponse]:
+        """As AsyncHTTPClient.fetch; cancelling the future it returns ends the request."""
+        future = super().fetch(request, raise_error=raise_error, **kwargs)
+        # fetch_impl has just started the exchange (the base class hands it no future).
+        exchange, self._started = self._started, None
+        assert exchange is not None
+        future.add_done_callback(exchange.on_fetch_done)
+        return future
+
+    def fetch_impl(self, request: tornado.httpclient.HTTPRequest,
+                   callback: Callable[[tornado.httpclient.HTTPResponse], None]) -> None:
+        for option in ("follow_redirects", "decompress_response", "body_producer",
+                       "proxy_host", "expect_100_continue"):
+            if getattr(request, option):
+                raise ValueError(f"KeepAliveHTTPClient does not support {option}")
+        self._started = _Exchange(self, request, callback)
+
+    def pool(self, scheme: str, host: str, port: int) -> _HostPool:
+        key = (scheme, host, port)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = _HostPool(self)
+        return pool
+
+    def tls(self, request: tornado.httpclient.HTTPRequest) -> ssl.SSLContext | dict[str, Any]:
+        if request.ssl_options is not None:
+            return request.ssl_options
+        verify = bool(request.validate_cert)
+        if verify not in self._tls:
+            context = ssl.create_default_context()
+            if not verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._tls[verify] = context
+        return self._tls[verify]
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close_idle()
+        self.tcp.close()
+        self.resolver.close()
+        super().close()
+
+
+class _HostPool:
+    """One host's connections: the idle ones (newest last) and a cap on those in use."""
+
+    def __init__(self, client: KeepAliveHTTPClient) -> None:
+        self.client = client
+        self.idle: list[tuple[tornado.iostream.IOStream, float]] = []
+        self.in_use = asyncio.Semaphore(client.max_connections)
+
+    def take(self) -> tornado.iostream.IOStream | None:
+        while self.idle:
+            stream, since = self.idle.pop()
+            stream.set_close_callback(None)
+            if not stream.closed() and time.monotonic() - since < self.client.idle_seconds:
+                return stream
+            stream.close()
+        return None
+
+    def give_back(self, stream: tornado.iostream.IOStream) -> None:
+        if len(self.idle) >= self.client.max_idle:
+            stream.close()
+            return
+        entry = (stream, time.monotonic())
+        # Watching for the close also reads: a server that drops an idle connection is seen.
+        stream.set_close_callback(functools.partial(self._closed_while_idle, entry))
+        self.idle.append(entry)
+
+    def _closed_while_idle(self, entry: tuple[tornado.iostream.IOStream, float]) -> None:
+        with contextlib.suppress(ValueError):
+            self.idle.remove(entry)
+
+    def close_idle(self) -> None:
+        for stream, _ in self.idle:
+            stream.set_close_callback(None)
+            stream.close()
+        self.idle.clear()
+
+
+class _Exchange:
+    """One request of a KeepAliveHTTPClient: a connection taken or made, the request written in
+    one piece, the response read.
+
+    The body is read here rather than by Tornado's HTTP1Connection, which drops the bytes it has
+    gathered for delivery when the connection closes (a reset mid-stream would lose the events
+    just before it). Small pieces that arrive together are handed on together, before any read
+    that must wait for the network and before an error is reported.
+    """
+
+    def __init__(self, client: KeepAliveHTTPClient, request: tornado.httpclient.HTTPRequest,
+                 callback: Callable[[tornado.httpclient.HTTPResponse], None]) -> None:
+        self.client = client
+        self.request = request
+        self.callback = callback
+        # Read once: each look-up on Tornado's request proxy is a Python call.
+        self.header_callback = request.header_callback
+        self.streaming_callback = request.streaming_callback
+        self.started = time.monotonic()
+        self.start_line: tornado.httputil.ResponseStartLine | None = None
+        self.headers: tornado.httputil.HTTPHeaders | None = None
+        self.body = bytearray()
+        self.cancelled = False
+        self.failure: BaseException | None = None  # a timeout
+        self.stream: tornado.iostream.IOStream | None = None
+        self._held: list[bytes] = []
+        self._held_size = 0
+        self._in_callback = False
+        self.task = asyncio.ensure_future(self._run())
+
+    def on_fetch_done(self, future: asyncio.Future) -> None:
+        if not future.cancelled() or self.task.done():
+            return
+        self.cancelled = True
+        if self.stream is not None:
+            self.stream.close()  # the server sees the disconnect now
+        if not self._in_callback:  # a callback of the caller's is left to return by itself
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        timer = None
+        if self.request.request_timeout:
+            timer = asyncio.get_running_loop().call_later(
+                self.request.request_timeout, self._time_out)
+        try:
+            response = await self._exchange()
+        except (Exception, asyncio.CancelledError) as error:
+            if isinstance(error, asyncio.CancelledError) and self.failure is None:
+                return  # the fetch was cancelled: nobody waits for an answer
+            if isinstance(error, tornado.iostream.StreamClosedError):
+                error = error.real_error or tornado.simple_httpclient.HTTPStreamClosedError(
+                    "Connection closed")
+            response = self._response(599, error=self.failure or error)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        self.callback(response)
+
+    def _time_out(self) -> None:
+        self.failure = tornado.simple_httpclient.HTTPTimeoutError("Timeout during request")
+        if self.stream is not None:
+            self.stream.close()
+        elif not self._in_callback:
+            self.task.cancel()
+
+    async def _exchange(self) -> tornado.httpclient.HTTPResponse:
+        url = urllib.parse.urlsplit(self.request.url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("not an http:// or https:// URL with a host")
+        port = url.port or (443 if url.scheme == "https" else 80)
+        pool = self.client.pool(url.scheme, url.hostname, port)
+        if pool.in_use.locked():
+            try:
+                await asyncio.wait_for(pool.in_use.acquire(), self.request.connect_timeout or None)
+            except TimeoutError:
+                raise tornado.simple_httpclient.HTTPTimeoutError(
+                    "Timeout waiting for a free connection") from None
+        else:
+            await pool.in_use.acquire()
+        try:
+            request = self._request_bytes(url)
+            stream = pool.take()
+            if stream is not None:
+                try:
+                    return await self._send(pool, stream, request)
+                except tornado.iostream.StreamClosedError:
+                    if self.start_line is not None or self.failure or self.cancelled:
+                        raise
+                    pool.close_idle()  # closed while idle: the others likely were too
+            return await self._send(pool, await self._connect(url, port), request)
+        finally:
+            pool.in_use.release()
+
+    def _request_bytes(self, url: urllib.parse.SplitResult) -> bytes:
+        request = self.request
+        headers = request.headers
+        headers["Host"] = url.netloc.rpartition("@")[2]
+        if request.user_agent:
+            headers["User-Agent"] = request.user_agent
+        if request.body is not None:
+            headers["Content-Length"] = str(len(request.body))
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        lines = [f"{request.method} {path} HTTP/1.1"]
+        lines.extend(f"{name}: {value}" for name, value in headers.get_all())
+        if any("\r" in line or "\n" in line for line in lines):
+            raise ValueError("A header or the URL holds a line break")
+        return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + (request.body or b"")
+
+    async def _connect(self, url: urllib.parse.SplitResult, port: int) -> tornado.iostream.IOStream:
+        try:
+            stream = await self.client.tcp.connect(
+                url.hostname or "", port,
+                ssl_options=self.client.tls(self.request) if url.scheme == "https" else None,
+                timeout=self.request.connect_timeout or None)
+        except TimeoutError as error:
+            raise tornado.simple_httpclient.HTTPTimeoutError(
+                str(error) or "Timeout while connecting") from None
+        stream.set_nodelay(True)
+        return stream
+
+    async def _send(self, pool: _HostPool, stream: tornado.iostream.IOStream,
+                    request: bytes) -> tornado.httpclient.HTTPResponse:
+        self.stream = stream
+        try:
+            if self.cancelled:
+                raise asyncio.CancelledError
+            # Not awaited: a server may answer (and close) before it has read the whole body.
+            stream.write(request).add_done_callback(lambda written: written.exception())
+            reusable = await self._read_response(stream)
+            if self.failure is not None:  # timed out: the close looked like a body's end
+                raise self.failure
+        except BaseException:
+            stream.close()
+            raise
+        if reusable and self._keeps_alive(stream):
+            pool.give_back(stream)
+        else:
+            stream.close()
+        assert self.start_line is not None
+        return self._response(self.start_line.code)
+
+    def _keeps_alive(self, stream: tornado.iostream.IOStream) -> bool:
+        assert self.start_line is not None and self.headers is not None
+        if stream.closed() or self.cancelled or self.failure:
+            return False
+        if self.request.headers.get("Connection", "").lower() == "close":
+            return False
+        said = self.headers.get("Connection", "").lower()
+        if self.start_line.version == "HTTP/1.1":
+            return said != "close"
+        return said == "keep-alive"
+
+    def _response(self, code: int, error: BaseException | None = None) -> tornado.httpclient.HTTPResponse:
+        return tornado.httpclient.HTTPResponse(
+            self.request, code, reason=self.start_line.reason if self.start_line else None,
+            headers=self.headers, buffer=io.BytesIO(self.body), error=error,
+            effective_url=self.request.url, request_time=time.monotonic() - self.started)
+
+    async def _read_response(self, stream: tornado.iostream.IOStream) -> bool:
+        """Read the answer; True when it ended where the connection can carry another."""
+        while True:
+            head = (await stream.read_until_regex(b"\r?\n\r?\n", max_bytes=UPSTREAM_MAX_HEADER_BYTES)
+                    ).decode("latin-1").lstrip("\r\n")
+            first_line, _, fields = head.partition("\n")
+            start_line = tornado.httputil.parse_response_start_line(first_line.rstrip("\r"))
+            if start_line.code >= 200:
+                break  # past interim answers (100 Continue)
+        self.start_line = start_line
+        self.headers = headers = tornado.httputil.HTTPHeaders.parse(fields)
+        if self.header_callback is not None:
+            self.header_callback("%s %s %s\r\n" % start_line)
+            for name, value in headers.get_all():
+                self.header_callback(f"{name}: {value}\r\n")
+            self.header_callback("\r\n")
+        if start_line.code in (204, 304) or self.request.method == "HEAD":
+            return True
+        limit = UPSTREAM_MAX_BODY_BYTES if self.streaming_callback is None else sys.maxsize
+        coding = headers.get("Transfer-Encoding", "").lower().rsplit(",", 1)[-1].strip()
+        if coding == "chunked":
+            reusable = await self._read_chunked(stream, limit)
+        elif "Content-Length" in headers and not coding:
+            # Repeated by some proxies ("12, 12"): fine as long as every copy agrees.
+            lengths = {value.strip() for value in headers["Content-Length"].split(",")}
+            length = lengths.pop() if len(lengths) == 1 else ""
+            if not re.fullmatch(r"[0-9]{1,18}", length):
+                raise tornado.httputil.HTTPInputError(
+                    f"Bad Content-Length: {headers['Content-Length']!r}")
+            await self._read_fixed(stream, int(length), limit)
+            reusable = True
+        else:  # the body ends where the connection does
+            await self._read_until_close(stream, limit)
+            reusable = False
+        await self._hand_on_held()
+        return reusable
+
+    async def _read_fixed(self, stream: tornado.iostream.IOStream, length: int, limit: int) -> None:
+        if length > limit:
+            raise tornado.httputil.HTTPInputError("Content-Length too long")
+        while length:
+            data = await self._read(stream.read_bytes, min(length, READ_PIECE_BYTES), True)
+            length -= len(data)
+            await self._take(data)
+
+    async def _read_chunked(self, stream: tornado.iostream.IOStream, limit: int) -> bool:
+        # Decoded from whole reads of what has arrived, not a read per chunk: a stream of small
+        # events is many chunks, and each IOStream read has a cost of its own.
+        data, at, total = b"", 0, 0
+
+        async def more() -> None:
+            nonlocal data, at
+            data = data[at:] + await self._read(stream.read_bytes, READ_PIECE_BYTES, True)
+            at = 0
+
+        while True:
+            line_end = data.find(b"\r\n", at)
+            if line_end < 0:
+                if len(data) - at > 64:
+                    raise tornado.httputil.HTTPInputError("Chunk size line too long")
+                await more()
+                continue
+            size_text = data[at:line_end].split(b";", 1)[0].strip()  # extensions are ignored
+            if not _CHUNK_SIZE.fullmatch(size_text):
+                raise tornado.httputil.HTTPInputError(f"Bad chunk size: {size_text[:64]!r}")
+            size = int(size_text, 16)
+            at = line_end + 2
+            if not size:
+                break
+            total += size
+            if total > limit:
+                raise tornado.httputil.HTTPInputError("Chunked body too large")
+            while len(data) - at < size + 2:
+                piece = data[at:at + size]  # handed on as it comes: a chunk may be huge
+                if piece:
+                    await self._take(piece)
+                    size -= len(piece)
+                    at += len(piece)
+                await more()
+            if data[at + size:at + size + 2] != b"\r\n":
+                raise tornado.httputil.HTTPInputError("Chunk not ended by CRLF")
+            if size:
+                await self._take(data[at:at + size])
+            at += size + 2
+        while True:  # trailer fields, up to an empty line
+            line_end = data.find(b"\r\n", at)
+            if line_end < 0:
+                if len(data) - at > UPSTREAM_MAX_HEADER_BYTES:
+                    raise tornado.httputil.HTTPInputError("Trailer too long")
+                await more()
+                continue
+            empty, at = line_end == at, line_end + 2
+            if empty:
+                return at == len(data)  # bytes past the answer: the connection is not reused
+
+    async def _read_until_close(self, stream: tornado.iostream.IOStream, limit: int) -> None:
+        total = 0
+        while True:
+            try:
+                data = await self._read(stream.read_bytes, READ_PIECE_BYTES, True)
+            except tornado.iostream.StreamClosedError as closed:
+                if closed.real_error is not None:
+                    raise
+                return
+            total += len(data)
+            if total > limit:
+                raise tornado.httputil.HTTPInputError("Body too large")
+            await self._take(data)
+
+    async def _read(self, read: Callable[..., asyncio.Future], *args: Any) -> bytes:
+        try:
+            future = read(*args)
+            if self._held and not future.done():
+                await self._hand_on_held()
+            return await future
+        except tornado.iostream.StreamClosedError:
+            await self._hand_on_held()  # what came before the close still reaches the caller
+            raise
+
+    async def _take(self, data: bytes) -> None:
+        if self.streaming_callback is None:
+            self.body += data
+            return
+        self._held.append(data)
+        self._held_size += len(data)
+        if self._held_size >= READ_PIECE_BYTES:
+            await self._hand_on_held()
+
+    async def _hand_on_held(self) -> None:
+        if not self._held:
+            return
+        data = b"".join(self._held)
+        self._held.clear()
+        self._held_size = 0
+        pending = self.streaming_callback(data)
+        if pending is not None:
+            self._in_callback = True
+            try:
+                await pending
+            finally:
+                self._in_callback = False
 
 
 class Upstream:
-    """The Llama backend, reached through one HTTP client per application.
-
-    Tornado's simple client opens a new connection per request (it has no keep-alive pool).
-    """
+    """The Llama backend, reached through one pooled HTTP client per application."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.base_url = settings.llama_base_url.rstrip("/")
-        self._client: tornado.simple_httpclient.SimpleAsyncHTTPClient | None = None
+        url = urllib.parse.urlsplit(settings.llama_base_url)
+        self.base_url = without_userinfo(settings.llama_base_url).rstrip("/")
+        self.headers = {"Content-Type": "application/json"}
+        if settings.llama_api_key:
+            self.headers["Authorization"] = f"Bearer {settings.llama_api_key}"
+        elif url.username is not None:  # a reverse proxy's basic auth, written into the URL
+            credentials = ":".join(urllib.parse.unquote(part or "")
+                                   for part in (url.username, url.password))
+            self.headers["Authorization"] = "Basic " + base64.b64encode(
+                credentials.encode()).decode()
+        self.calls: set[UpstreamCall] = set()
+        self.quiet_limit = math.inf  # set when the server stops: see stop()
+        self._client: KeepAliveHTTPClient | None = None
 
     @property
-    def client(self) -> tornado.simple_httpclient.SimpleAsyncHTTPClient:
+    def client(self) -> KeepAliveHTTPClient:
         # Made on first use: a client belongs to the event loop running when it is made, and
         # make_app() may run before the loop does.
         if self._client is None:
-            self._client = tornado.simple_httpclient.SimpleAsyncHTTPClient(
-                force_instance=True, max_clients=UPSTREAM_MAX_CLIENTS)
+            self._client = KeepAliveHTTPClient(force_instance=True)
         return self._client
 
     def call(self, path: str, body: bytes) -> UpstreamCall:
         return UpstreamCall(self, path, body)
+
+    def stop(self, quiet_seconds: float) -> None:
+        """The server is stopping: a call on which the backend stays silent this long ends now."""
+        self.quiet_limit = quiet_seconds
+        for call in list(self.calls):
+            call.watch_silence()
 
 
 Sink = Callable[[bytes], Awaitable[None] | None]
@@ -2895,10 +3510,13 @@ class UpstreamCall:
     """One POST to the upstream, read as it arrives.
 
     `open()` returns once the status and headers are in, or raises the failure as an APIError
-    (502: unreachable; 504: no headers within the header timeout). Then `read()` gives the whole
-    body, or `relay(sink)` hands the body to `sink` piece by piece and awaits each, so a slow
-    reader slows the upstream read. `abort()` closes the connection at any point, and the
-    upstream sees the disconnect at once.
+    (502: unreachable, refused this server's key, redirected; 504: no headers within the header
+    timeout). Then `read()` gives the whole body, or `relay(sink)` hands the body to `sink` piece
+    by piece and awaits each, so a slow reader slows the upstream read; both raise an APIError
+    when the upstream breaks off (502) or sends nothing for the idle timeout (504; time spent
+    waiting on the reader does not count). `abort()` closes the connection at any point, and the
+    upstream sees the disconnect at once. Messages name "the Llama backend"; its URL goes to the
+    log only.
     """
 
     def __init__(self, upstream: Upstream, path: str, body: bytes) -> None:
@@ -2908,20 +3526,20 @@ class UpstreamCall:
         self.status = 0
         self.headers = tornado.httputil.HTTPHeaders()
         self.aborted = False
-        loop = asyncio.get_running_loop()
-        self._headers_in: asyncio.Future[None] = loop.create_future()
-        self._sink_chosen: asyncio.Future[Sink | None] = loop.create_future()
+        self._loop = asyncio.get_running_loop()
+        self._headers_in: asyncio.Future[None] = self._loop.create_future()
+        self._sink_chosen: asyncio.Future[Sink | None] = self._loop.create_future()
         self._sink: Sink | None = None
-        self._connection: Any = None
         self._response: asyncio.Future[tornado.httpclient.HTTPResponse] | None = None
+        self._failure: APIError | None = None
+        self._heard_at = 0.0   # when the upstream last sent something (or was sent the request)
+        self._reader_busy = False
+        self._silence_timer: asyncio.TimerHandle | None = None
 
     async def open(self) -> None:
         settings = self.upstream.settings
-        headers = {"Content-Type": "application/json", "Content-Length": str(len(self.body))}
-        if settings.llama_api_key:
-            headers["Authorization"] = f"Bearer {settings.llama_api_key}"
         request = tornado.httpclient.HTTPRequest(
-            self.url, method="POST", headers=headers, body_producer=self._send_body,
+            self.url, method="POST", headers=self.upstream.headers, body=self.body,
             header_callback=self._on_header_line, streaming_callback=self._on_body_chunk,
             connect_timeout=settings.upstream_connect_timeout,
             request_timeout=0,  # none: it would count the whole of a live stream
@@ -2929,22 +3547,30 @@ class UpstreamCall:
             user_agent=f"ozwell/{__version__}")
         self._response = self.upstream.client.fetch(request, raise_error=False)
         self._response.add_done_callback(self._on_response_done)
-        timer = asyncio.get_running_loop().call_later(
-            settings.upstream_header_timeout, self._stop_waiting_for_headers)
-        try:
-            await self._headers_in
-        finally:
-            timer.cancel()
-        if self.status:
-            return
-        if not self._response.done():
+        self.upstream.calls.add(self)
+        self._heard_at = self._loop.time()
+        self.watch_silence()
+        await self._headers_in
+        if self._failure is not None:
+            raise self._failure
+        if not self.status:
+            raise self._failure_before_headers()
+        if 300 <= self.status < 400:
             self.abort()
-            raise APIError(504, f"The Llama backend at {self.url} sent no answer within "
-                                f"{settings.upstream_header_timeout:g} s "
-                                "(OZWELL_UPSTREAM_HEADER_TIMEOUT). It may still be loading the "
-                                "model, or be overloaded: try again, or raise the timeout.",
-                           type="server_error", code="upstream_timeout")
-        raise self._failure_before_headers(self._response.exception())
+            raise self.upstream_error(
+                502, f"The Llama backend answered with a redirect (HTTP {self.status}), which this "
+                     "server does not follow: set LLAMA_BASE_URL to the address it redirects to "
+                     "(the server's log names it).", "upstream_redirected",
+                f"redirects to {without_userinfo(self.headers.get('Location', '(no Location)'))}")
+        if self.status in (401, 403):
+            said = _upstream_said(await self.read())
+            key = ("refused the key this server sends (LLAMA_API_KEY)"
+                   if self.upstream.settings.llama_api_key else
+                   "wants a key, and this server sends none (LLAMA_API_KEY is empty)")
+            raise self.upstream_error(
+                502, f"The Llama backend {key}: HTTP {self.status}"
+                     f"{': ' + said if said else ''}. Set LLAMA_API_KEY to a key it accepts.",
+                "upstream_auth_failed", f"HTTP {self.status}")
 
     @property
     def is_event_stream(self) -> bool:
@@ -2952,38 +3578,120 @@ class UpstreamCall:
 
     async def read(self) -> bytes:
         received = bytearray()
-        await self.relay(received.extend)
+
+        def keep(chunk: bytes) -> None:
+            received.extend(chunk)
+            if len(received) > UPSTREAM_MAX_BODY_BYTES:
+                raise self.upstream_error(
+                    502, f"The Llama backend's answer is over {UPSTREAM_MAX_BODY_BYTES // MiB} MiB.",
+                    "upstream_invalid_response", "answer too large")
+
+        await self.relay(keep)
         return bytes(received)
 
+    def json(self, body: bytes) -> Any:
+        """A successful answer's body as JSON, or a 502 saying what came instead."""
+        content_type = self.headers.get("Content-Type", "")
+        problem = None
+        if "json" not in content_type:
+            problem = f"with {content_type or 'no content type'}, not JSON"
+        else:
+            try:
+                return json.loads(body)
+            except ValueError as error:
+                problem = f"with a body that is not JSON ({error})"
+        raise self.upstream_error(
+            502, f"The Llama backend answered {problem}: "
+                 f"{body[:200].decode('utf-8', 'replace')!r}.", "upstream_invalid_response", problem)
+
     async def relay(self, sink: Sink) -> None:
-        """Hand the body to `sink` as it arrives; raise a 502 APIError if the upstream breaks off."""
+        """Hand the body to `sink` as it arrives; raise an APIError if the upstream fails."""
         self._sink = sink
         self._sink_chosen.set_result(sink)
         assert self._response is not None
         try:
             await self._response
-        except Exception as error:  # Tornado raises every failure but an error status
+        except asyncio.CancelledError:
+            if self._failure is not None:
+                raise self._failure from None
             if not self.aborted:
-                raise APIError(502, f"The Llama backend at {self.url} broke off its answer: "
-                                    f"{_error_reason(error)}.",
-                               type="server_error", code="upstream_interrupted") from None
+                raise
+        except APIError:
+            raise  # the sink's own verdict (an event over the limit)
+        except Exception as error:
+            if self._failure is not None:
+                raise self._failure from None
+            raise self.upstream_error(
+                502, f"The Llama backend broke off its answer: {_error_reason(error)}.",
+                "upstream_interrupted", repr(error)) from None
 
     def abort(self) -> None:
         self.aborted = True
-        if self._connection is not None:
-            self._connection.close()
+        if self._response is not None:
+            self._response.cancel()  # the client closes the connection
         if not self._sink_chosen.done():
             self._sink_chosen.set_result(None)  # a read waiting for its sink drops its piece
 
-    async def _send_body(self, write: Callable[[bytes], Awaitable[None]]) -> None:
-        # Tornado hands a body producer the connection's own write method; holding on to that
-        # connection is what lets abort() close it while no callback of ours is running.
-        self._connection = getattr(write, "__self__", None)
-        if self.aborted:
-            raise tornado.iostream.StreamClosedError()
-        await write(self.body)
+    def error_body(self, body: bytes) -> dict[str, Any]:
+        """The upstream's error reply in OpenAI's shape, keeping what it said."""
+        error = _error_member(body)
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            shaped = dict(error)  # fields beyond OpenAI's four are kept: they may help
+            for key in ("param", "code"):
+                if not isinstance(shaped.get(key), str):
+                    shaped[key] = None
+            if not isinstance(shaped.get("type"), str):
+                shaped["type"] = _error_type(self.status)
+            if shaped["code"] is None:
+                shaped["code"] = _OPENAI_ERROR_CODES.get(shaped["type"])
+            return {"error": shaped}
+        log.warning("Llama backend %s answered HTTP %d", self.url, self.status)
+        message = f"The Llama backend answered HTTP {self.status}: " + (
+            _upstream_said(body) or tornado.httputil.responses.get(self.status, "no details")) + "."
+        if self.status == 404 and not isinstance(error, str):
+            message += (" Check that LLAMA_BASE_URL is the base of its OpenAI-compatible API "
+                        "(for Ollama: http://localhost:11434/v1).")
+        return {"error": {"message": message, "type": _error_type(self.status), "param": None,
+                          "code": "upstream_error"}}
+
+    def watch_silence(self) -> None:
+        """End the call once the upstream has sent nothing for too long (the timer re-arms itself)."""
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+            self._silence_timer = None
+        if self._response is None or self._response.done():
+            return
+        settings = self.upstream.settings
+        limit = settings.upstream_idle_timeout if self.status else settings.upstream_header_timeout
+        limit = min(limit, self.upstream.quiet_limit)
+        now = self._loop.time()
+        if self._reader_busy:
+            self._heard_at = now
+        if now - self._heard_at < limit:
+            # Looked at again within an idle timeout at most: the limit shrinks once headers
+            # are in, and this saves re-arming the timer for each answer.
+            self._silence_timer = self._loop.call_at(
+                min(self._heard_at + limit, now + settings.upstream_idle_timeout),
+                self.watch_silence)
+            return
+        if limit == self.upstream.quiet_limit:
+            self._failure = self.upstream_error(
+                504, f"This server is stopping, and the Llama backend has sent nothing for "
+                     f"{limit:g} s.", "upstream_timeout", "silent while stopping")
+        elif not self.status:
+            self._failure = self.upstream_error(
+                504, f"The Llama backend sent no answer within {limit:g} s "
+                     "(OZWELL_UPSTREAM_HEADER_TIMEOUT). It may still be loading the model, or be "
+                     "overloaded: try again, or raise the timeout.", "upstream_timeout",
+                "no headers in time")
+        else:
+            self._failure = self.upstream_error(
+                504, f"The Llama backend stopped sending: nothing arrived for {limit:g} s "
+                     "(OZWELL_UPSTREAM_IDLE_TIMEOUT).", "upstream_timeout", "silent too long")
+        self._response.cancel()
 
     def _on_header_line(self, line: str) -> None:
+        self._heard_at = self._loop.time()
         if not self.status:
             self.status = tornado.httputil.parse_response_start_line(line.strip()).code
         elif line == "\r\n":
@@ -2995,16 +3703,31 @@ class UpstreamCall:
         if not response.cancelled():
             response.exception()  # seen: relay() reports it when someone still listens
         self._stop_waiting_for_headers()
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+            self._silence_timer = None
+        self.upstream.calls.discard(self)
 
-    def _stop_waiting_for_headers(self, *_: Any) -> None:
+    def _stop_waiting_for_headers(self) -> None:
         if not self._headers_in.done():
             self._headers_in.set_result(None)
 
     def _on_body_chunk(self, chunk: bytes) -> Awaitable[None] | None:
+        self._heard_at = self._loop.time()
+        if self._sink is None:
+            return self._hold_read(self._deliver_once_chosen(chunk))
+        pending = self._sink(chunk)
         # Whatever the sink returns is awaited before the next read: that is the backpressure.
-        if self._sink is not None:
-            return self._sink(chunk)
-        return self._deliver_once_chosen(chunk)
+        return None if pending is None else self._hold_read(pending)
+
+    async def _hold_read(self, pending: Awaitable[None]) -> None:
+        # While our reader holds the read, the upstream's silence is not its own.
+        self._reader_busy = True
+        try:
+            await pending
+        finally:
+            self._reader_busy = False
+            self._heard_at = self._loop.time()
 
     async def _deliver_once_chosen(self, chunk: bytes) -> None:
         # Body bytes that came with the headers wait here (holding back the read) until the
@@ -3015,41 +3738,28 @@ class UpstreamCall:
             if pending is not None:
                 await pending
 
-    def _failure_before_headers(self, error: BaseException | None) -> APIError:
+    def _failure_before_headers(self) -> APIError:
+        assert self._response is not None
+        if self.aborted:  # our own client left: nobody to tell, nothing to log
+            return APIError(502, "The request was abandoned.", type="server_error")
+        error = self._response.exception()
         if isinstance(error, tornado.simple_httpclient.HTTPTimeoutError):
-            return APIError(504, f"Could not connect to the Llama backend at {self.url} within "
-                                 f"{self.upstream.settings.upstream_connect_timeout:g} s "
-                                 f"(OZWELL_UPSTREAM_CONNECT_TIMEOUT). {UPSTREAM_UNAVAILABLE_FIX}",
-                            type="server_error", code="upstream_timeout")
-        return APIError(502, f"Could not reach the Llama backend at {self.url}: "
-                             f"{_error_reason(error)}. {UPSTREAM_UNAVAILABLE_FIX}",
-                        type="server_error", code="upstream_unavailable")
+            return self.upstream_error(
+                504, "Could not connect to the Llama backend within "
+                     f"{self.upstream.settings.upstream_connect_timeout:g} s "
+                     f"(OZWELL_UPSTREAM_CONNECT_TIMEOUT). {UPSTREAM_UNAVAILABLE_FIX}",
+                "upstream_timeout", str(error))
+        if getattr(error, "errno", None) in (errno.EMFILE, errno.ENFILE):
+            message = f"Could not open a connection to the Llama backend: {OUT_OF_DESCRIPTORS}"
+        else:
+            message = (f"Could not reach the Llama backend: {_error_reason(error)}. "
+                       f"{UPSTREAM_UNAVAILABLE_FIX}")
+        return self.upstream_error(502, message, "upstream_unavailable", repr(error))
 
-    def error_body(self, body: bytes) -> dict[str, Any]:
-        """The upstream's error reply in OpenAI's shape, keeping what it said."""
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            parsed = None
-        error = parsed.get("error") if isinstance(parsed, dict) else None
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            shaped = dict(error)  # fields beyond OpenAI's four are kept: they may help
-            for key in ("param", "code"):
-                if not isinstance(shaped.get(key), str):
-                    shaped[key] = None
-            if not isinstance(shaped.get("type"), str):
-                shaped["type"] = _error_type(self.status)
-            if shaped["code"] is None:
-                shaped["code"] = _OPENAI_ERROR_CODES.get(shaped["type"])
-            return {"error": shaped}
-        said = error if isinstance(error, str) else body.decode("utf-8", "replace").strip()[:500]
-        message = f"The Llama backend at {self.url} answered HTTP {self.status}: " + (
-            said or tornado.httputil.responses.get(self.status, "no details")) + "."
-        if self.status == 404 and not isinstance(error, str):
-            message += (" Check that LLAMA_BASE_URL is the base of its OpenAI-compatible API "
-                        "(for Ollama: http://localhost:11434/v1).")
-        return {"error": {"message": message, "type": _error_type(self.status), "param": None,
-                          "code": "upstream_error"}}
+    def upstream_error(self, status: int, message: str, code: str, detail: str) -> APIError:
+        """An APIError for the client; the log gets the URL, which the client never sees."""
+        log.warning("Llama backend %s: %s (answered %d %s)", self.url, detail, status, code)
+        return APIError(status, message, type="server_error", code=code)
 
 
 # Upstream error types that OpenAI reports under a code of its own, which clients check for.
@@ -3061,9 +3771,32 @@ def _error_type(status: int) -> str:
 
 
 def _error_reason(error: BaseException | None) -> str:
-    if isinstance(error, tornado.iostream.StreamClosedError):
+    if isinstance(error, ConnectionResetError):
+        return "it reset the connection"
+    if isinstance(error, (tornado.iostream.StreamClosedError,
+                          tornado.simple_httpclient.HTTPStreamClosedError)):
         return "it closed the connection"
-    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+    reason = getattr(error, "strerror", None) or str(error or "") or type(error).__name__
+    return reason[:1].lower() + reason[1:]
+
+
+def _error_member(body: bytes) -> Any:
+    """The `error` of an upstream's JSON error body (None if there is none)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    return parsed.get("error") if isinstance(parsed, dict) else None
+
+
+def _upstream_said(body: bytes) -> str:
+    """The message in an upstream's error body, whatever its shape (at most 500 characters)."""
+    error = _error_member(body)
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"][:500]
+    if isinstance(error, str):
+        return error[:500]
+    return body.decode("utf-8", "replace").strip()[:500]
 
 
 class EventRelay:
@@ -3071,43 +3804,72 @@ class EventRelay:
 
     Bytes arrive cut anywhere; only complete events (ended by a blank line) are written, so a
     keep-alive comment or a closing error event never lands inside one. What arrived together
-    is written together, and flushed before the upstream is read again.
+    is written together, and flushed before the upstream is read again. An unfinished event is
+    kept and searched only where it grew (linear time however large), up to
+    UPSTREAM_MAX_EVENT_BYTES; an unfinished last event is passed on only if it is whole.
     """
 
     def __init__(self, call: UpstreamCall, stream: EventStream) -> None:
         self.call = call
         self.stream = stream
         self.done_sent = False
-        self._partial = b""
+        self._unfinished = bytearray()
 
     async def run(self) -> None:
         """Relay until the upstream ends, then make sure the stream ends with `[DONE]`."""
         await self.call.relay(self._feed)
         if self.call.aborted:
             return
-        if self._partial.strip():
-            await self.stream.send_raw(self._partial + b"\n\n")
+        if self._unfinished.strip():
+            await self._send_last(bytes(self._unfinished))
         if not self.done_sent:
             await self.stream.send("[DONE]")
 
     async def _feed(self, chunk: bytes) -> None:
-        data = self._partial + chunk if self._partial else chunk
-        end = _events_end(data)
-        self._partial = data[end:]
-        if not end:
-            return
-        events = data[:end]
+        if self._unfinished:
+            searched_from = max(0, len(self._unfinished) - 3)  # an end may straddle the pieces
+            self._unfinished += chunk
+            end = _events_end(self._unfinished, searched_from)
+            events = bytes(self._unfinished[:end])
+            del self._unfinished[:end]
+        else:
+            end = _events_end(chunk)
+            events = chunk[:end] if end < len(chunk) else chunk
+            self._unfinished += chunk[end:]
+        if events:
+            await self._send(events)
+        if len(self._unfinished) > UPSTREAM_MAX_EVENT_BYTES:
+            raise self.call.upstream_error(
+                502, f"The Llama backend sent an event over {UPSTREAM_MAX_EVENT_BYTES // MiB} MiB; "
+                     "the stream was ended there.", "upstream_invalid_response", "event too large")
+
+    async def _send(self, events: bytes) -> None:
         self.done_sent = events.rstrip().endswith(b"[DONE]")  # a chunk's JSON ends with "}"
         try:
             await self.stream.send_raw(events)
         except tornado.iostream.StreamClosedError:
             self.call.abort()  # the client left: the upstream should stop generating now
 
+    async def _send_last(self, event: bytes) -> None:
+        # The upstream ended without the blank line after its last event: pass it on if whole.
+        data = "\n".join(line[5:].removeprefix(" ") for line in
+                         event.decode("utf-8", "replace").splitlines() if line.startswith("data:"))
+        if not data:
+            return  # a comment or a bare field: nothing a client would act on
+        if data != "[DONE]":
+            try:
+                json.loads(data)
+            except ValueError:
+                raise self.call.upstream_error(
+                    502, "The Llama backend broke off its answer in the middle of an event.",
+                    "upstream_interrupted", "unfinished last event") from None
+        await self._send(event.rstrip(b"\r\n") + b"\n\n")
 
-def _events_end(data: bytes) -> int:
-    """Where the last complete event in `data` ends (0: none has ended yet)."""
-    lf = data.rfind(b"\n\n")
-    crlf = data.rfind(b"\r\n\r\n")
+
+def _events_end(data: bytes | bytearray, start: int = 0) -> int:
+    """Where the last complete event in `data[start:]` ends (0: none has ended there)."""
+    lf = data.rfind(b"\n\n", start)
+    crlf = data.rfind(b"\r\n\r\n", start)
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
@@ -3130,8 +3892,8 @@ class QueryParam:
 class Operation:
     """What one verb of one handler does, as /openapi.json tells it.
 
-    `request` and `response` name schemas in `schemas/`; `stream` names the schema of one
-    server-sent event when the operation can answer with `text/event-stream` instead.
+    `request` and `response` name schemas in `schemas/`; `stream` names the schema of the
+    `data` of one server-sent event when the operation can answer with `text/event-stream`.
     """
 
     summary: str
@@ -3139,6 +3901,8 @@ class Operation:
     response: str | None = None
     request: str | None = None
     stream: str | None = None
+    stream_error: str | None = None     # the schema of an error event, if not one of `stream`'s
+    stream_end: str | None = None       # the `data` of the last event, such as "[DONE]"
     query: tuple[QueryParam, ...] = ()
     request_media: str = "application/json"
     response_media: str = "application/json"
@@ -3190,6 +3954,70 @@ class Context:
                 {model_id: encode(model).encode() for model_id, model in self._models.items()})
 
 
+# Deeper JSON is refused: Python's JSON parser and encoder recurse, and a few hundred levels
+# would exhaust the stack. Real requests (tool schemas included) stay far below this.
+MAX_JSON_DEPTH = 128
+
+_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_json(text: str) -> Any:
+    """A request's JSON as OpenAI reads it: NaN and Infinity are not JSON (nor is a number too
+    large for a float), a number with an integral value (`2.0`) is that integer, a lone
+    surrogate escape (`"\\ud800"`) is U+FFFD, and nesting has a limit. A ValueError says why
+    the text is refused."""
+    try:
+        value = _JSON_DECODER.decode(text)
+    except RecursionError:
+        raise ValueError(_too_deep()) from None
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _deeper_than(value, MAX_JSON_DEPTH):
+        raise ValueError(_too_deep())
+    if _LONE_SURROGATE_ESCAPE.search(text):  # a pair is one character once decoded
+        value = _without_lone_surrogates(value)
+    return value
+
+
+def _json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value (JSON has no NaN or Infinity)")
+
+
+def _json_float(text: str) -> int | float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} is too large for a 64-bit float")
+    return int(value) if value.is_integer() else value
+
+
+_JSON_DECODER = json.JSONDecoder(parse_float=_json_float, parse_constant=_json_constant)
+
+
+def _too_deep() -> str:
+    return f"it nests arrays and objects more than {MAX_JSON_DEPTH} levels deep, the limit"
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    pending = [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(key): _without_lone_surrogates(item)
+                for key, item in value.items()}
+    return value
+
+
 @tornado.web.stream_request_body
 class BaseHandler(tornado.web.RequestHandler):
     """JSON in, JSON out, OpenAI's errors, CORS, and a request id on every response.
@@ -3204,10 +4032,14 @@ class BaseHandler(tornado.web.RequestHandler):
     # A refused body up to this size is still read and dropped, so the client, which sends
     # the whole body before it reads the answer, gets to see the 413.
     DRAIN_LIMIT = 1024 * MiB
+    # A request with a larger body is parsed, validated and answered on a worker thread, so
+    # that it never holds up the others; a small one is done at once (a thread hop would cost
+    # more than its work).
+    INLINE_BODY_BYTES = 16 * 1024
 
     def initialize(self, context: Context) -> None:
         self.context = context
-        self._body_parts: list[bytes] = []
+        self._body: bytearray | str = bytearray()
         self._body_size = 0
         self._counted = False
 
@@ -3267,7 +4099,7 @@ class BaseHandler(tornado.web.RequestHandler):
                                 "in an Authorization header using Bearer auth "
                                 "(i.e. Authorization: Bearer YOUR_KEY).")
         allowed = self.context.settings.api_keys
-        if allowed and token not in allowed:
+        if allowed and not _is_listed(token, allowed):
             shown = token[:3] + "*" * 4 + token[-4:] if len(token) > 8 else "*" * len(token)
             raise APIError(401, f"Incorrect API key provided: {shown}. The server accepts only "
                                 "the keys listed in OZWELL_API_KEYS.", code="invalid_api_key")
@@ -3277,7 +4109,32 @@ class BaseHandler(tornado.web.RequestHandler):
             return
         self._body_size += len(chunk)
         if self._body_size <= self.body_limit():
-            self._body_parts.append(chunk)
+            self._body += chunk
+
+    def body_text(self) -> str:
+        """The body as text. The bytes are let go once decoded: a large body is held once."""
+        if not isinstance(self._body, str):
+            self._body = self._body.decode(json.detect_encoding(self._body))
+        return self._body
+
+    def body_bytes(self) -> bytes:
+        """The body as it was received, to pass on."""
+        return self._body.encode() if isinstance(self._body, str) else bytes(self._body)
+
+    @property
+    def large_body(self) -> bool:
+        return self._body_size > self.INLINE_BODY_BYTES
+
+    async def compute(self, work: Callable[[], T], large: bool) -> T:
+        """`work()`, on a worker thread when it is `large`, so that the event loop goes on
+        serving everyone else meanwhile."""
+        if not large:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(None, work)
+
+    async def read_payload(self) -> dict[str, Any]:
+        """`payload`, worked out off the event loop when the body is large."""
+        return await self.compute(lambda: self.payload, self.large_body)
 
     @functools.cached_property
     def payload(self) -> dict[str, Any]:
@@ -3286,10 +4143,9 @@ class BaseHandler(tornado.web.RequestHandler):
         if self._body_size > limit:
             raise APIError(413, f"The request body is over the limit of {limit} bytes.",
                            code="request_too_large")
-        raw = b"".join(self._body_parts)
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            body = parse_json(self.body_text())
+        except ValueError as exc:
             raise APIError(400, "We could not parse the JSON body of your request: "
                                 f"{exc}. Send a JSON object with Content-Type: application/json."
                            ) from None
@@ -3344,10 +4200,19 @@ class BaseHandler(tornado.web.RequestHandler):
         if status_code == 404:
             return APIError(404, f"Invalid URL ({self.request.method} {self.request.path}).")
         if status_code >= 500:
-            return APIError(status_code, SERVER_ERROR_MESSAGE.format(self.request_id),
-                            type="server_error")
+            return server_error(self.request_id, status_code)
         reason = getattr(exc, "log_message", None) or tornado.httputil.responses.get(status_code, "")
         return APIError(status_code, f"{reason}.")
+
+
+def _is_listed(token: str, keys: Sequence[str]) -> bool:
+    """Whether `token` is one of `keys`, in time that does not tell how much of it matched."""
+    # Tornado decodes header bytes as Latin-1; encoding back gives the bytes the client sent.
+    sent = token.encode("latin-1")
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(sent, key.encode())
+    return found
 
 
 def read_query(handler: tornado.web.RequestHandler, parameters: Sequence[QueryParam]) -> dict[str, Any]:
@@ -3496,6 +4361,14 @@ class DocsAssetHandler(tornado.web.StaticFileHandler):
     def set_default_headers(self) -> None:
         self.set_header("Access-Control-Allow-Origin", "*")
 
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # Tornado's own message for a path outside the folder names the folder: not shown.
+        what = ("is not one of Swagger UI's files" if status_code in (403, 404)
+                else "cannot be served")
+        error = APIError(status_code, f"{self.request.path} {what}.")
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(error.body()))
+
 
 class ModelsHandler(BaseHandler):
     api = {"get": Operation("List models", "Models", response="ListModelsResponse")}
@@ -3511,13 +4384,15 @@ class ModelHandler(BaseHandler):
         body = self.context.models_json[1].get(model)
         if body is not None:
             return self.finish(body)
-        raise APIError(404, f"The model '{model}' does not exist. GET /v1/models lists the "
-                            "models this server answers for.", param="model", code="model_not_found")
+        raise APIError(404, f"The model '{_clipped(model)}' does not exist. GET /v1/models lists "
+                            "the models this server answers for.", param="model", code="model_not_found")
 
 
-async def create_response(context: Context, body: dict[str, Any],
-                          keep: bool = True) -> dict[str, Any]:
-    """Answer a CreateResponse body with the offline model; store it unless told not to.
+def create_response(context: Context, body: dict[str, Any],
+                    keep: bool = True) -> tuple[dict[str, Any], KeptResponse | None]:
+    """Answer a CreateResponse body with the offline model, and say what keep_response() is to
+    store of it (None when `keep` is off). It does not touch the event loop, so a large one may
+    be worked out on a worker thread.
 
     The model reads the instructions (as a developer turn), the earlier turns (those of the
     response named by `previous_response_id`, whose own instructions are not carried over, as
@@ -3534,8 +4409,8 @@ async def create_response(context: Context, body: dict[str, Any],
                             "conversation that a response has answered in.", param="model",
                        code="missing_required_parameter")
     if not context.knows_model(model):
-        raise APIError(400, f"The requested model '{model}' does not exist. GET /v1/models lists "
-                            "the models this server answers for.", param="model",
+        raise APIError(400, f"The requested model '{_clipped(model)}' does not exist. "
+                            "GET /v1/models lists the models this server answers for.", param="model",
                        code="model_not_found")
     background = bool(body.get("background")) and keep
     if background and body.get("store") is False:
@@ -3553,25 +4428,45 @@ async def create_response(context: Context, body: dict[str, Any],
     generation = offline_reply(model, conversation, options)
     response = render_response(body, generation, model)
     if not keep:
-        return response
+        return response, None
     reply = Turn("assistant", generation.text, generation.tool_calls)
     record = {"response": response, "input_items": input_items,
               "turns": [turn.stored() for turn in turns + [reply]]}
+    done_at = None
     if background:
         record["schedule"] = schedule = _background_schedule(context, response)
         done_at = Pacer.from_schedule(schedule).due(schedule["ticks"])
         if response["status"] == "completed":
             response["completed_at"] = response["created_at"] + round(done_at - schedule["start"])
+    joined = None if earlier.conversation_id is None else (
+        earlier.conversation_id, input_items + response["output"], model)
+    return (_unfinished(response, "queued") if background else response,
+            KeptResponse(record, joined, done_at))
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptResponse:
+    record: dict[str, Any]                     # as the response store keeps it
+    joined: tuple[str, list[dict[str, Any]], str] | None  # conversation id, its new items, model
+    done_at: float | None                      # when a background response is done
+
+
+async def keep_response(context: Context, kept: KeptResponse | None) -> None:
+    """Store a response that create_response() worked out (unless it says `store: false`), and
+    add its items to its conversation; on the event loop."""
+    if kept is None:
+        return
+    response = kept.record["response"]
     if response["store"]:
-        await context.responses.save(response["id"], record)
-    if earlier.conversation_id is not None:
-        joined = (earlier.conversation_id, input_items + response["output"], model)
-        if background:  # its items join once it is done, and not if it is cancelled
-            asyncio.get_running_loop().call_later(max(0.0, done_at - time.time()),
-                                                  _join_when_done, context, response["id"], *joined)
-        else:
-            await _join_conversation(context, *joined)
-    return _unfinished(response, "queued") if background else response
+        await context.responses.save(response["id"], kept.record)
+    if kept.joined is None:
+        return
+    if kept.done_at is not None:  # background: its items join once it is done, if not cancelled
+        asyncio.get_running_loop().call_later(max(0.0, kept.done_at - time.time()),
+                                              _join_when_done, context, response["id"],
+                                              *kept.joined)
+    else:
+        await _join_conversation(context, *kept.joined)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3837,8 +4732,9 @@ async def _stream_response(handler: BaseHandler, record: dict[str, Any],
     stream = EventStream(handler, context.settings.keepalive_seconds)
     try:
         await stream.open()
+        sent = -1 if starting_after is None else starting_after
         for number, (tick, event) in enumerate(zip(_event_ticks(events), events)):
-            if starting_after is not None and number <= starting_after:
+            if number <= sent:
                 continue
             if await pacer.wait_for(tick) and schedule is not None:
                 current = context.responses.load(response["id"])
@@ -3848,8 +4744,15 @@ async def _stream_response(handler: BaseHandler, record: dict[str, Any],
             if cancelled_at is not None and pacer.due(tick) >= cancelled_at:
                 break
             await stream.send({**event, "sequence_number": number}, event=event["type"])
+            sent = number
     except tornado.iostream.StreamClosedError:
         pass  # the client left; a stored response is saved whole already
+    except Exception:
+        log.exception("request %s: the response stream failed", handler.request_id)
+        error = server_error(handler.request_id)
+        with contextlib.suppress(tornado.iostream.StreamClosedError):
+            await stream.send({"type": "error", "code": "server_error", "message": error.message,
+                               "param": None, "sequence_number": sent + 1}, event="error")
     finally:
         stream.close()
 
@@ -3859,8 +4762,10 @@ class ResponsesHandler(BaseHandler):
                              response="Response", stream="ResponseStreamEvent")}
 
     async def post(self) -> None:
-        body = self.payload
-        response = await create_response(self.context, body)
+        body = await self.read_payload()
+        response, kept = await self.compute(lambda: create_response(self.context, body),
+                                            self.large_body)
+        await keep_response(self.context, kept)
         if not body.get("stream"):
             self.write_json(response)
         elif response["background"]:
@@ -3931,14 +4836,17 @@ class ResponseInputTokensHandler(BaseHandler):
                              request="TokenCountsBody", response="TokenCountsResource")}
 
     async def post(self) -> None:
-        body = {**self.payload, "input": self.payload.get("input") or [], "stream": False}
-        response = await create_response(self.context, body, keep=False)
+        payload = await self.read_payload()
+        body = {**payload, "input": payload.get("input") or [], "stream": False}
+        response, _ = await self.compute(lambda: create_response(self.context, body, keep=False),
+                                         self.large_body)
         self.write_json({"object": "response.input_tokens",
                          "input_tokens": response["usage"]["input_tokens"]})
 
 
-_AFTER = QueryParam("after", {"type": "string"},
-                    "An item id from the previous page (its last_id): the page starts after it.")
+_AFTER = QueryParam("after", {"type": "string", "minLength": 1},
+                    "An item id from the previous page (its last_id): the page starts after it. "
+                    "An id that is not in the list gets a 400.")
 _LIMIT = QueryParam("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
                     "How many items a page holds: an integer from 1 to 100 (default 20).")
 _ORDER = QueryParam("order", {"enum": ["asc", "desc"], "default": "desc"},
@@ -3983,6 +4891,7 @@ class ChatCompletionsHandler(BaseHandler):
         "post": Operation("Create a chat completion", "Chat", request="CreateChatCompletionRequest",
                           response="CreateChatCompletionResponse",
                           stream="CreateChatCompletionStreamResponse",
+                          stream_error="ErrorResponse", stream_end="[DONE]",
                           errors=(400, 401, 413, 500, 502, 504)),
         "get": Operation("List stored chat completions", "Chat", response="ChatCompletionList",
                          query=(_AFTER, _LIMIT, _OLDEST_FIRST, _MODEL_FILTER, _METADATA_FILTER)),
@@ -3992,7 +4901,7 @@ class ChatCompletionsHandler(BaseHandler):
     client_gone = False
 
     async def post(self) -> None:
-        body = self.payload
+        body = await self.read_payload()
         if body["model"] == OFFLINE_MODEL:
             await self._answer_offline(body)
         else:
@@ -4019,7 +4928,7 @@ class ChatCompletionsHandler(BaseHandler):
     async def _proxy(self, body: dict[str, Any]) -> None:
         # Forwarded as received: fields this server does not know reach the upstream untouched.
         call = self.upstream_call = self.context.upstream.call(
-            "/chat/completions", b"".join(self._body_parts))
+            "/chat/completions", self.body_bytes())
         try:
             await call.open()
         except APIError:
@@ -4036,16 +4945,11 @@ class ChatCompletionsHandler(BaseHandler):
         if call.status >= 300:
             self.write_json(call.error_body(answer), call.status)
             return
-        content_type = call.headers.get("Content-Type", "")
-        if "json" not in content_type:
-            raise APIError(502, f"The Llama backend at {call.url} answered with "
-                                f"{content_type or 'no content type'}, not JSON: "
-                                f"{answer[:200].decode('utf-8', 'replace')!r}.",
-                           type="server_error", code="upstream_invalid_response")
+        call.json(answer)  # checked, then passed on as it came
         if body.get("store") and call.status < 300:
             answer = await _keep_proxied_completion(self.context, body, answer)
         self.set_status(call.status)
-        self.set_header("Content-Type", content_type)
+        self.set_header("Content-Type", call.headers["Content-Type"])
         self.finish(answer)
 
     async def _relay_stream(self, call: UpstreamCall, body: dict[str, Any]) -> None:
@@ -4066,10 +4970,12 @@ class ChatCompletionsHandler(BaseHandler):
 
     async def _answer_offline(self, body: dict[str, Any]) -> None:
         model = body["model"]
-        turns = chat_turns(body["messages"])
-        options = chat_reply_options(body, turns, self.context.checked_schemas)
-        generations = [offline_reply(model, turns, options, variant)
-                       for variant in range(body.get("n") or 1)]
+
+        def generate() -> list[Generation]:
+            turns = chat_turns(body["messages"])
+            options = chat_reply_options(body, turns, self.context.checked_schemas)
+            return offline_replies(model, turns, options, range(body.get("n") or 1))
+        generations = await self.compute(generate, self.large_body)
         head = {"id": new_id("chatcmpl-"), "created": unix_now(), "model": model}
         completion = chat_completion(head, generations)
         if body.get("store"):
@@ -4087,6 +4993,10 @@ class ChatCompletionsHandler(BaseHandler):
                 await stream.send(chunk)
         except tornado.iostream.StreamClosedError:
             pass  # the client left: nobody to finish for
+        except Exception:
+            log.exception("request %s: the chat stream failed", self.request_id)
+            with contextlib.suppress(tornado.iostream.StreamClosedError):
+                await stream.send_error(server_error(self.request_id))
         finally:
             stream.close()
 
@@ -4325,23 +5235,40 @@ class EmbeddingsHandler(BaseHandler):
     api = {"post": Operation("Create embeddings", "Embeddings", request="CreateEmbeddingRequest",
                              response="CreateEmbeddingResponse")}
 
-    def post(self) -> None:
-        body = self.payload
+    # More inputs than this are embedded off the event loop; a reply of more vectors than
+    # this goes out in pieces of this many, each sent before the next is written.
+    BATCH_INPUTS = 64
+
+    async def post(self) -> None:
+        body = await self.read_payload()
         embedder = self.context.embedders.get(body["model"])
         if embedder is None:
-            raise APIError(404, f"The model '{body['model']}' does not exist or cannot make "
-                                f"embeddings. Use one of: {', '.join(EMBEDDING_MODELS)}.",
+            raise APIError(404, f"The model '{_clipped(body['model'])}' does not exist or cannot "
+                                f"make embeddings. Use one of: {', '.join(EMBEDDING_MODELS)}.",
                            param="model", code="model_not_found")
         dimensions = _embedding_dimensions(embedder, body.get("dimensions"))
-        inputs, tokens = _embedding_inputs(body["input"], embedder.model, self.context.vocabulary)
         encode = _base64_json if body.get("encoding_format") == "base64" else _floats_json
-        items = ",".join(
-            f'{{"object":"embedding","index":{index},"embedding":'
-            f'{encode(*embedder.embed(words, dimensions))}}}'
-            for index, words in enumerate(inputs))
-        # Written by hand, not with json.dumps: formatting thousands of floats per vector
-        # that way is most of the cost of a large request.
-        self.finish(f'{{"object":"list","data":[{items}],"model":{json.dumps(embedder.model)},'
+
+        def embed() -> tuple[list[str], int]:
+            inputs, tokens = _embedding_inputs(body["input"], embedder.model,
+                                               self.context.vocabulary)
+            # Written by hand, not with json.dumps: formatting thousands of floats per vector
+            # that way is most of the cost of a large request.
+            return [f'{{"object":"embedding","index":{index},"embedding":'
+                    f'{encode(*embedder.embed(words, dimensions))}}}'
+                    for index, words in enumerate(inputs)], tokens
+        many = isinstance(body["input"], list) and len(body["input"]) > self.BATCH_INPUTS
+        items, tokens = await self.compute(embed, self.large_body or many)
+        self.write('{"object":"list","data":[')
+        try:
+            for start in range(0, len(items), self.BATCH_INPUTS):
+                if start:
+                    await self.flush()
+                    self.write(",")
+                self.write(",".join(items[start:start + self.BATCH_INPUTS]))
+        except tornado.iostream.StreamClosedError:
+            return  # the client left
+        self.finish(f'],"model":{json.dumps(embedder.model)},'
                     f'"usage":{{"prompt_tokens":{tokens},"total_tokens":{tokens}}}}}')
 
 
@@ -4560,7 +5487,9 @@ class UploadForm:
     sending, and reads the answer only once it is done.
     """
 
-    FIELDS = ("purpose", "expires_after[anchor]", "expires_after[seconds]")
+    # `expires_after` comes as two bracket fields from the SDKs, or as one JSON text from
+    # Swagger UI's form at /docs (empty when the field is cleared).
+    FIELDS = ("purpose", "expires_after", "expires_after[anchor]", "expires_after[seconds]")
     FIELD_LIMIT = 64 * 1024
 
     def __init__(self, store: FileStore, content_type: str) -> None:
@@ -4633,6 +5562,18 @@ class UploadForm:
             expires_after["seconds"] = int(seconds) if re.fullmatch(r"-?\d{1,18}", seconds) else seconds
         if expires_after:
             form["expires_after"] = expires_after
+        as_json = self.fields.get("expires_after", "").strip()
+        if as_json:
+            if expires_after:
+                raise APIError(400, "Give 'expires_after' once: as the fields "
+                                    "'expires_after[anchor]' and 'expires_after[seconds]', or as "
+                                    "one JSON object.", param="expires_after", code="invalid_value")
+            try:
+                form["expires_after"] = parse_json(as_json)
+            except ValueError as exc:
+                raise APIError(400, f"'expires_after' is not JSON: {exc}. Send "
+                                    '{"anchor": "created_at", "seconds": 3600}, or leave it empty.',
+                               param="expires_after", code="invalid_value") from None
         return form
 
     async def _begin_part(self, headers: dict[str, str]) -> None:
@@ -4701,8 +5642,9 @@ class FilesHandler(BaseHandler):
     api = {
         "get": Operation(
             "List files", "Files", response="ListFilesResponse", query=(
-                QueryParam("after", {"type": "string"},
-                           "The id of the last file of the page before: the list goes on after it."),
+                QueryParam("after", {"type": "string", "minLength": 1},
+                           "The id of the last file of the page before: the list goes on after "
+                           "it. An id that is not in the list gets a 400."),
                 QueryParam("limit", {"type": "integer", "minimum": 1, "maximum": 10000,
                                      "default": 10000}, "How many files to return (1 to 10,000)."),
                 QueryParam("order", {"type": "string", "enum": ["asc", "desc"], "default": "desc"},
@@ -4790,8 +5732,8 @@ class FileHandler(BaseHandler):
 class FileContentHandler(BaseHandler):
     """The file's bytes, read from disk a chunk at a time; each flush waits for the client."""
 
-    api = {"get": Operation("Retrieve file content", "Files",
-                            response_media="application/octet-stream")}
+    # Sent with the media type its filename suggests (application/octet-stream when none does).
+    api = {"get": Operation("Retrieve file content", "Files", response_media="*/*")}
 
     CHUNK_BYTES = 256 * 1024
 
@@ -5056,18 +5998,21 @@ def _openapi_operation(route: Route, method: str, operation: Operation) -> dict[
     if operation.response:
         content[operation.response_media] = {"schema": _ref(operation.response)}
     elif operation.response_media != "application/json":
+        ok["description"] = "OK; the bytes, with their media type in Content-Type."
         content[operation.response_media] = {"schema": {"type": "string", "format": "binary"}}
     else:
         content["application/json"] = {"schema": {"type": "object"}}
     if operation.stream:
         # A media type object has no description in OpenAPI 3.1: the response's says it.
         ok["description"] = "OK; server-sent events when the request asks for a stream."
-        content["text/event-stream"] = {"schema": _ref(operation.stream)}
+        content["text/event-stream"] = {"schema": _event_schema(operation)}
     ok["content"] = content
     responses = {"200": ok}
     for status in operation.errors:
-        responses[str(status)] = {"description": tornado.httputil.responses.get(status, "Error"),
-                                  "content": {"application/json": {"schema": _ref("ErrorResponse")}}}
+        responses[str(status)] = {
+            "description": tornado.httputil.responses.get(status, "Error"),
+            "content": {"application/json": {"schema": _ref("ErrorResponse"),
+                                             "example": {"error": ERROR_EXAMPLES[status]}}}}
     spec["responses"] = responses
     if route.handler.requires_auth:
         spec["security"] = [{"ApiKeyAuth": []}]
@@ -5076,6 +6021,48 @@ def _openapi_operation(route: Route, method: str, operation: Operation) -> dict[
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _event_schema(operation: Operation) -> dict[str, Any]:
+    """One server-sent event as a stream reader sees it (`event` and `data` lines), with the
+    schema of the JSON text in `data` as its `contentSchema` (JSON Schema's keywords for
+    encoded content, read by OpenAPI tools)."""
+    payload = _ref(operation.stream)
+    if operation.stream_error:
+        payload = {"anyOf": [payload, _ref(operation.stream_error)]}
+    data: dict[str, Any] = {"type": "string", "contentMediaType": "application/json",
+                            "contentSchema": payload}
+    if operation.stream_end:
+        data = {"anyOf": [data, {"const": operation.stream_end,
+                                 "description": "The last event of a stream that ended well."}]}
+    return {"type": "object", "description": "One server-sent event.",
+            "properties": {"event": {"type": "string", "description": "The event's name, if any."},
+                           "data": data},
+            "required": ["data"]}
+
+
+# What each error status of the document looks like: one real message per status.
+ERROR_EXAMPLES: dict[int, dict[str, Any]] = {
+    400: {"message": "Missing required parameter: 'model'.", "type": "invalid_request_error",
+          "param": "model", "code": "missing_required_parameter"},
+    401: {"message": "You didn't provide an API key. You need to provide your API key in an "
+                     "Authorization header using Bearer auth (i.e. Authorization: Bearer "
+                     "YOUR_KEY).", "type": "invalid_request_error", "param": None, "code": None},
+    404: {"message": "No file found with id 'file-0123456789abcdef0123456789abcdef'.",
+          "type": "invalid_request_error", "param": "id", "code": None},
+    413: {"message": "The request body is 40000000 bytes; the limit is 33554432 bytes.",
+          "type": "invalid_request_error", "param": None, "code": "request_too_large"},
+    500: {"message": SERVER_ERROR_MESSAGE.format("req_0123456789abcdef0123456789abcdef"),
+          "type": "server_error", "param": None, "code": None},
+    502: {"message": "Could not reach the Llama backend: connection refused. Start it (for "
+                     "Ollama: `ollama serve`), or set LLAMA_BASE_URL to the address of a running "
+                     "OpenAI-compatible server.", "type": "server_error", "param": None,
+          "code": "upstream_unavailable"},
+    504: {"message": "The Llama backend sent no answer within 300 s "
+                     "(OZWELL_UPSTREAM_HEADER_TIMEOUT). It may still be loading the model, or be "
+                     "overloaded: try again, or raise the timeout.", "type": "server_error",
+          "param": None, "code": "upstream_timeout"},
+}
 
 
 def _component(schema: dict) -> dict:
@@ -5167,10 +6154,199 @@ class AccessLog:
 
 
 # =============================================================================
+# HTTP connections
+# =============================================================================
+
+# What Tornado writes when it cannot read a request (bad framing, a malformed request line or
+# header, a broken chunk), before it closes the connection.
+_TORNADO_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\n\r\n"
+# How long, and how much, a connection refused that way is still read from before it closes:
+# closing with unread bytes resets the connection, and the client may lose the answer.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 * MiB
+
+
+class HTTPServer(tornado.httpserver.HTTPServer):
+    """Tornado's server, with connections that answer unreadable requests as the API would,
+    and an accept loop that lives through running out of descriptors."""
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        # As TCPServer.add_sockets does; stop() undoes it through the same two tables.
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = _Acceptor(sock, self._handle_connection).stop
+
+    def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple) -> None:
+        if type(stream) is tornado.iostream.IOStream:
+            stream = ServerStream(stream.socket, self.conn_params.max_header_size,
+                                  max_buffer_size=self.max_buffer_size,
+                                  read_chunk_size=self.read_chunk_size)
+        super().handle_stream(stream, address)
+
+
+class _Acceptor:
+    """tornado.netutil.add_accept_handler, except when the process is out of descriptors:
+    then accepting pauses for PAUSE_SECONDS (the connections wait in the listen queue)
+    and resumes, and the log says so at most once a second, not once per attempt."""
+
+    BATCH = 128  # accepted per wake-up at most, as Tornado does, so other work gets its turn
+    PAUSE_SECONDS = 0.1
+    OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+    def __init__(self, sock: socket.socket, callback: Callable[[socket.socket, Any], None]) -> None:
+        self.sock = sock
+        self.callback = callback
+        self.loop = tornado.ioloop.IOLoop.current()
+        self.stopped = False
+        self.paused = False
+        self.said_at = -math.inf
+        self.unsaid = 0
+        self.loop.add_handler(sock, self._accept, tornado.ioloop.IOLoop.READ)
+
+    def _accept(self, _fd: Any, _events: int) -> None:
+        for _ in range(self.BATCH):
+            if self.stopped or self.paused:
+                return
+            try:
+                connection, address = self.sock.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue  # it was closed while it waited in the queue
+            except OSError as exc:
+                if exc.errno not in self.OUT_OF_DESCRIPTORS:
+                    raise
+                self._pause(exc)
+                return
+            self.callback(connection, address)
+
+    def _pause(self, exc: OSError) -> None:
+        self.paused = True
+        self.loop.remove_handler(self.sock)
+        self.loop.call_later(self.PAUSE_SECONDS, self._resume)
+        now = time.monotonic()
+        if now - self.said_at < 1.0:
+            self.unsaid += 1
+            return
+        log.warning("cannot accept new connections: %s; they wait in the queue, and accepting "
+                    "resumes as descriptors free up (%d more times since the last message)",
+                    exc.strerror or exc, self.unsaid)
+        self.said_at, self.unsaid = now, 0
+
+    def _resume(self) -> None:
+        if self.paused and not self.stopped:
+            self.paused = False
+            self.loop.add_handler(self.sock, self._accept, tornado.ioloop.IOLoop.READ)
+
+    def stop(self) -> None:
+        if not self.stopped and not self.paused:
+            self.loop.remove_handler(self.sock)
+        self.stopped = True
+
+
+class ServerStream(tornado.iostream.IOStream):
+    """One server connection. Tornado answers a request it cannot read with a bare
+    "400 Bad Request" and closes, and closes without a word when the request line or headers
+    are over their limit; here each gets an OpenAI-shaped error (400, 414 or 431) instead, and
+    the connection is drained a little before it closes so that the client reads it."""
+
+    def __init__(self, sock: socket.socket, header_limit: int, **kwargs: Any) -> None:
+        super().__init__(sock, **kwargs)
+        self.header_limit = header_limit
+        self._reading_headers = False
+        self._answering = False     # a response to the current request is being written
+        self._refused = False       # an error was sent in Tornado's place: linger on close
+
+    def read_until_regex(self, regex: bytes, max_bytes: int | None = None) -> Awaitable[bytes]:
+        self._reading_headers, self._answering = True, False  # only headers are read this way
+        return super().read_until_regex(regex, max_bytes)
+
+    def read_until(self, delimiter: bytes, max_bytes: int | None = None) -> Awaitable[bytes]:
+        self._reading_headers = False  # a chunk's size line
+        return super().read_until(delimiter, max_bytes)
+
+    def write(self, data: bytes | memoryview) -> Awaitable[None]:
+        if data == _TORNADO_BAD_REQUEST:
+            self._refused = True
+            data = b"" if self._answering else raw_error_response(APIError(
+                400, "The request is not valid HTTP/1.1 and cannot be read: for instance a "
+                     "Content-Length that is not a number, both Content-Length and "
+                     "Transfer-Encoding, a broken chunk, or a malformed request line or header."))
+        elif not bytes(data[:10]).startswith(b"HTTP/1.1 1"):  # 100 Continue starts nothing
+            self._answering = True
+        return super().write(data)
+
+    def close(self, exc_info: Any = False) -> None:
+        error = sys.exc_info()[1] if exc_info is True else (
+            exc_info[1] if isinstance(exc_info, tuple) else exc_info)
+        if isinstance(error, tornado.iostream.UnsatisfiableReadError) and not self.closed():
+            self._refused = True
+            if not self._answering:
+                with contextlib.suppress(OSError):
+                    self.socket.send(raw_error_response(self._over_limit()))
+        if self._refused and not self.closed():
+            _linger(self.socket)
+        super().close(exc_info)
+
+    def _over_limit(self) -> APIError:
+        if not self._reading_headers:
+            return APIError(400, "A chunk of the request body has a size line over 64 bytes: "
+                                 "the chunked body is broken.")
+        # Tornado keeps what it read so far in its buffer: did the request line end in it?
+        first_line_ended = b"\n" in self._read_buffer[:self.header_limit]
+        if first_line_ended:
+            return APIError(431, f"The request's headers are over {self.header_limit} bytes, "
+                                 "the limit. Send fewer or shorter headers.",
+                            code="request_header_fields_too_large")
+        return APIError(414, f"The request's URL is over {self.header_limit} bytes, the limit. "
+                             "Send long values in a JSON body instead.", code="uri_too_long")
+
+
+def raw_error_response(error: APIError) -> bytes:
+    """A whole HTTP/1.1 response carrying `error`, for a connection about to close."""
+    body = json.dumps(error.body()).encode()
+    reason = tornado.httputil.responses.get(error.status_code, "Error")
+    return (f"HTTP/1.1 {error.status_code} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+            f"x-request-id: {new_id('req_')}\r\nAccess-Control-Allow-Origin: *\r\n\r\n"
+            ).encode() + body
+
+
+def _linger(sock: socket.socket) -> None:
+    """Keep a copy of the socket open while what the client still sends is read and dropped
+    (for a while, up to a size), so the close does not reset the connection under the answer."""
+    try:
+        copy = sock.dup()
+        copy.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    asyncio.get_running_loop().create_task(_drain_and_close(copy))
+
+
+async def _drain_and_close(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LINGER_SECONDS
+    drained = 0
+    try:
+        while drained < LINGER_BYTES and (left := deadline - loop.time()) > 0:
+            data = await asyncio.wait_for(loop.sock_recv(sock, 64 * 1024), left)
+            if not data:
+                break
+            drained += len(data)
+    except (OSError, asyncio.TimeoutError):
+        pass
+    finally:
+        sock.close()
+
+
+# =============================================================================
 # Main
 # =============================================================================
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Large requests are worked on in threads (BaseHandler.compute); Python's default switch
+# interval (5 ms) would keep the event loop waiting that long each time it wants to run again.
+SWITCH_INTERVAL_SECONDS = 0.001
 
 # Connections the kernel queues until they are accepted (it caps this at net.core.somaxconn):
 # a thousand clients connecting at once are all queued, none waits for a SYN retry.
@@ -5178,8 +6354,6 @@ LISTEN_BACKLOG = 1024
 # Each worker may be replaced this many times a minute; the allowance comes back over the
 # minute. Past it, workers die as fast as they start, and the server stops.
 WORKER_RESTARTS_PER_MINUTE = 5
-# Out of descriptors, accepting pauses this long before it tries again.
-ACCEPT_PAUSE_SECONDS = 0.1
 
 # Linux spreads the connections to one port over the listening sockets that share it
 # (SO_REUSEPORT), so each worker listens on its own. Elsewhere the option does not balance,
@@ -5343,7 +6517,8 @@ def _print_banner(settings: Settings, ready: dict[str, Any], workers: int) -> No
           f"  docs:     {ready['base_url'].removesuffix('/v1')}/docs",
           f"  data dir: {os.path.abspath(settings.data_dir)}",
           f"  models:   {local}" + (f", {upstream} (upstream)" if upstream else ""),
-          f"  upstream: {settings.llama_base_url} (chat completions for any other model)",
+          f"  upstream: {without_userinfo(settings.llama_base_url)} (chat completions for any "
+          "other model)",
           sep="\n", flush=True)
 
 
@@ -5380,7 +6555,7 @@ def _log_upstream_reachability(settings: Settings) -> None:
         reason = exc.strerror or type(exc).__name__
         log.warning("upstream %s is not reachable now (%s): chat completions for %s answer 502 "
                     "until it is (start Ollama, or set LLAMA_BASE_URL). The built-in model %s "
-                    "works meanwhile.", settings.llama_base_url, reason.lower(),
+                    "works meanwhile.", without_userinfo(settings.llama_base_url), reason.lower(),
                     ", ".join(settings.llama_models) or "upstream models", OFFLINE_MODEL)
 
 
@@ -5463,75 +6638,6 @@ def _run_workers(settings: Settings, count: int, listen: Callable[[], list[socke
     return 0 if clean else 1
 
 
-class _Server(tornado.httpserver.HTTPServer):
-    """Tornado's HTTP server, with an accept loop that lives through running out of descriptors."""
-
-    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
-        # As TCPServer.add_sockets does; stop() undoes it through the same two tables.
-        for sock in sockets:
-            self._sockets[sock.fileno()] = sock
-            self._handlers[sock.fileno()] = _Acceptor(sock, self._handle_connection).stop
-
-
-class _Acceptor:
-    """tornado.netutil.add_accept_handler, except when the process is out of descriptors:
-    then accepting pauses for ACCEPT_PAUSE_SECONDS (the connections wait in the listen queue)
-    and resumes, and the log says so at most once a second, not once per attempt."""
-
-    BATCH = 128  # accepted per wake-up at most, as Tornado does, so other work gets its turn
-    OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-    def __init__(self, sock: socket.socket, callback: Callable[[socket.socket, Any], None]) -> None:
-        self.sock = sock
-        self.callback = callback
-        self.loop = tornado.ioloop.IOLoop.current()
-        self.stopped = False
-        self.paused = False
-        self.said_at = -math.inf
-        self.unsaid = 0
-        self.loop.add_handler(sock, self._accept, tornado.ioloop.IOLoop.READ)
-
-    def _accept(self, _fd: Any, _events: int) -> None:
-        for _ in range(self.BATCH):
-            if self.stopped or self.paused:
-                return
-            try:
-                connection, address = self.sock.accept()
-            except BlockingIOError:
-                return
-            except ConnectionAbortedError:
-                continue  # it was closed while it waited in the queue
-            except OSError as exc:
-                if exc.errno not in self.OUT_OF_DESCRIPTORS:
-                    raise
-                self._pause(exc)
-                return
-            self.callback(connection, address)
-
-    def _pause(self, exc: OSError) -> None:
-        self.paused = True
-        self.loop.remove_handler(self.sock)
-        self.loop.call_later(ACCEPT_PAUSE_SECONDS, self._resume)
-        now = time.monotonic()
-        if now - self.said_at < 1.0:
-            self.unsaid += 1
-            return
-        log.warning("cannot accept new connections: %s; they wait in the queue, and accepting "
-                    "resumes as descriptors free up (%d more times since the last message)",
-                    exc.strerror or exc, self.unsaid)
-        self.said_at, self.unsaid = now, 0
-
-    def _resume(self) -> None:
-        if self.paused and not self.stopped:
-            self.paused = False
-            self.loop.add_handler(self.sock, self._accept, tornado.ioloop.IOLoop.READ)
-
-    def stop(self) -> None:
-        if not self.stopped and not self.paused:
-            self.loop.remove_handler(self.sock)
-        self.stopped = True
-
-
 async def serve(settings: Settings, sockets: list[socket.socket],
                 app: tornado.web.Application | None = None, main_pid: int | None = None) -> int:
     """Serve on `sockets` until SIGTERM or SIGINT, then let in-flight requests finish.
@@ -5541,8 +6647,9 @@ async def serve(settings: Settings, sockets: list[socket.socket],
     app = app or make_app(settings)
     context: Context = app.settings["ozwell"]
     context.main_pid = main_pid or context.main_pid
-    server = _Server(app, max_body_size=settings.max_request_bytes,
-                     idle_connection_timeout=settings.idle_timeout)
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    server = HTTPServer(app, max_body_size=settings.max_request_bytes,
+                        idle_connection_timeout=settings.idle_timeout)
     context.access_log.write_to(sys.stderr)
     server.add_sockets(sockets)
 
@@ -5552,6 +6659,8 @@ async def serve(settings: Settings, sockets: list[socket.socket],
 
     log.info("stopping: no new connections; waiting for %d in-flight request(s)", context.in_flight)
     server.stop()
+    # A stream whose backend has gone silent would hold the stop for the whole grace period.
+    context.upstream.stop(settings.shutdown_grace_seconds / 4)
     deadline = time.monotonic() + settings.shutdown_grace_seconds
     while context.in_flight > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)

@@ -10,9 +10,11 @@ import http.client
 import json
 import statistics
 import tempfile
+import threading
 import time
 
-from benchmark import BASELINE, HealthProbe, ozwell_server, ratio, requests_per_second, wrk_run
+from benchmark import (BASELINE, ozwell_server, p99, probe_health, ratio, requests_per_second,
+                       wrk_run)
 
 HEADERS = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
 BODY = {"model": "ozwell-deterministic", "input": "How fast can you answer this question?"}
@@ -42,14 +44,18 @@ def _stored_against_baseline() -> list[tuple[str, str]]:
     the baseline; and /health's p99 under the same load with store false, where no disk is
     involved: what saturating the server costs /health on this machine anyway."""
     figures = {}
-    for name, baseline, body in (("now", False, BODY), ("before", True, BODY),
-                                 ("unstored", False, {**BODY, "store": False})):
+    for name, baseline, body in (("now", None, BODY), ("before", BASELINE, BODY),
+                                 ("unstored", None, {**BODY, "store": False})):
         with tempfile.TemporaryDirectory() as data_dir, \
                 ozwell_server(data_dir, inherit_ozwell_env=False, baseline=baseline) as server:
-            wrk_run(f"{server.url}/v1/responses", seconds=1, post=body)  # warm up
-            with HealthProbe(server.port) as probe:
-                load = wrk_run(f"{server.url}/v1/responses", post=body)
-            figures[name] = (load["rps"], probe.p99_ms)
+            url = f"{server.url}/v1/responses"
+            wrk_run(url, seconds=1, post=body)  # warm up
+            load: dict[str, float] = {}
+            loader = threading.Thread(target=lambda: load.update(wrk_run(url, post=body)))
+            loader.start()
+            busy = probe_health(server.port, lambda _: loader.is_alive())
+            loader.join()
+            figures[name] = (load["rps"], 1000 * p99(busy))
     (rate, health), (before_rate, before_health) = figures["now"], figures["before"]
     return [
         ("responses: stored, c16 (wrk), against " + BASELINE + " (goal 8x)",

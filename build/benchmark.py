@@ -18,21 +18,20 @@ import io
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "build"))
 
-AREAS = ("core", "chat", "responses", "embeddings", "files", "tools")
+AREAS = ("core", "chat", "responses", "embeddings", "files", "tools", "loop")
 SECONDS = 5
 CONNECTIONS = 16
 BASELINE = os.environ.get("OZWELL_BENCH_BASELINE", "main")
@@ -119,11 +118,11 @@ class Server:
 
 
 @functools.cache
-def _baseline_tree() -> Path:
-    """ozwell.py and its schemas as the BASELINE revision has them, in a folder of their own."""
+def _baseline_tree(revision: str) -> Path:
+    """ozwell.py and its schemas as git `revision` has them, in a folder of their own."""
     folder = Path(tempfile.mkdtemp(prefix="ozwell-baseline-"))
     atexit.register(shutil.rmtree, folder, True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", BASELINE, "ozwell.py", "schemas"],
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "ozwell.py", "schemas"],
                              capture_output=True, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tree:
         tree.extractall(folder, filter="data")
@@ -132,15 +131,15 @@ def _baseline_tree() -> Path:
 
 
 def ozwell_server(data_dir: str, *extra: str, env: dict | None = None,
-                  inherit_ozwell_env: bool = True, baseline: bool = False) -> Server:
+                  inherit_ozwell_env: bool = True, baseline: str | None = None) -> Server:
     """`python ozwell.py` on a free port; `inherit_ozwell_env=False` drops the caller's OZWELL_*
-    variables so that only the command line and `env` configure it. `baseline=True` runs the
-    BASELINE revision's ozwell.py instead of this one."""
+    variables so that only the command line and `env` configure it. `baseline`, a git
+    revision, runs ozwell.py as it was there instead of this one."""
     inherited = {k: v for k, v in os.environ.items() if inherit_ozwell_env or not k.startswith("OZWELL_")}
     script = ROOT / "ozwell.py"
-    if baseline:
-        script = _baseline_tree() / "ozwell.py"
-        inherited["PYTHONPATH"] = str(_baseline_tree())
+    if baseline is not None:
+        script = _baseline_tree(baseline) / "ozwell.py"
+        inherited["PYTHONPATH"] = str(_baseline_tree(baseline))
     return Server([sys.executable, str(script), "--host", "127.0.0.1", "--port", "{port}",
                    "--data-dir", data_dir, *extra], env={**inherited, **(env or {})})
 
@@ -216,38 +215,27 @@ def cpu_ms_per_request(server: Server, url: str, **load) -> tuple[float, float]:
     return figures["rps"], 1000 * (cpu_seconds(server.process.pid) - before) / figures["requests"]
 
 
-class HealthProbe:
-    """GET /health every 10 ms over one keep-alive connection while a load runs: its p99."""
+PROBE_INTERVAL = 0.01
 
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.timings: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self):
-        self._thread.start()
-        return self
+def probe_health(port: int, keep_going: Callable[[list[float]], bool]) -> list[float]:
+    """Seconds each /health took, asked every PROBE_INTERVAL while `keep_going(latencies)`."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    latencies = []
+    try:
+        while keep_going(latencies):
+            started = time.perf_counter()
+            connection.request("GET", "/health")
+            connection.getresponse().read()
+            latencies.append(time.perf_counter() - started)
+            time.sleep(PROBE_INTERVAL)
+    finally:
+        connection.close()
+    return latencies or [0.0]
 
-    def __exit__(self, *_):
-        self._stop.set()
-        self._thread.join()
 
-    def _run(self) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            while not self._stop.wait(0.01):
-                started = time.perf_counter()
-                connection.request("GET", "/health")
-                connection.getresponse().read()
-                self.timings.append(1000 * (time.perf_counter() - started))
-        finally:
-            connection.close()
-
-    @property
-    def p99_ms(self) -> float:
-        ordered = sorted(self.timings)
-        return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+def p99(latencies: list[float]) -> float:
+    return sorted(latencies)[min(len(latencies) - 1, int(0.99 * len(latencies)))]
 
 
 def ratio(figure: float, baseline: float) -> str:
@@ -315,7 +303,7 @@ def _workers(scratch: str) -> list[tuple[str, str]]:
 
 def _built_in_chat(scratch: str) -> list[tuple[str, str]]:
     with ozwell_server(os.path.join(scratch, "chat")) as now, \
-            ozwell_server(os.path.join(scratch, "chat-baseline"), baseline=True) as before:
+            ozwell_server(os.path.join(scratch, "chat-baseline"), baseline=BASELINE) as before:
         figures = alternate({"now": now, "before": before}, "/v1/chat/completions", post=CHAT)
     (rate, cpu), (before_rate, before_cpu) = figures["now"], figures["before"]
     return [
