@@ -139,6 +139,14 @@ class Settings:
         1, "OZWELL_WORKERS", "processes serving the port (0: one per CPU; POSIX only)", int)
     shutdown_grace_seconds: float = _setting(
         30.0, "OZWELL_SHUTDOWN_GRACE", "on SIGTERM, how long in-flight requests may finish", float)
+    responses_backend: str = _setting(
+        "deterministic", "OZWELL_RESPONSES_BACKEND",
+        "who answers /v1/responses: deterministic, or upstream (the Llama backend, for every "
+        "model but the built-in ones)")
+    embeddings_backend: str = _setting(
+        "deterministic", "OZWELL_EMBEDDINGS_BACKEND",
+        "who answers /v1/embeddings for models other than the built-in ones: deterministic "
+        "(404) or upstream")
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -160,6 +168,15 @@ class Settings:
             raise SettingsError("OZWELL_WORKERS must be 0 (one per CPU) or more")
         if self.max_request_bytes < 1:
             raise SettingsError("OZWELL_MAX_REQUEST_BYTES must be a positive number of bytes")
+        for field in ("responses_backend", "embeddings_backend"):
+            if getattr(self, field) not in BACKENDS:
+                env = Settings.__dataclass_fields__[field].metadata["env"]
+                raise SettingsError(f"{env}={getattr(self, field)!r} is not a backend: use "
+                                    f"{' or '.join(BACKENDS)}")
+
+
+# Who may answer an endpoint: the built-in generators, or the Llama backend.
+BACKENDS = ("deterministic", "upstream")
 
 
 class SettingsError(Exception):
@@ -413,21 +430,27 @@ def write_atomically(path: str, data: bytes) -> None:
 class ResponseStore:
     """Stored responses: one JSON file per response under `<data_dir>/responses/`.
 
-    A record is `{"response", "input_items", "turns"}`: the Response object, the input items
-    input_items lists, and the (role, text) turns a response that continues it builds on.
-    Only ids of the form this server makes are looked up, so no id can name a path outside
-    the folder.
+    A record is `{"response", "input_items", "history", "generator"}` and, for a stream from
+    the Llama backend, `"deltas"`: the Response object, the input items input_items lists, the
+    items a response that continues it builds on (its history, input and output), what
+    answered, and how the stream cut the text (so a replay sends the same events). Each item
+    id also gets a small file in `items/` naming its response, for `item_reference`. Only ids
+    of the forms this server makes are looked up, so no id can name a path outside the folder.
     """
 
     _ID = re.compile(r"resp_[0-9a-f]{32}")
+    _ITEM_ID = re.compile(r"[a-z]{2,4}_[0-9a-f]{32}")
 
     def __init__(self, data_dir: str) -> None:
         self.directory = os.path.join(data_dir, "responses")
+        self.items_directory = os.path.join(self.directory, "items")
 
     def save(self, record: dict[str, Any]) -> None:
-        os.makedirs(self.directory, exist_ok=True)
-        path = self._path(record["response"]["id"])
-        write_atomically(path, json.dumps(record, ensure_ascii=False).encode())
+        os.makedirs(self.items_directory, exist_ok=True)
+        response_id = record["response"]["id"]
+        write_atomically(self._path(response_id), json.dumps(record, ensure_ascii=False).encode())
+        for item in _record_items(record):
+            self._point(item["id"], response_id)
 
     def load(self, response_id: str) -> dict[str, Any] | None:
         path = self._path(response_id)
@@ -440,19 +463,51 @@ class ResponseStore:
             return None
 
     def delete(self, response_id: str) -> bool:
-        path = self._path(response_id)
-        if path is None:
+        record = self.load(response_id)
+        if record is None:
             return False
         try:
-            os.remove(path)
+            os.remove(self._path(response_id))
         except FileNotFoundError:
             return False
+        for item in _record_items(record):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.items_directory, item["id"]))
         return True
+
+    def find_item(self, item_id: str) -> dict[str, Any] | None:
+        """An input or output item of a stored response, by its id."""
+        if not self._ITEM_ID.fullmatch(item_id):
+            return None
+        try:
+            with open(os.path.join(self.items_directory, item_id), encoding="ascii") as pointer:
+                record = self.load(pointer.read())
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+        if record is None:
+            return None
+        return next((item for item in _record_items(record) if item["id"] == item_id), None)
+
+    def _point(self, item_id: str, response_id: str) -> None:
+        # Replaced whole but not fsynced: a pointer lost in a crash only makes a reference to
+        # its item a 404, and fsyncing it would double the cost of storing a response.
+        if not self._ITEM_ID.fullmatch(item_id):
+            return
+        path = os.path.join(self.items_directory, item_id)
+        temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(temporary, "w", encoding="ascii") as pointer:
+            pointer.write(response_id)
+        os.replace(temporary, path)
 
     def _path(self, response_id: str) -> str | None:
         if not self._ID.fullmatch(response_id):
             return None
         return os.path.join(self.directory, f"{response_id}.json")
+
+
+def _record_items(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The items a stored response was given and made: what `item_reference` may name."""
+    return record["input_items"] + record["response"]["output"]
 
 
 def _lock(descriptor: int, wait: bool = True) -> bool:
@@ -1019,6 +1074,32 @@ class HashedEmbedder:
 # SSE helpers
 # =============================================================================
 
+def sse_event(data: Any, event: str | None = None) -> str:
+    """One server-sent event: `data` is JSON-encoded unless it is already a string (`[DONE]`)."""
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"),
+                                                         ensure_ascii=False)
+    return (f"event: {event}\n" if event else "") + f"data: {text}\n\n"
+
+
+class EventReader:
+    """The `data` of each server-sent event, from bytes that arrive cut anywhere."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        data = self._partial + chunk if self._partial else chunk
+        end = _events_end(data)
+        self._partial = data[end:]
+        payloads = []
+        for block in data[:end].replace(b"\r\n", b"\n").split(b"\n\n"):
+            lines = [line[5:].removeprefix(b" ") for line in block.split(b"\n")
+                     if line.startswith(b"data:")]
+            if lines:
+                payloads.append(b"\n".join(lines).decode("utf-8", "replace"))
+        return payloads
+
+
 class EventStream:
     """Server-sent events on one response.
 
@@ -1048,9 +1129,7 @@ class EventStream:
 
     async def send(self, data: Any, event: str | None = None) -> None:
         """One event: `data` is JSON-encoded unless it is already a string (`[DONE]`)."""
-        text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"),
-                                                             ensure_ascii=False)
-        await self._write((f"event: {event}\n" if event else "") + f"data: {text}\n\n")
+        await self._write(sse_event(data, event))
 
     async def send_raw(self, chunk: bytes | str) -> None:
         """Bytes already in SSE form (a relayed upstream event), passed on untouched."""
@@ -1351,6 +1430,343 @@ def _events_end(data: bytes) -> int:
 
 
 # =============================================================================
+# Responses translation
+# =============================================================================
+
+# With OZWELL_RESPONSES_BACKEND=upstream the Llama backend answers /v1/responses, but it
+# speaks chat completions: a CreateResponse becomes a chat request here, and the chat reply,
+# whole or streamed, becomes a Response and OpenAI's semantic events. The state (stored
+# responses, continuations, item references) stays with Ozwell.
+
+# CreateResponse fields that say the same thing, under the same name, in a chat request.
+_SAME_IN_CHAT = ("temperature", "top_p", "parallel_tool_calls", "user", "safety_identifier",
+                 "prompt_cache_key", "prompt_cache_retention", "service_tier")
+
+# CreateResponse fields that are translated below, refused there, or kept by Ozwell (state,
+# streaming, echo). Any other field goes to the backend as it came, as on the chat proxy, so
+# a backend's own options (Ollama's `options`, llama.cpp's `top_k`) reach it.
+_RESPONSES_FIELDS = frozenset(_SAME_IN_CHAT) | {
+    "model", "input", "instructions", "previous_response_id", "conversation", "store", "stream",
+    "stream_options", "metadata", "background", "include", "tools", "tool_choice", "text",
+    "max_output_tokens", "max_tool_calls", "reasoning", "truncation", "top_logprobs", "prompt",
+    "context_management"}
+
+_UNTRANSLATABLE_HELP = ("The Llama backend answers through chat completions, which cannot carry "
+                        "{what} ('{param}'). Leave it out, or ask the built-in model {model}.")
+
+
+def chat_request(body: dict[str, Any], history: list[dict[str, Any]],
+                 input_items: list[dict[str, Any]], stream: bool) -> dict[str, Any]:
+    """The chat completions request that asks the backend what `body`, a CreateResponse, asks,
+    over the conversation `history` then `input_items` (items as a Response holds them)."""
+    _refuse_untranslatable(body)
+    request = {key: value for key, value in body.items() if key not in _RESPONSES_FIELDS}
+    request["model"] = body["model"]
+    request["messages"] = chat_messages(body.get("instructions"), history, input_items)
+    for key in _SAME_IN_CHAT:
+        if body.get(key) is not None:
+            request[key] = body[key]
+    if body.get("max_output_tokens") is not None:
+        # Ollama reads only max_tokens; llama.cpp and vLLM read either.
+        request["max_completion_tokens"] = request["max_tokens"] = body["max_output_tokens"]
+    if body.get("tools"):
+        request["tools"] = [_chat_tool(tool, f"tools[{index}]")
+                            for index, tool in enumerate(body["tools"])]
+    if body.get("tool_choice") is not None:
+        request["tool_choice"] = _chat_tool_choice(body["tool_choice"])
+    text = body.get("text") or {}
+    response_format = _chat_response_format(text.get("format"))
+    if response_format is not None:
+        request["response_format"] = response_format
+    if text.get("verbosity") is not None:
+        request["verbosity"] = text["verbosity"]
+    effort = (body.get("reasoning") or {}).get("effort")
+    if effort is not None:
+        request["reasoning_effort"] = effort
+    request["stream"] = stream
+    if stream:
+        request["stream_options"] = {"include_usage": True}  # usage for response.completed
+    return request
+
+
+def _refuse_untranslatable(body: dict[str, Any]) -> None:
+    """A 400 for what the backend would silently not do."""
+    reasoning = body.get("reasoning") or {}
+    refused = [
+        ("prompt", body.get("prompt") is not None, "prompt templates stored at OpenAI"),
+        ("context_management", body.get("context_management") is not None,
+         "context management"),
+        ("reasoning.summary", reasoning.get("summary") is not None, "reasoning summaries"),
+        ("reasoning.generate_summary", reasoning.get("generate_summary") is not None,
+         "reasoning summaries"),
+        ("top_logprobs", bool(body.get("top_logprobs")), "log probabilities"),
+        ("include", "message.output_text.logprobs" in (body.get("include") or ()),
+         "log probabilities"),
+    ]
+    for param, given, what in refused:
+        if given:
+            raise _untranslatable(param, what)
+
+
+def _untranslatable(param: str, what: str) -> APIError:
+    return APIError(400, _UNTRANSLATABLE_HELP.format(what=what, param=param, model=OFFLINE_MODEL),
+                    param=param, code="unsupported_parameter")
+
+
+def _chat_tool(tool: dict[str, Any], where: str) -> dict[str, Any]:
+    if tool["type"] != "function":
+        raise _untranslatable(f"{where}.type", f"OpenAI's hosted tools, such as "
+                                               f"'{tool['type']}' (describe it as a function "
+                                               "tool your code runs)")
+    function = {"name": tool["name"]}
+    for key in ("description", "parameters", "strict"):
+        if tool.get(key) is not None:
+            function[key] = tool[key]
+    return {"type": "function", "function": function}
+
+
+def _chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    if isinstance(choice, str):
+        return choice
+    if choice["type"] == "function":
+        return {"type": "function", "function": {"name": choice["name"]}}
+    if choice["type"] == "allowed_tools":
+        tools = [_chat_tool(tool, f"tool_choice.tools[{index}]")
+                 for index, tool in enumerate(choice["tools"])]
+        return {"type": "allowed_tools", "allowed_tools": {
+            "mode": choice["mode"],
+            "tools": [{"type": "function", "function": {"name": tool["function"]["name"]}}
+                      for tool in tools]}}
+    raise _untranslatable("tool_choice.type", f"a choice of OpenAI's hosted tool "
+                                              f"'{choice['type']}'")
+
+
+def _chat_response_format(text_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not text_format or text_format["type"] == "text":
+        return None
+    if text_format["type"] == "json_object":
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {
+        key: text_format[key] for key in ("name", "description", "schema", "strict")
+        if text_format.get(key) is not None}}
+
+
+def chat_messages(instructions: str | None, history: list[dict[str, Any]],
+                  input_items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation as chat messages: the instructions as a system message, then each item.
+
+    Function calls join the assistant message before them (one message per turn, as chat
+    has it); each function call output is a `tool` message.
+    """
+    messages = [{"role": "system", "content": instructions}] if instructions else []
+    where = ["previous_response_id"] * len(history) + [
+        f"input[{position}]" for position in range(len(input_items))]
+    for item, at in zip(history + input_items, where):
+        if item["type"] == "message":
+            messages.append(_chat_message(item, at))
+        elif item["type"] == "function_call":
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+            if messages and messages[-1]["role"] == "assistant":
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        else:
+            messages.append({"role": "tool", "tool_call_id": item["call_id"],
+                             "content": _tool_output(item["output"], at)})
+    return messages
+
+
+def _chat_message(item: dict[str, Any], where: str) -> dict[str, Any]:
+    # Llama chat templates know system, user, assistant and tool; `developer` is OpenAI's newer
+    # name for system.
+    role = "system" if item["role"] == "developer" else item["role"]
+    texts = [part["text"] for part in item["content"]
+             if part["type"] in ("input_text", "output_text")]
+    refusals = [part["refusal"] for part in item["content"] if part["type"] == "refusal"]
+    if len(texts) + len(refusals) == len(item["content"]):
+        # Text only: one string, which every backend takes (Ollama makes a message per part).
+        message = {"role": role, "content": "\n".join(texts) if texts or not refusals else None}
+        if refusals:
+            message["refusal"] = "\n".join(refusals)
+        return message
+    return {"role": role, "content": [_chat_part(part, f"{where}.content[{number}]")
+                                      for number, part in enumerate(item["content"])]}
+
+
+def _chat_part(part: dict[str, Any], where: str) -> dict[str, Any]:
+    kind = part["type"]
+    if kind in ("input_text", "output_text"):
+        return {"type": "text", "text": part["text"]}
+    if kind == "input_image" and part.get("image_url"):
+        image = {"url": part["image_url"]}
+        if part.get("detail"):
+            image["detail"] = part["detail"]
+        return {"type": "image_url", "image_url": image}
+    if kind == "input_file" and part.get("file_data"):
+        return {"type": "file", "file": {key: part[key] for key in ("file_data", "filename")
+                                         if part.get(key) is not None}}
+    if kind in ("input_image", "input_file"):
+        raise APIError(400, f"'{where}' names a file by id or URL, which the Llama backend cannot "
+                            "fetch. Send an image as a data URL in 'image_url', or a file's bytes "
+                            "as base64 in 'file_data'.", param=where, code="unsupported_parameter")
+    raise APIError(400, f"'{where}.type' is {json.dumps(kind)}, a part the Llama backend cannot "
+                        "take: use input_text, input_image or input_file.",
+                   param=f"{where}.type", code="invalid_value")
+
+
+def _tool_output(output: str | list[dict[str, Any]], where: str) -> str:
+    if isinstance(output, str):
+        return output
+    for number, part in enumerate(output):
+        if part["type"] != "input_text":
+            raise APIError(400, f"'{where}.output[{number}]' is {json.dumps(part['type'])}: a "
+                                "tool's output sent to the Llama backend may hold text only.",
+                           param=f"{where}.output[{number}].type", code="invalid_value")
+    return "\n".join(part["text"] for part in output)
+
+
+def response_from_completion(started: dict[str, Any], call: UpstreamCall,
+                             answer: bytes) -> dict[str, Any]:
+    """The backend's chat completion (JSON in `answer`) as the Response `started` becomes."""
+    try:
+        completion = json.loads(answer)
+        choice = completion["choices"][0]
+        message = choice["message"]
+        finish_reason = choice.get("finish_reason")
+        usage = completion.get("usage")
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise APIError(502, f"The Llama backend at {call.url} answered with something that is not "
+                            f"a chat completion: {answer[:200].decode('utf-8', 'replace')!r}.",
+                       type="server_error", code="upstream_invalid_response") from None
+    last = "incomplete" if finish_reason in _INCOMPLETE_REASONS else "completed"
+    output = []
+    text = message_text(message.get("content"))
+    calls = message.get("tool_calls") or []
+    parts = [_output_text(text)] if text or not (calls or message.get("refusal")) else []
+    if message.get("refusal"):
+        parts.append({"type": "refusal", "refusal": message["refusal"]})
+    if parts:
+        output.append({"id": new_id("msg_"), "type": "message", "role": "assistant",
+                       "status": "completed", "content": parts})
+    for call_made in calls:
+        function = call_made.get("function") or {}
+        output.append(_function_call_item(new_id("fc_"), call_made.get("id") or new_id("call_"),
+                                          function.get("name") or "",
+                                          function.get("arguments") or "", "completed"))
+    output[-1]["status"] = last  # a reply cut short was cut in its last item
+    return finished_response(started, output, finish_reason, response_usage(usage))
+
+
+class ChatStreamTranslation:
+    """A chat completion stream from the backend, turned into a Response's events as it comes.
+
+    `feed()` takes the stream's bytes, cut anywhere, and returns the events they complete;
+    `finish()` closes what is open and gives the last event, `response.failed` when the
+    backend broke off or sent an error (`failure`). `response` is then the whole Response.
+    """
+
+    def __init__(self, started: dict[str, Any], url: str) -> None:
+        self.events = ResponseEvents(started)
+        self.url = url
+        self.failure: APIError | None = None
+        self.response: dict[str, Any] = started
+        self._reader = EventReader()
+        self._calls: dict[int, int] = {}  # a chunk's tool call index -> its output index
+        self._finish_reason: str | None = None
+        self._usage: dict[str, Any] | None = None
+
+    def start(self) -> list[dict[str, Any]]:
+        return self.events.start()
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        for payload in self._reader.feed(data):
+            if self.failure is not None or payload == "[DONE]":
+                continue
+            try:
+                events += self._chunk(json.loads(payload))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                self.failure = APIError(
+                    502, f"The Llama backend at {self.url} sent a stream event that is not a "
+                         f"chat completion chunk: {payload[:200]!r}.", type="server_error",
+                    code="upstream_invalid_response")
+        return events
+
+    def finish(self) -> list[dict[str, Any]]:
+        events = self.events
+        if self.failure is not None:
+            closing = events.close("incomplete")
+            error = {"code": "server_error", "message": self.failure.message}
+            self.response = finished_response(events.started, events.output, None,
+                                              response_usage(self._usage), error)
+            return closing + events.finish(self.response)
+        cut_short = self._finish_reason in _INCOMPLETE_REASONS
+        closing = events.close("incomplete" if cut_short else "completed")
+        if not events.output:  # nothing said: an empty message, as OpenAI gives
+            closing += events.add_message(new_id("msg_")) + events.add_part("output_text")
+            closing += events.close("incomplete" if cut_short else "completed")
+        self.response = finished_response(events.started, events.output, self._finish_reason,
+                                          response_usage(self._usage))
+        return closing + events.finish(self.response)
+
+    def _chunk(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        if chunk.get("error") is not None:
+            error = chunk["error"]
+            said = error.get("message") if isinstance(error, dict) else str(error)
+            self.failure = APIError(502, f"The Llama backend at {self.url} stopped with an "
+                                         f"error: {said}", type="server_error",
+                                    code="upstream_error")
+            return []
+        if chunk.get("usage"):
+            self._usage = chunk["usage"]
+        events: list[dict[str, Any]] = []
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue  # only one choice is asked for
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                events += self._text("output_text", delta["content"])
+            if delta.get("refusal"):
+                events += self._text("refusal", delta["refusal"])
+            for call in delta.get("tool_calls") or ():
+                events += self._tool_call(call)
+            if choice.get("finish_reason"):
+                self._finish_reason = choice["finish_reason"]
+        return events
+
+    def _text(self, kind: str, text: str) -> list[dict[str, Any]]:
+        events = self.events
+        steps = []
+        if not (events.item_open and events.output[-1]["type"] == "message"):
+            steps += events.close() + events.add_message(new_id("msg_"))
+        if not (events.part_open and events.output[-1]["content"][-1]["type"] == kind):
+            steps += events.close_part() + events.add_part(kind)
+        return steps + events.delta(text)
+
+    def _tool_call(self, call: dict[str, Any]) -> list[dict[str, Any]]:
+        events = self.events
+        function = call.get("function") or {}
+        index = call.get("index")
+        if index is None:  # some backends leave it out: a new id starts a new call
+            index = len(self._calls) - (0 if call.get("id") or not self._calls else 1)
+        steps = []
+        if index not in self._calls:
+            steps += events.close()
+            self._calls[index] = len(events.output)
+            steps += events.add_call(new_id("fc_"), call.get("id") or new_id("call_"),
+                                     function.get("name") or "")
+        elif not events.item_open or self._calls[index] != len(events.output) - 1:
+            self.failure = APIError(502, f"The Llama backend at {self.url} went back to tool "
+                                         f"call {index} after starting another.",
+                                    type="server_error", code="upstream_invalid_response")
+            return steps
+        if function.get("arguments"):
+            steps += events.delta(function["arguments"])
+        return steps
+
+
+# =============================================================================
 # Base handler
 # =============================================================================
 
@@ -1437,7 +1853,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("x-request-id", self.request_id)
         self.set_header("Content-Type", "application/json")
         self.set_header("Access-Control-Allow-Origin", "*")
-        self.set_header("Access-Control-Expose-Headers", "x-request-id")
+        self.set_header("Access-Control-Expose-Headers", f"x-request-id, {GENERATOR_HEADER}")
 
     def prepare(self) -> None:
         self.context.in_flight += 1
@@ -1616,6 +2032,55 @@ class NotFoundHandler(BaseHandler):
             raise APIError(404, f"Invalid URL ({self.request.method} {self.request.path}).")
 
 
+# Says on every generated reply what answered it: deterministic, upstream, fixture or replay.
+GENERATOR_HEADER = "x-ozwell-generator"
+
+
+class UpstreamHandler(BaseHandler):
+    """A handler that may pass its request on to the Llama backend.
+
+    A client that hangs up closes the backend request at once, so the backend stops
+    generating; the backend's failures come back as the chat proxy tells them.
+    """
+
+    upstream_call: UpstreamCall | None = None
+    client_gone = False
+
+    def on_connection_close(self) -> None:
+        self.client_gone = True
+        if self.upstream_call is not None:
+            self.upstream_call.abort()
+        super().on_connection_close()
+
+    async def open_upstream(self, path: str, body: bytes) -> UpstreamCall | None:
+        """The backend's answer with its status and headers in; None if the client left meanwhile."""
+        call = self.upstream_call = self.context.upstream.call(path, body)
+        try:
+            await call.open()
+        except APIError:
+            if self.client_gone:
+                return None  # nobody is left to tell
+            raise
+        return call
+
+    def pass_on_failure(self, call: UpstreamCall, answer: bytes) -> bool:
+        """Send the backend's error reply on, with its status (True), or check that `answer`
+        is the JSON a success should be (False); anything else is a 502."""
+        for name in ("Retry-After", "Retry-After-Ms"):  # the SDKs' retries wait as told
+            if name in call.headers:
+                self.set_header(name, call.headers[name])
+        if call.status >= 300:
+            self.write_json(call.error_body(answer), call.status)
+            return True
+        content_type = call.headers.get("Content-Type", "")
+        if "json" not in content_type:
+            raise APIError(502, f"The Llama backend at {call.url} answered with "
+                                f"{content_type or 'no content type'}, not JSON: "
+                                f"{answer[:200].decode('utf-8', 'replace')!r}.",
+                           type="server_error", code="upstream_invalid_response")
+        return False
+
+
 # =============================================================================
 # Endpoint handlers
 # =============================================================================
@@ -1712,11 +2177,14 @@ RESPONSE_ECHOED_FIELDS: dict[str, Any] = {
     "metadata": {}, "background": False, "prompt_cache_key": None, "safety_identifier": None,
 }
 
+# Why a chat completion stopped, and the `incomplete_details.reason` that says so on a Response.
+_INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
 
 def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     """Answer a CreateResponse body with the deterministic generator; store it unless told not to.
 
-    The generator reads the instructions (as a developer turn), the turns of the response
+    The generator reads the instructions (as a developer turn), the messages of the response
     named by `previous_response_id` (whose own instructions are not carried over, as with
     OpenAI), then this input.
     """
@@ -1725,66 +2193,113 @@ def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
         raise APIError(400, f"The requested model '{model}' does not exist. GET /v1/models lists "
                             "the models this server answers for.", param="model",
                        code="model_not_found")
+    history, input_items = response_conversation(context, body)
+    _check_text_only(body)
+    turns = [(item["role"], message_text(item["content"])) for item in history + input_items
+             if item["type"] == "message"]
+    instructions = body.get("instructions")
+    conversation = ([("developer", instructions)] if instructions else []) + turns
+    generation = deterministic_reply(model, conversation, body.get("max_output_tokens"))
+    cut_short = generation.finish_reason == "length"
+    output = [_output_message(new_id("msg_"), generation.text,
+                              "incomplete" if cut_short else "completed")]
+    response = finished_response(new_response(body), output, generation.finish_reason,
+                                 response_usage(_completion_usage([generation])))
+    store_response(context, response, history, input_items, "deterministic")
+    return response
+
+
+def _check_text_only(body: dict[str, Any]) -> None:
+    """The built-in model reads text and answers in text: a 400 for anything else it is asked."""
+    if isinstance(body["input"], list):
+        for position, entry in enumerate(body["input"]):
+            kind = entry.get("type", "message")
+            if kind not in ("message", "item_reference"):
+                raise APIError(400, f"Invalid value for 'input[{position}].type': "
+                                    f"{json.dumps(kind)}. The built-in model reads messages only.",
+                               param=f"input[{position}].type", code="invalid_value")
+            content = entry.get("content")
+            for number, part in enumerate(content if isinstance(content, list) else ()):
+                if part["type"] not in ("input_text", "output_text"):
+                    param = f"input[{position}].content[{number}].type"
+                    raise APIError(400, f"Invalid value for '{param}': {json.dumps(part['type'])}. "
+                                        "The built-in model reads text only: input_text, or "
+                                        "output_text for an earlier reply.",
+                                   param=param, code="invalid_value")
+    if body.get("tool_choice", "auto") not in ("none", "auto", None):
+        raise APIError(400, "Invalid value for 'tool_choice': the built-in model never calls a "
+                            "tool, so it can only be \"none\" or \"auto\".", param="tool_choice",
+                       code="invalid_value")
+    text_format = ((body.get("text") or {}).get("format") or {}).get("type", "text")
+    if text_format != "text":
+        raise APIError(400, f"Invalid value for 'text.format.type': {json.dumps(text_format)}. "
+                            "The built-in model answers in plain text only: \"text\".",
+                       param="text.format.type", code="invalid_value")
+
+
+def response_conversation(context: Context, body: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """The items a new response builds on: those of the response it continues (its history,
+    input and output), and its own input items, item references replaced by what they name."""
     if body.get("conversation") is not None:
         raise APIError(400, "This server has no Conversations API: continue a conversation by "
                             "passing the last response's id as 'previous_response_id'.",
                        param="conversation")
-    turns: list[list[str]] = []
+    history: list[dict[str, Any]] = []
     previous_id = body.get("previous_response_id")
     if previous_id is not None:
         previous = context.responses.load(previous_id)
         if previous is None:
             raise not_found("previous response", previous_id, param="previous_response_id",
                             code="previous_response_not_found")
-        turns = previous["turns"]
-    input_items = _input_items(body["input"])
-    turns = turns + [[item["role"], message_text(item["content"])] for item in input_items]
-    instructions = body.get("instructions")
-    conversation = ([("developer", instructions)] if instructions else []) + [tuple(t) for t in turns]
-    generation = deterministic_reply(model, conversation, body.get("max_output_tokens"))
+        history = previous["history"]
+    known = {item["id"]: item for item in history}
 
-    cut_short = generation.finish_reason == "length"
-    status = "incomplete" if cut_short else "completed"
-    now = unix_now()
-    response = {
-        "id": new_id("resp_"), "object": "response", "created_at": now,
-        "status": status, "completed_at": None if cut_short else now, "error": None,
-        "incomplete_details": {"reason": "max_output_tokens"} if cut_short else None,
-        "model": model,
-        "output": [_output_message(new_id("msg_"), generation.text, status)],
-        "service_tier": "default", "store": body.get("store") is not False,
-        "text": {"format": {"type": "text"}, "verbosity": "medium", **(body.get("text") or {})},
-        "usage": {
-            "input_tokens": generation.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": generation.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": generation.prompt_tokens + generation.completion_tokens,
-        },
-    }
-    for field, default in RESPONSE_ECHOED_FIELDS.items():
-        value = body.get(field)
-        response[field] = copy.deepcopy(default) if value is None else value
-    if response["store"]:
-        context.responses.save({"response": response, "input_items": input_items,
-                                "turns": turns + [["assistant", generation.text]]})
-    return response
+    def find(item_id: str) -> dict[str, Any] | None:
+        return known.get(item_id) or context.responses.find_item(item_id)
+
+    return history, _input_items(body["input"], find)
 
 
-def _input_items(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The input as input_items lists it: messages with ids, their text in parts."""
-    messages = [{"role": "user", "content": given}] if isinstance(given, str) else given
+def _input_items(given: str | list[dict[str, Any]],
+                 find: Callable[[str], dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """The input as input_items lists it: each item with an id of its own, a message's content
+    in parts, an item reference replaced by the item it names."""
+    entries = [{"role": "user", "content": given}] if isinstance(given, str) else given
     items = []
-    for message in messages:
-        content = message["content"]
-        texts = [content] if isinstance(content, str) else [part["text"] for part in content]
-        if message["role"] == "assistant":
-            items.append(_output_message(new_id("msg_"), "\n".join(texts), "completed"))
+    for position, entry in enumerate(entries):
+        kind = entry.get("type", "message")
+        if kind == "item_reference":
+            item = find(entry["id"])
+            if item is None:
+                raise not_found("item", entry["id"], param=f"input[{position}].id")
+            items.append(item)
+        elif kind == "message":
+            items.append(_message_item(entry["role"], entry["content"]))
+        elif kind == "function_call":
+            items.append(_function_call_item(new_id("fc_"), entry["call_id"], entry["name"],
+                                             entry["arguments"], "completed"))
         else:
-            items.append({"id": new_id("msg_"), "type": "message",
-                          "role": message["role"], "status": "completed",
-                          "content": [{"type": "input_text", "text": text} for text in texts]})
+            items.append({"id": new_id("fc_"), "type": "function_call_output",
+                          "call_id": entry["call_id"], "output": entry["output"],
+                          "status": "completed"})
     return items
+
+
+def _message_item(role: str, content: str | list[dict[str, Any]]) -> dict[str, Any]:
+    if role == "assistant":
+        if isinstance(content, str):
+            return _output_message(new_id("msg_"), content, "completed")
+        parts = [part if part["type"] == "refusal" else _output_text(part["text"])
+                 for part in content]
+        return {"id": new_id("msg_"), "type": "message", "role": role, "status": "completed",
+                "content": parts}
+    if isinstance(content, str):
+        parts = [{"type": "input_text", "text": content}]
+    else:
+        parts = [{"type": "input_text", "text": part["text"]} if "text" in part else dict(part)
+                 for part in content]
+    return {"id": new_id("msg_"), "type": "message", "role": role, "status": "completed",
+            "content": parts}
 
 
 def _output_message(item_id: str, text: str, status: str) -> dict[str, Any]:
@@ -1796,45 +2311,232 @@ def _output_text(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def response_events(response: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _function_call_item(item_id: str, call_id: str, name: str, arguments: str,
+                        status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "function_call", "status": status, "arguments": arguments,
+            "call_id": call_id, "name": name}
+
+
+def new_response(body: dict[str, Any]) -> dict[str, Any]:
+    """The Response for a CreateResponse body before it has output, as `response.created` shows it."""
+    response = {
+        "id": new_id("resp_"), "object": "response", "created_at": unix_now(),
+        "status": "in_progress", "completed_at": None, "error": None, "incomplete_details": None,
+        "model": body["model"], "output": [], "service_tier": "default",
+        "store": body.get("store") is not False,
+        "text": {"format": {"type": "text"}, "verbosity": "medium", **(body.get("text") or {})},
+        "usage": None,
+    }
+    for field, default in RESPONSE_ECHOED_FIELDS.items():
+        value = body.get(field)
+        response[field] = copy.deepcopy(default) if value is None else value
+    return response
+
+
+def finished_response(started: dict[str, Any], output: list[dict[str, Any]],
+                      finish_reason: str | None, usage: dict[str, Any],
+                      error: dict[str, str] | None = None) -> dict[str, Any]:
+    """`started` once its output is in: completed, incomplete (a chat `finish_reason` of
+    `length` or `content_filter`), or failed (`error`)."""
+    incomplete = _INCOMPLETE_REASONS.get(finish_reason) if error is None else None
+    status = "failed" if error else "incomplete" if incomplete else "completed"
+    return dict(started, status=status,
+                completed_at=unix_now() if status == "completed" else None, error=error,
+                incomplete_details={"reason": incomplete} if incomplete else None,
+                output=output, usage=usage)
+
+
+def response_usage(usage: dict[str, Any] | None) -> dict[str, Any]:
+    """A chat completion's usage as a Response's (zeros for what the backend did not count)."""
+    usage = usage or {}
+    prompt = usage.get("prompt_tokens") or 0
+    completion = usage.get("completion_tokens") or 0
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {
+            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
+            "cache_write_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {
+            "reasoning_tokens":
+                (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0},
+        "total_tokens": usage.get("total_tokens") or prompt + completion,
+    }
+
+
+def store_response(context: Context, response: dict[str, Any], history: list[dict[str, Any]],
+                   input_items: list[dict[str, Any]], generator: str,
+                   deltas: list[list] | None = None) -> None:
+    """Save `response` for GET, input_items and continuations, unless it says `store: false`."""
+    if not response["store"]:
+        return
+    record = {"response": response, "input_items": input_items,
+              "history": history + input_items + response["output"], "generator": generator}
+    if deltas is not None:
+        record["deltas"] = deltas
+    context.responses.save(record)
+
+
+class ResponseEvents:
+    """The semantic events of one response, in OpenAI's order, numbered as they are made.
+
+    A live stream from the Llama backend and a replay of a stored response both build their
+    events here, one call per step (an item begins, a part begins, a delta, ...), so a replay
+    sends what the stream sent. Texts are joined from their deltas when their part closes.
+    """
+
+    def __init__(self, started: dict[str, Any]) -> None:
+        self.started = started
+        self.output: list[dict[str, Any]] = []
+        # Per output item, its deltas: a list per content part (a message), or one list (a call).
+        self.deltas: list[list] = []
+        self.item_open = False
+        self.part_open = False
+        self._number = 0
+
+    def start(self) -> list[dict[str, Any]]:
+        return [self._event("response.created", response=self.started),
+                self._event("response.in_progress", response=self.started)]
+
+    def add_message(self, item_id: str) -> list[dict[str, Any]]:
+        return self._add({"id": item_id, "type": "message", "role": "assistant",
+                          "status": "in_progress", "content": []})
+
+    def add_call(self, item_id: str, call_id: str, name: str) -> list[dict[str, Any]]:
+        return self._add(_function_call_item(item_id, call_id, name, "", "in_progress"))
+
+    def add_part(self, kind: str) -> list[dict[str, Any]]:
+        """A content part of the open message: `output_text` or `refusal`."""
+        part = _output_text("") if kind == "output_text" else {"type": "refusal", "refusal": ""}
+        self.output[-1]["content"].append(part)
+        self.deltas[-1].append([])
+        self.part_open = True
+        return [self._event("response.content_part.added", **self._where(), part=dict(part))]
+
+    def delta(self, text: str) -> list[dict[str, Any]]:
+        """More text for the open part, or more arguments for the open call."""
+        item = self.output[-1]
+        if item["type"] == "function_call":
+            self.deltas[-1].append(text)
+            return [self._event("response.function_call_arguments.delta", item_id=item["id"],
+                                output_index=len(self.output) - 1, delta=text)]
+        self.deltas[-1][-1].append(text)
+        if item["content"][-1]["type"] == "output_text":
+            return [self._event("response.output_text.delta", **self._where(), delta=text,
+                                logprobs=[])]
+        return [self._event("response.refusal.delta", **self._where(), delta=text)]
+
+    def close_part(self) -> list[dict[str, Any]]:
+        if not self.part_open:
+            return []
+        self.part_open = False
+        part = self.output[-1]["content"][-1]
+        where = self._where()
+        text = "".join(self.deltas[-1][-1])
+        if part["type"] == "output_text":
+            part["text"] = text
+            done = self._event("response.output_text.done", **where, text=text, logprobs=[])
+        else:
+            part["refusal"] = text
+            done = self._event("response.refusal.done", **where, refusal=text)
+        return [done, self._event("response.content_part.done", **where, part=part)]
+
+    def close(self, status: str = "completed") -> list[dict[str, Any]]:
+        """Finish the open item: `completed`, or `incomplete` when the reply was cut in it."""
+        if not self.item_open:
+            return []
+        self.item_open = False
+        item = self.output[-1]
+        index = len(self.output) - 1
+        events = []
+        if item["type"] == "function_call":
+            item["arguments"] = "".join(self.deltas[-1])
+            events.append(self._event("response.function_call_arguments.done",
+                                      item_id=item["id"], output_index=index,
+                                      name=item["name"], arguments=item["arguments"]))
+        else:
+            events += self.close_part()
+        item["status"] = status
+        events.append(self._event("response.output_item.done", output_index=index, item=item))
+        return events
+
+    def finish(self, response: dict[str, Any]) -> list[dict[str, Any]]:
+        """The last event: the whole `response`, completed, incomplete or failed."""
+        return [self._event(f"response.{response['status']}", response=response)]
+
+    def _add(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        self.output.append(item)
+        self.deltas.append([])
+        self.item_open = True
+        shown = dict(item, content=[]) if item["type"] == "message" else dict(item)
+        return [self._event("response.output_item.added", output_index=len(self.output) - 1,
+                            item=shown)]
+
+    def _where(self) -> dict[str, Any]:
+        item = self.output[-1]
+        return {"item_id": item["id"], "output_index": len(self.output) - 1,
+                "content_index": len(item["content"]) - 1}
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"type": kind, **fields, "sequence_number": self._number}
+        self._number += 1
+        return event
+
+
+def response_events(response: dict[str, Any], deltas: list[list] | None = None) -> Iterator[dict[str, Any]]:
     """The semantic events that stream a finished `response`, in OpenAI's order.
 
-    A stream and a replay (GET ?stream=true) both come from here, so they are the same;
-    there is one text delta per token, and the deltas joined are the text.
+    `deltas` (stored with a stream from the Llama backend) cut each text and each call's
+    arguments as that stream did; without them there is one delta per token, so a stream of
+    the built-in model and its replay (GET ?stream=true) are the same.
     """
-    message = response["output"][0]
-    part = message["content"][0]
-    started = dict(response, status="in_progress", completed_at=None, incomplete_details=None,
-                   output=[], usage=None)
-    where = {"item_id": message["id"], "output_index": 0, "content_index": 0}
-    yield {"type": "response.created", "response": started}
-    yield {"type": "response.in_progress", "response": started}
-    yield {"type": "response.output_item.added", "output_index": 0,
-           "item": dict(message, status="in_progress", content=[])}
-    yield {"type": "response.content_part.added", **where, "part": _output_text("")}
-    for token in tokenize(part["text"]):
-        yield {"type": "response.output_text.delta", **where, "delta": token, "logprobs": []}
-    yield {"type": "response.output_text.done", **where, "text": part["text"], "logprobs": []}
-    yield {"type": "response.content_part.done", **where, "part": part}
-    yield {"type": "response.output_item.done", "output_index": 0, "item": message}
-    finished = "response.completed" if response["status"] == "completed" else "response.incomplete"
-    yield {"type": finished, "response": response}
+    events = ResponseEvents(_started(response))
+    yield from events.start()
+    for index, item in enumerate(response["output"]):
+        cuts = deltas[index] if deltas is not None else None
+        if item["type"] == "function_call":
+            yield from events.add_call(item["id"], item["call_id"], item["name"])
+            for piece in cuts if cuts is not None else tokenize(item["arguments"]):
+                yield from events.delta(piece)
+        else:
+            yield from events.add_message(item["id"])
+            for number, part in enumerate(item["content"]):
+                yield from events.add_part(part["type"])
+                text = part["text"] if part["type"] == "output_text" else part["refusal"]
+                for piece in cuts[number] if cuts is not None else tokenize(text):
+                    yield from events.delta(piece)
+                yield from events.close_part()
+        yield from events.close(item["status"])
+    yield from events.finish(response)
 
 
-async def _stream_response(handler: BaseHandler, response: dict[str, Any],
+def _started(response: dict[str, Any]) -> dict[str, Any]:
+    """`response` as it was when it began: in progress, with no output and no usage yet."""
+    return dict(response, status="in_progress", completed_at=None, error=None,
+                incomplete_details=None, output=[], usage=None)
+
+
+async def send_events(stream: EventStream, events: list[dict[str, Any]]) -> None:
+    """Write `events` (each named by its type) in one write and one flush."""
+    if events:
+        await stream.send_raw("".join(sse_event(event, event["type"]) for event in events))
+
+
+async def _stream_response(handler: BaseHandler, record: dict[str, Any],
                            starting_after: int | None = None) -> None:
-    """Send the events of `response` after `starting_after`, text deltas at the set pace."""
+    """Send the events of a stored or finished response after `starting_after`, text deltas
+    at the set pace."""
     settings = handler.context.settings
     stream = EventStream(handler, settings.keepalive_seconds)
     try:
         await stream.open()
         pacer = Pacer(settings.stream_tokens_per_second)
-        for number, event in enumerate(response_events(response)):
-            if starting_after is not None and number <= starting_after:
+        for event in response_events(record["response"], record.get("deltas")):
+            if starting_after is not None and event["sequence_number"] <= starting_after:
                 continue
             if event["type"] == "response.output_text.delta":
                 await pacer.tick()
-            await stream.send({**event, "sequence_number": number}, event=event["type"])
+            await stream.send(event, event=event["type"])
     except tornado.iostream.StreamClosedError:
         pass  # the client left; a stored response is saved whole already
     finally:
@@ -1848,17 +2550,82 @@ def _stored_response(context: Context, response_id: str) -> dict[str, Any]:
     return record
 
 
-class ResponsesHandler(BaseHandler):
+class ResponsesHandler(UpstreamHandler):
+    """The deterministic generator answers; with OZWELL_RESPONSES_BACKEND=upstream, every model
+    but the built-in ones is answered by the Llama backend, through chat completions."""
+
     api = {"post": Operation("Create a model response", "Responses", request="CreateResponse",
-                             response="Response", stream="ResponseStreamEvent")}
+                             response="Response", stream="ResponseStreamEvent",
+                             errors=(400, 401, 404, 413, 500, 502, 504))}
 
     async def post(self) -> None:
         body = self.payload
+        if (self.context.settings.responses_backend == "upstream"
+                and body["model"] not in LOCAL_MODELS):
+            await self._answer_upstream(body)
+            return
         response = create_response(self.context, body)
+        self.set_header(GENERATOR_HEADER, "deterministic")
         if body.get("stream"):
-            await _stream_response(self, response)
+            await _stream_response(self, {"response": response})
         else:
             self.write_json(response)
+
+    async def _answer_upstream(self, body: dict[str, Any]) -> None:
+        history, input_items = response_conversation(self.context, body)
+        stream = bool(body.get("stream"))
+        request = chat_request(body, history, input_items, stream)
+        started = new_response(body)
+        call = await self.open_upstream("/chat/completions", json.dumps(request).encode())
+        if call is None:
+            return
+        self.set_header(GENERATOR_HEADER, "upstream")
+        if stream and call.status < 300 and call.is_event_stream:
+            await self._translate_stream(call, started, history, input_items)
+            return
+        answer = await call.read()
+        if self.pass_on_failure(call, answer):
+            return
+        response = response_from_completion(started, call, answer)
+        store_response(self.context, response, history, input_items, "upstream")
+        if stream:  # the backend answered a stream request whole: stream that
+            await _stream_response(self, {"response": response})
+        else:
+            self.write_json(response)
+
+    async def _translate_stream(self, call: UpstreamCall, started: dict[str, Any],
+                                history: list[dict[str, Any]],
+                                input_items: list[dict[str, Any]]) -> None:
+        translation = ChatStreamTranslation(started, call.url)
+        stream = EventStream(self, self.context.settings.keepalive_seconds)
+
+        async def feed(data: bytes) -> None:
+            events = translation.feed(data)
+            if translation.failure is not None:
+                call.abort()  # the rest of what it sends would not be read right either
+            try:
+                await send_events(stream, events)
+            except tornado.iostream.StreamClosedError:
+                self.client_gone = True
+                call.abort()  # the client left: the upstream should stop generating now
+
+        try:
+            await stream.open()
+            await send_events(stream, translation.start())
+            try:
+                await call.relay(feed)
+            except APIError as broke_off:
+                translation.failure = broke_off
+            if self.client_gone:
+                return
+            events = translation.finish()
+            store_response(self.context, translation.response, history, input_items,
+                           "upstream", translation.events.deltas)
+            await send_events(stream, events)
+        except tornado.iostream.StreamClosedError:
+            call.abort()
+        finally:
+            stream.close()
 
 
 _STREAM = QueryParam("stream", {"type": "boolean", "default": False},
@@ -1876,12 +2643,13 @@ class ResponseHandler(BaseHandler):
     }
 
     async def get(self, response_id: str) -> None:
-        response = _stored_response(self.context, response_id)["response"]
+        record = _stored_response(self.context, response_id)
         query = read_query(self, self.api["get"].query)
+        self.set_header(GENERATOR_HEADER, record["generator"])
         if query["stream"]:
-            await _stream_response(self, response, query["starting_after"])
+            await _stream_response(self, record, query["starting_after"])
         else:
-            self.write_json(response)
+            self.write_json(record["response"])
 
     def delete(self, response_id: str) -> None:
         if not self.context.responses.delete(response_id):
@@ -1909,7 +2677,7 @@ class ResponseInputItemsHandler(BaseHandler):
         self.write_json(cursor_page(items, query["after"], query["limit"]))
 
 
-class ChatCompletionsHandler(BaseHandler):
+class ChatCompletionsHandler(UpstreamHandler):
     """The built-in model answers offline; every other model id is proxied to the upstream."""
 
     api = {"post": Operation("Create a chat completion", "Chat",
@@ -1918,50 +2686,28 @@ class ChatCompletionsHandler(BaseHandler):
                              stream="CreateChatCompletionStreamResponse",
                              errors=(400, 401, 413, 500, 502, 504))}
 
-    upstream_call: UpstreamCall | None = None
-    client_gone = False
-
     async def post(self) -> None:
         body = self.payload
         if body["model"] == OFFLINE_MODEL:
+            self.set_header(GENERATOR_HEADER, "deterministic")
             await self._answer_offline(body)
         else:
             await self._proxy(body)
 
-    def on_connection_close(self) -> None:
-        self.client_gone = True
-        if self.upstream_call is not None:
-            self.upstream_call.abort()  # the upstream should stop generating now
-        super().on_connection_close()
-
     async def _proxy(self, body: dict[str, Any]) -> None:
         # Forwarded as received: fields this server does not know reach the upstream untouched.
-        call = self.upstream_call = self.context.upstream.call(
-            "/chat/completions", b"".join(self._body_parts))
-        try:
-            await call.open()
-        except APIError:
-            if self.client_gone:
-                return  # nobody is left to tell
-            raise
+        call = await self.open_upstream("/chat/completions", b"".join(self._body_parts))
+        if call is None:
+            return
+        self.set_header(GENERATOR_HEADER, "upstream")
         if body.get("stream") and call.status < 300 and call.is_event_stream:
             await self._relay_stream(call)
             return
         answer = await call.read()
-        for name in ("Retry-After", "Retry-After-Ms"):  # the SDKs' retries wait as told
-            if name in call.headers:
-                self.set_header(name, call.headers[name])
-        if call.status >= 300:
-            self.write_json(call.error_body(answer), call.status)
+        if self.pass_on_failure(call, answer):
             return
-        content_type = call.headers.get("Content-Type", "")
-        if "json" not in content_type:
-            raise APIError(502, f"The Llama backend at {call.url} answered with "
-                                f"{content_type or 'no content type'}, not JSON: "
-                                f"{answer[:200].decode('utf-8', 'replace')!r}.",
-                           type="server_error", code="upstream_invalid_response")
         self.set_status(call.status)
-        self.set_header("Content-Type", content_type)
+        self.set_header("Content-Type", call.headers["Content-Type"])
         self.finish(answer)
 
     async def _relay_stream(self, call: UpstreamCall) -> None:
@@ -2036,13 +2782,20 @@ def _completion_usage(generations: Sequence[Generation]) -> dict[str, Any]:
             "completion_tokens_details": {"reasoning_tokens": 0}}
 
 
-class EmbeddingsHandler(BaseHandler):
-    api = {"post": Operation("Create embeddings", "Embeddings", request="CreateEmbeddingRequest",
-                             response="CreateEmbeddingResponse")}
+class EmbeddingsHandler(UpstreamHandler):
+    """The built-in models answer; with OZWELL_EMBEDDINGS_BACKEND=upstream, every other model
+    is answered by the Llama backend."""
 
-    def post(self) -> None:
+    api = {"post": Operation("Create embeddings", "Embeddings", request="CreateEmbeddingRequest",
+                             response="CreateEmbeddingResponse",
+                             errors=(400, 401, 404, 413, 500, 502, 504))}
+
+    async def post(self) -> None:
         body = self.payload
         embedder = self.context.embedders.get(body["model"])
+        if embedder is None and self.context.settings.embeddings_backend == "upstream":
+            await self._proxy(body)
+            return
         if embedder is None:
             raise APIError(404, f"The model '{body['model']}' does not exist or cannot make "
                                 f"embeddings. Use one of: {', '.join(EMBEDDING_MODELS)}.",
@@ -2054,10 +2807,40 @@ class EmbeddingsHandler(BaseHandler):
             f'{{"object":"embedding","index":{index},"embedding":'
             f'{encode(*embedder.embed(words, dimensions))}}}'
             for index, words in enumerate(inputs))
+        self.set_header(GENERATOR_HEADER, "deterministic")
         # Written by hand, not with json.dumps: formatting thousands of floats per vector
         # that way is most of the cost of a large request.
         self.finish(f'{{"object":"list","data":[{items}],"model":{json.dumps(embedder.model)},'
                     f'"usage":{{"prompt_tokens":{tokens},"total_tokens":{tokens}}}}}')
+
+    async def _proxy(self, body: dict[str, Any]) -> None:
+        # Backends give floats (Ollama ignores encoding_format; some reject base64): they are
+        # asked for floats, and base64 is made here when the client wants it.
+        base64_wanted = body.get("encoding_format") == "base64"
+        sent = (json.dumps({**body, "encoding_format": "float"}).encode() if base64_wanted
+                else b"".join(self._body_parts))
+        call = await self.open_upstream("/embeddings", sent)
+        if call is None:
+            return
+        self.set_header(GENERATOR_HEADER, "upstream")
+        answer = await call.read()
+        if self.pass_on_failure(call, answer):
+            return
+        if not base64_wanted:
+            self.set_header("Content-Type", call.headers["Content-Type"])
+            self.finish(answer)
+            return
+        try:
+            reply = json.loads(answer)
+            for item in reply["data"]:
+                if isinstance(item["embedding"], list):
+                    item["embedding"] = _base64_floats(array.array("f", item["embedding"]))
+        except (ValueError, KeyError, TypeError, OverflowError):
+            raise APIError(502, f"The Llama backend at {call.url} answered with something that "
+                                f"is not a list of embeddings: "
+                                f"{answer[:200].decode('utf-8', 'replace')!r}.",
+                           type="server_error", code="upstream_invalid_response") from None
+        self.write_json(reply)
 
 
 def _embedding_dimensions(embedder: HashedEmbedder, requested: int | None) -> int:
@@ -2112,9 +2895,13 @@ def _floats_json(vector: array.array, nonzero: list[int]) -> str:
 
 def _base64_json(vector: array.array, nonzero: list[int]) -> str:
     """A JSON string: base64 of the little-endian float32 values, which the SDKs decode."""
+    return '"' + _base64_floats(vector) + '"'
+
+
+def _base64_floats(vector: array.array) -> str:
     if sys.byteorder == "big":
         vector.byteswap()
-    return '"' + base64.b64encode(vector.tobytes()).decode("ascii") + '"'
+    return base64.b64encode(vector.tobytes()).decode("ascii")
 
 
 class MultipartError(ValueError):
@@ -2746,14 +3533,27 @@ def _log_banner(settings: Settings, sockets: list[socket.socket], workers: int) 
     host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
     local = ", ".join(f"{model} (built in)" for model in LOCAL_MODELS)
     upstream = ", ".join(settings.llama_models)
+    served = ["chat completions"] + [
+        endpoint for endpoint, backend in (("responses", settings.responses_backend),
+                                           ("embeddings", settings.embeddings_backend))
+        if backend == "upstream"]
     log.info("ozwell %s listening on %s:%d with %d worker%s\n"
-             "  docs:     http://%s:%d/docs\n"
-             "  data dir: %s\n"
-             "  models:   %s%s\n"
-             "  upstream: %s (chat completions for any other model)",
+             "  docs:       http://%s:%d/docs\n"
+             "  data dir:   %s\n"
+             "  models:     %s%s\n"
+             "  upstream:   %s (%s for any other model)\n"
+             "  responses:  %s\n"
+             "  embeddings: %s",
              __version__, settings.host, port, workers, "" if workers == 1 else "s", host, port,
              os.path.abspath(settings.data_dir), local, f", {upstream} (upstream)" if upstream else "",
-             settings.llama_base_url)
+             settings.llama_base_url, " and ".join(served),
+             _backend_line(settings.responses_backend, "the built-in generator answers every model"),
+             _backend_line(settings.embeddings_backend, "the built-in models only"))
+
+
+def _backend_line(backend: str, deterministic: str) -> str:
+    return f"{backend} (" + ("every model but the built-in ones goes to the upstream"
+                             if backend == "upstream" else deterministic) + ")"
 
 
 def _log_upstream_reachability(settings: Settings) -> None:

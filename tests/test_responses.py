@@ -441,7 +441,9 @@ async def test_bad_input_items_query_gets_a_400(client, http_client, base_url, q
 async def test_stored_as_one_json_file_per_response_and_read_by_a_new_app(client, settings):
     created = await client.responses.create(model=MODEL, input="persist me")
     folder = ozwell.ResponseStore(settings.data_dir).directory
-    assert os.listdir(folder) == [f"{created.id}.json"]  # no temporary file left behind
+    assert sorted(os.listdir(folder)) == ["items", f"{created.id}.json"]  # no temporary file left
+    items = [item.id async for item in client.responses.input_items.list(created.id)]
+    assert sorted(os.listdir(os.path.join(folder, "items"))) == sorted(items + [created.output[0].id])
     fresh_app = ozwell.make_app(settings)
     record = fresh_app.settings["ozwell"].responses.load(created.id)
     assert record["response"]["id"] == created.id
