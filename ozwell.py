@@ -1620,8 +1620,8 @@ def _tool_output(output: str | list[dict[str, Any]], where: str) -> str:
         return output
     for number, part in enumerate(output):
         if part["type"] != "input_text":
-            raise APIError(400, f"'{where}.output[{number}]' is {json.dumps(part['type'])}: a "
-                                "tool's output sent to the Llama backend may hold text only.",
+            raise APIError(400, f"'{where}.output[{number}].type' is {json.dumps(part['type'])}: "
+                                "a tool's output sent to the Llama backend may hold text only.",
                            param=f"{where}.output[{number}].type", code="invalid_value")
     return "\n".join(part["text"] for part in output)
 
@@ -3538,22 +3538,21 @@ def _log_banner(settings: Settings, sockets: list[socket.socket], workers: int) 
                                            ("embeddings", settings.embeddings_backend))
         if backend == "upstream"]
     log.info("ozwell %s listening on %s:%d with %d worker%s\n"
-             "  docs:       http://%s:%d/docs\n"
-             "  data dir:   %s\n"
-             "  models:     %s%s\n"
-             "  upstream:   %s (%s for any other model)\n"
-             "  responses:  %s\n"
-             "  embeddings: %s",
+             "  docs:     http://%s:%d/docs\n"
+             "  data dir: %s\n"
+             "  models:   %s%s\n"
+             "  upstream: %s (%s for any other model)\n"
+             "  backends: responses %s, embeddings %s",
              __version__, settings.host, port, workers, "" if workers == 1 else "s", host, port,
              os.path.abspath(settings.data_dir), local, f", {upstream} (upstream)" if upstream else "",
              settings.llama_base_url, " and ".join(served),
-             _backend_line(settings.responses_backend, "the built-in generator answers every model"),
-             _backend_line(settings.embeddings_backend, "the built-in models only"))
+             _backend_shown(settings.responses_backend, "for every model"),
+             _backend_shown(settings.embeddings_backend, "for the built-in models only"))
 
 
-def _backend_line(backend: str, deterministic: str) -> str:
-    return f"{backend} (" + ("every model but the built-in ones goes to the upstream"
-                             if backend == "upstream" else deterministic) + ")"
+def _backend_shown(backend: str, deterministic: str) -> str:
+    return f"{backend} " + ("(every model but the built-in ones goes upstream)"
+                            if backend == "upstream" else f"({deterministic})")
 
 
 def _log_upstream_reachability(settings: Settings) -> None:
