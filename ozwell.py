@@ -904,7 +904,9 @@ class Generation:
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.tokens)
+        """The text's tokens, the refusal's and those of every call's arguments."""
+        return (len(self.tokens) + count_tokens(self.refusal or "")
+                + sum(count_tokens(call.arguments) for call in self.tool_calls))
 
 
 def _seed_words(seed: bytes, count: int) -> Iterator[str]:
@@ -1068,6 +1070,333 @@ class HashedEmbedder:
             self._slots.clear()
         self._slots[feature] = result = tuple(slots)
         return result
+
+
+# =============================================================================
+# Renderers
+# =============================================================================
+# A Generation in each endpoint's wire format, whoever made it (the offline model, a fixture,
+# the Llama backend's translated answer): the same reply always looks the same to a client.
+
+def chat_completion(head: dict[str, Any], generations: Sequence[Generation]) -> dict[str, Any]:
+    """A `chat.completion` body: `head` holds its id, created and model; a choice per generation."""
+    choices = [{"index": index, "message": chat_message(generation), "logprobs": None,
+                "finish_reason": generation.finish_reason}
+               for index, generation in enumerate(generations)]
+    return {"id": head["id"], "object": "chat.completion", **head, "choices": choices,
+            "usage": completion_usage(generations)}
+
+
+def chat_message(generation: Generation) -> dict[str, Any]:
+    """The assistant message of a choice: its text, or null when it only refuses or calls tools."""
+    silent = generation.refusal is not None or (generation.tool_calls and not generation.tokens)
+    message: dict[str, Any] = {"role": "assistant", "content": None if silent else generation.text,
+                               "refusal": generation.refusal, "annotations": []}
+    if generation.tool_calls:
+        message["tool_calls"] = [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}}
+            for call in generation.tool_calls]
+    return message
+
+
+def completion_usage(generations: Sequence[Generation]) -> dict[str, Any]:
+    """Usage of one request: the prompt counted once, the completions of all its choices."""
+    prompt = generations[0].prompt_tokens
+    completion = sum(generation.completion_tokens for generation in generations)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0}}
+
+
+def chat_completion_chunks(head: dict[str, Any], generations: Sequence[Generation],
+                           include_usage: bool) -> Iterator[dict[str, Any] | str]:
+    """The events of a streamed chat completion, `[DONE]` last, as OpenAI sends them.
+
+    Each choice opens with the assistant's role, then one chunk per token of its text (or
+    refusal); each tool call opens with a chunk holding its index, id, type, name and empty
+    arguments, then one chunk per token of the arguments holding only the index and that
+    fragment; a chunk with the finish reason closes the choice.
+    """
+    head = {"id": head["id"], "object": "chat.completion.chunk", **head}
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None) -> dict:
+        return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                     "finish_reason": finish_reason}], **extra}
+
+    for index, generation in enumerate(generations):
+        calls = generation.tool_calls
+        if generation.refusal is not None:
+            yield chunk(index, {"role": "assistant", "content": None, "refusal": ""})
+            for token in tokenize(generation.refusal):
+                yield chunk(index, {"refusal": token})
+        elif generation.tokens or not calls:
+            yield chunk(index, {"role": "assistant", "content": ""})
+            for token in generation.tokens:
+                yield chunk(index, {"content": token})
+        for number, call in enumerate(calls):
+            opening = {"tool_calls": [{"index": number, "id": call.id, "type": "function",
+                                       "function": {"name": call.name, "arguments": ""}}]}
+            if number == 0 and not generation.tokens and generation.refusal is None:
+                opening = {"role": "assistant", "content": None, **opening}
+            yield chunk(index, opening)
+            for fragment in tokenize(call.arguments):
+                yield chunk(index, {"tool_calls": [{"index": number,
+                                                    "function": {"arguments": fragment}}]})
+        yield chunk(index, {}, generation.finish_reason)
+    if include_usage:
+        yield {**head, "choices": [], "usage": completion_usage(generations)}
+    yield "[DONE]"
+
+
+def chunk_carries_a_token(chunk: dict[str, Any] | str) -> bool:
+    """Whether a chat chunk adds a token (text, refusal or arguments): streams are paced by these."""
+    if isinstance(chunk, str) or not chunk["choices"]:
+        return False
+    delta = chunk["choices"][0]["delta"]
+    return bool(delta.get("content") or delta.get("refusal") or any(
+        call.get("function", {}).get("arguments") for call in delta.get("tool_calls", ())))
+
+
+# What a Response echoes of its request, and the value it shows when the request has none.
+RESPONSE_ECHOED_FIELDS: dict[str, Any] = {
+    "instructions": None, "max_output_tokens": None, "max_tool_calls": None,
+    "parallel_tool_calls": True, "previous_response_id": None,
+    "reasoning": {"effort": None, "summary": None}, "temperature": 1.0, "tool_choice": "auto",
+    "tools": [], "top_logprobs": 0, "top_p": 1.0, "truncation": "disabled", "user": None,
+    "metadata": {}, "background": False, "prompt_cache_key": None, "safety_identifier": None,
+}
+
+
+# Why a chat completion stopped, and the `incomplete_details.reason` that says so on a Response.
+_INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+def render_response(body: dict[str, Any], generation: Generation, model: str) -> dict[str, Any]:
+    """The Response object answering the CreateResponse `body` with `generation`: its output
+    items, usage and status, and the request's fields echoed."""
+    status = "incomplete" if generation.finish_reason in _INCOMPLETE_REASONS else "completed"
+    return finished_response(new_response(body, model), response_output(generation, status),
+                             generation.finish_reason,
+                             response_usage(completion_usage([generation])))
+
+
+def response_output(generation: Generation, status: str) -> list[dict[str, Any]]:
+    """The output items: a message (its text or refusal) unless the reply only calls tools,
+    then a `function_call` item per call."""
+    items = []
+    if generation.tokens or generation.refusal is not None or not generation.tool_calls:
+        part = (_output_text(generation.text) if generation.refusal is None
+                else {"type": "refusal", "refusal": generation.refusal})
+        items.append({"id": new_id("msg_"), "type": "message", "role": "assistant",
+                      "status": status, "content": [part]})
+    for call in generation.tool_calls:
+        items.append(_function_call_item(new_id("fc_"), call.id, call.name, call.arguments, status))
+    return items
+
+
+def _output_message(item_id: str, text: str, status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status,
+            "content": [_output_text(text)]}
+
+
+def _output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _function_call_item(item_id: str, call_id: str, name: str, arguments: str,
+                        status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "function_call", "status": status, "arguments": arguments,
+            "call_id": call_id, "name": name}
+
+
+def new_response(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """The Response to a CreateResponse `body` before it has output, as `response.created`
+    shows it."""
+    response = {
+        "id": new_id("resp_"), "object": "response", "created_at": unix_now(),
+        "status": "in_progress", "completed_at": None, "error": None, "incomplete_details": None,
+        "model": model, "output": [], "service_tier": "default",
+        "store": body.get("store") is not False,
+        "text": {"format": {"type": "text"}, "verbosity": "medium", **(body.get("text") or {})},
+        "usage": None,
+    }
+    for field, default in RESPONSE_ECHOED_FIELDS.items():
+        value = body.get(field)
+        response[field] = copy.deepcopy(default) if value is None else value
+    return response
+
+
+def finished_response(started: dict[str, Any], output: list[dict[str, Any]],
+                      finish_reason: str | None, usage: dict[str, Any],
+                      error: dict[str, str] | None = None) -> dict[str, Any]:
+    """`started` once its output is in: completed, incomplete (a chat `finish_reason` of
+    `length` or `content_filter`), or failed (`error`)."""
+    incomplete = _INCOMPLETE_REASONS.get(finish_reason) if error is None else None
+    status = "failed" if error else "incomplete" if incomplete else "completed"
+    return dict(started, status=status,
+                completed_at=unix_now() if status == "completed" else None, error=error,
+                incomplete_details={"reason": incomplete} if incomplete else None,
+                output=output, usage=usage)
+
+
+def response_usage(usage: dict[str, Any] | None) -> dict[str, Any]:
+    """A chat completion's usage as a Response's (zeros for what the backend did not count)."""
+    usage = usage or {}
+    prompt = usage.get("prompt_tokens") or 0
+    completion = usage.get("completion_tokens") or 0
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {
+            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
+            "cache_write_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {
+            "reasoning_tokens":
+                (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0},
+        "total_tokens": usage.get("total_tokens") or prompt + completion,
+    }
+
+
+class ResponseEvents:
+    """The semantic events of one response, in OpenAI's order, numbered as they are made.
+
+    A live stream from the Llama backend and a replay of a stored response both build their
+    events here, one call per step (an item begins, a part begins, a delta, ...), so a replay
+    sends what the stream sent. Texts are joined from their deltas when their part closes.
+    """
+
+    def __init__(self, started: dict[str, Any]) -> None:
+        self.started = started
+        self.output: list[dict[str, Any]] = []
+        # Per output item, its deltas: a list per content part (a message), or one list (a call).
+        self.deltas: list[list] = []
+        self.item_open = False
+        self.part_open = False
+        self._number = 0
+
+    def start(self) -> list[dict[str, Any]]:
+        return [self._event("response.created", response=self.started),
+                self._event("response.in_progress", response=self.started)]
+
+    def add_message(self, item_id: str) -> list[dict[str, Any]]:
+        return self._add({"id": item_id, "type": "message", "role": "assistant",
+                          "status": "in_progress", "content": []})
+
+    def add_call(self, item_id: str, call_id: str, name: str) -> list[dict[str, Any]]:
+        return self._add(_function_call_item(item_id, call_id, name, "", "in_progress"))
+
+    def add_part(self, kind: str) -> list[dict[str, Any]]:
+        """A content part of the open message: `output_text` or `refusal`."""
+        part = _output_text("") if kind == "output_text" else {"type": "refusal", "refusal": ""}
+        self.output[-1]["content"].append(part)
+        self.deltas[-1].append([])
+        self.part_open = True
+        return [self._event("response.content_part.added", **self._where(), part=dict(part))]
+
+    def delta(self, text: str) -> list[dict[str, Any]]:
+        """More text for the open part, or more arguments for the open call."""
+        item = self.output[-1]
+        if item["type"] == "function_call":
+            self.deltas[-1].append(text)
+            return [self._event("response.function_call_arguments.delta", item_id=item["id"],
+                                output_index=len(self.output) - 1, delta=text)]
+        self.deltas[-1][-1].append(text)
+        if item["content"][-1]["type"] == "output_text":
+            return [self._event("response.output_text.delta", **self._where(), delta=text,
+                                logprobs=[])]
+        return [self._event("response.refusal.delta", **self._where(), delta=text)]
+
+    def close_part(self) -> list[dict[str, Any]]:
+        if not self.part_open:
+            return []
+        self.part_open = False
+        part = self.output[-1]["content"][-1]
+        where = self._where()
+        text = "".join(self.deltas[-1][-1])
+        if part["type"] == "output_text":
+            part["text"] = text
+            done = self._event("response.output_text.done", **where, text=text, logprobs=[])
+        else:
+            part["refusal"] = text
+            done = self._event("response.refusal.done", **where, refusal=text)
+        return [done, self._event("response.content_part.done", **where, part=part)]
+
+    def close(self, status: str = "completed") -> list[dict[str, Any]]:
+        """Finish the open item: `completed`, or `incomplete` when the reply was cut in it."""
+        if not self.item_open:
+            return []
+        self.item_open = False
+        item = self.output[-1]
+        index = len(self.output) - 1
+        events = []
+        if item["type"] == "function_call":
+            item["arguments"] = "".join(self.deltas[-1])
+            events.append(self._event("response.function_call_arguments.done",
+                                      item_id=item["id"], output_index=index,
+                                      name=item["name"], arguments=item["arguments"]))
+        else:
+            events += self.close_part()
+        item["status"] = status
+        events.append(self._event("response.output_item.done", output_index=index, item=item))
+        return events
+
+    def finish(self, response: dict[str, Any]) -> list[dict[str, Any]]:
+        """The last event: the whole `response`, completed, incomplete or failed."""
+        return [self._event(f"response.{response['status']}", response=response)]
+
+    def _add(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        self.output.append(item)
+        self.deltas.append([])
+        self.item_open = True
+        shown = dict(item, content=[]) if item["type"] == "message" else dict(item)
+        return [self._event("response.output_item.added", output_index=len(self.output) - 1,
+                            item=shown)]
+
+    def _where(self) -> dict[str, Any]:
+        item = self.output[-1]
+        return {"item_id": item["id"], "output_index": len(self.output) - 1,
+                "content_index": len(item["content"]) - 1}
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"type": kind, **fields, "sequence_number": self._number}
+        self._number += 1
+        return event
+
+
+def response_events(response: dict[str, Any], deltas: list[list] | None = None) -> Iterator[dict[str, Any]]:
+    """The semantic events that stream a finished `response`, in OpenAI's order.
+
+    `deltas` (stored with a stream from the Llama backend) cut each text and each call's
+    arguments as that stream did; without them there is one delta per token, so a stream of
+    the built-in model and its replay (GET ?stream=true) are the same.
+    """
+    events = ResponseEvents(_started(response))
+    yield from events.start()
+    for index, item in enumerate(response["output"]):
+        cuts = deltas[index] if deltas is not None else None
+        if item["type"] == "function_call":
+            yield from events.add_call(item["id"], item["call_id"], item["name"])
+            for piece in cuts if cuts is not None else tokenize(item["arguments"]):
+                yield from events.delta(piece)
+        else:
+            yield from events.add_message(item["id"])
+            for number, part in enumerate(item["content"]):
+                yield from events.add_part(part["type"])
+                text = part["text"] if part["type"] == "output_text" else part["refusal"]
+                for piece in cuts[number] if cuts is not None else tokenize(text):
+                    yield from events.delta(piece)
+                yield from events.close_part()
+        yield from events.close(item["status"])
+    yield from events.finish(response)
+
+
+def _started(response: dict[str, Any]) -> dict[str, Any]:
+    """`response` as it was when it began: in progress, with no output and no usage yet."""
+    return dict(response, status="in_progress", completed_at=None, error=None,
+                incomplete_details=None, output=[], usage=None)
 
 
 # =============================================================================
@@ -1633,29 +1962,20 @@ def response_from_completion(started: dict[str, Any], call: UpstreamCall,
         completion = json.loads(answer)
         choice = completion["choices"][0]
         message = choice["message"]
-        finish_reason = choice.get("finish_reason")
-        usage = completion.get("usage")
-    except (ValueError, KeyError, IndexError, TypeError):
+        calls = tuple(ToolCall(made.get("id") or new_id("call_"), made["function"]["name"],
+                               made["function"].get("arguments") or "")
+                      for made in message.get("tool_calls") or ())
+        generation = Generation(tuple(tokenize(message_text(message.get("content")))),
+                                choice.get("finish_reason"), 0, calls,
+                                message.get("refusal") or None)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         raise APIError(502, f"The Llama backend at {call.url} answered with something that is not "
                             f"a chat completion: {answer[:200].decode('utf-8', 'replace')!r}.",
                        type="server_error", code="upstream_invalid_response") from None
-    last = "incomplete" if finish_reason in _INCOMPLETE_REASONS else "completed"
-    output = []
-    text = message_text(message.get("content"))
-    calls = message.get("tool_calls") or []
-    parts = [_output_text(text)] if text or not (calls or message.get("refusal")) else []
-    if message.get("refusal"):
-        parts.append({"type": "refusal", "refusal": message["refusal"]})
-    if parts:
-        output.append({"id": new_id("msg_"), "type": "message", "role": "assistant",
-                       "status": "completed", "content": parts})
-    for call_made in calls:
-        function = call_made.get("function") or {}
-        output.append(_function_call_item(new_id("fc_"), call_made.get("id") or new_id("call_"),
-                                          function.get("name") or "",
-                                          function.get("arguments") or "", "completed"))
-    output[-1]["status"] = last  # a reply cut short was cut in its last item
-    return finished_response(started, output, finish_reason, response_usage(usage))
+    cut_short = generation.finish_reason in _INCOMPLETE_REASONS
+    output = response_output(generation, "incomplete" if cut_short else "completed")
+    return finished_response(started, output, generation.finish_reason,
+                             response_usage(completion.get("usage")))
 
 
 class ChatStreamTranslation:
@@ -2168,19 +2488,6 @@ class ModelHandler(BaseHandler):
                             "models this server answers for.", param="model", code="model_not_found")
 
 
-# What a Response echoes of its request, and the value it shows when the request has none.
-RESPONSE_ECHOED_FIELDS: dict[str, Any] = {
-    "instructions": None, "max_output_tokens": None, "max_tool_calls": None,
-    "parallel_tool_calls": True, "previous_response_id": None,
-    "reasoning": {"effort": None, "summary": None}, "temperature": 1.0, "tool_choice": "auto",
-    "tools": [], "top_logprobs": 0, "top_p": 1.0, "truncation": "disabled", "user": None,
-    "metadata": {}, "background": False, "prompt_cache_key": None, "safety_identifier": None,
-}
-
-# Why a chat completion stopped, and the `incomplete_details.reason` that says so on a Response.
-_INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
-
-
 def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     """Answer a CreateResponse body with the deterministic generator; store it unless told not to.
 
@@ -2193,18 +2500,14 @@ def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
         raise APIError(400, f"The requested model '{model}' does not exist. GET /v1/models lists "
                             "the models this server answers for.", param="model",
                        code="model_not_found")
-    history, input_items = response_conversation(context, body)
     _check_text_only(body)
+    history, input_items = response_conversation(context, body)
     turns = [(item["role"], message_text(item["content"])) for item in history + input_items
              if item["type"] == "message"]
     instructions = body.get("instructions")
     conversation = ([("developer", instructions)] if instructions else []) + turns
     generation = deterministic_reply(model, conversation, body.get("max_output_tokens"))
-    cut_short = generation.finish_reason == "length"
-    output = [_output_message(new_id("msg_"), generation.text,
-                              "incomplete" if cut_short else "completed")]
-    response = finished_response(new_response(body), output, generation.finish_reason,
-                                 response_usage(_completion_usage([generation])))
+    response = render_response(body, generation, model)
     store_response(context, response, history, input_items, "deterministic")
     return response
 
@@ -2302,68 +2605,6 @@ def _message_item(role: str, content: str | list[dict[str, Any]]) -> dict[str, A
             "content": parts}
 
 
-def _output_message(item_id: str, text: str, status: str) -> dict[str, Any]:
-    return {"id": item_id, "type": "message", "role": "assistant", "status": status,
-            "content": [_output_text(text)]}
-
-
-def _output_text(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
-def _function_call_item(item_id: str, call_id: str, name: str, arguments: str,
-                        status: str) -> dict[str, Any]:
-    return {"id": item_id, "type": "function_call", "status": status, "arguments": arguments,
-            "call_id": call_id, "name": name}
-
-
-def new_response(body: dict[str, Any]) -> dict[str, Any]:
-    """The Response for a CreateResponse body before it has output, as `response.created` shows it."""
-    response = {
-        "id": new_id("resp_"), "object": "response", "created_at": unix_now(),
-        "status": "in_progress", "completed_at": None, "error": None, "incomplete_details": None,
-        "model": body["model"], "output": [], "service_tier": "default",
-        "store": body.get("store") is not False,
-        "text": {"format": {"type": "text"}, "verbosity": "medium", **(body.get("text") or {})},
-        "usage": None,
-    }
-    for field, default in RESPONSE_ECHOED_FIELDS.items():
-        value = body.get(field)
-        response[field] = copy.deepcopy(default) if value is None else value
-    return response
-
-
-def finished_response(started: dict[str, Any], output: list[dict[str, Any]],
-                      finish_reason: str | None, usage: dict[str, Any],
-                      error: dict[str, str] | None = None) -> dict[str, Any]:
-    """`started` once its output is in: completed, incomplete (a chat `finish_reason` of
-    `length` or `content_filter`), or failed (`error`)."""
-    incomplete = _INCOMPLETE_REASONS.get(finish_reason) if error is None else None
-    status = "failed" if error else "incomplete" if incomplete else "completed"
-    return dict(started, status=status,
-                completed_at=unix_now() if status == "completed" else None, error=error,
-                incomplete_details={"reason": incomplete} if incomplete else None,
-                output=output, usage=usage)
-
-
-def response_usage(usage: dict[str, Any] | None) -> dict[str, Any]:
-    """A chat completion's usage as a Response's (zeros for what the backend did not count)."""
-    usage = usage or {}
-    prompt = usage.get("prompt_tokens") or 0
-    completion = usage.get("completion_tokens") or 0
-    return {
-        "input_tokens": prompt,
-        "input_tokens_details": {
-            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
-            "cache_write_tokens": 0},
-        "output_tokens": completion,
-        "output_tokens_details": {
-            "reasoning_tokens":
-                (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0},
-        "total_tokens": usage.get("total_tokens") or prompt + completion,
-    }
-
-
 def store_response(context: Context, response: dict[str, Any], history: list[dict[str, Any]],
                    input_items: list[dict[str, Any]], generator: str,
                    deltas: list[list] | None = None) -> None:
@@ -2375,145 +2616,6 @@ def store_response(context: Context, response: dict[str, Any], history: list[dic
     if deltas is not None:
         record["deltas"] = deltas
     context.responses.save(record)
-
-
-class ResponseEvents:
-    """The semantic events of one response, in OpenAI's order, numbered as they are made.
-
-    A live stream from the Llama backend and a replay of a stored response both build their
-    events here, one call per step (an item begins, a part begins, a delta, ...), so a replay
-    sends what the stream sent. Texts are joined from their deltas when their part closes.
-    """
-
-    def __init__(self, started: dict[str, Any]) -> None:
-        self.started = started
-        self.output: list[dict[str, Any]] = []
-        # Per output item, its deltas: a list per content part (a message), or one list (a call).
-        self.deltas: list[list] = []
-        self.item_open = False
-        self.part_open = False
-        self._number = 0
-
-    def start(self) -> list[dict[str, Any]]:
-        return [self._event("response.created", response=self.started),
-                self._event("response.in_progress", response=self.started)]
-
-    def add_message(self, item_id: str) -> list[dict[str, Any]]:
-        return self._add({"id": item_id, "type": "message", "role": "assistant",
-                          "status": "in_progress", "content": []})
-
-    def add_call(self, item_id: str, call_id: str, name: str) -> list[dict[str, Any]]:
-        return self._add(_function_call_item(item_id, call_id, name, "", "in_progress"))
-
-    def add_part(self, kind: str) -> list[dict[str, Any]]:
-        """A content part of the open message: `output_text` or `refusal`."""
-        part = _output_text("") if kind == "output_text" else {"type": "refusal", "refusal": ""}
-        self.output[-1]["content"].append(part)
-        self.deltas[-1].append([])
-        self.part_open = True
-        return [self._event("response.content_part.added", **self._where(), part=dict(part))]
-
-    def delta(self, text: str) -> list[dict[str, Any]]:
-        """More text for the open part, or more arguments for the open call."""
-        item = self.output[-1]
-        if item["type"] == "function_call":
-            self.deltas[-1].append(text)
-            return [self._event("response.function_call_arguments.delta", item_id=item["id"],
-                                output_index=len(self.output) - 1, delta=text)]
-        self.deltas[-1][-1].append(text)
-        if item["content"][-1]["type"] == "output_text":
-            return [self._event("response.output_text.delta", **self._where(), delta=text,
-                                logprobs=[])]
-        return [self._event("response.refusal.delta", **self._where(), delta=text)]
-
-    def close_part(self) -> list[dict[str, Any]]:
-        if not self.part_open:
-            return []
-        self.part_open = False
-        part = self.output[-1]["content"][-1]
-        where = self._where()
-        text = "".join(self.deltas[-1][-1])
-        if part["type"] == "output_text":
-            part["text"] = text
-            done = self._event("response.output_text.done", **where, text=text, logprobs=[])
-        else:
-            part["refusal"] = text
-            done = self._event("response.refusal.done", **where, refusal=text)
-        return [done, self._event("response.content_part.done", **where, part=part)]
-
-    def close(self, status: str = "completed") -> list[dict[str, Any]]:
-        """Finish the open item: `completed`, or `incomplete` when the reply was cut in it."""
-        if not self.item_open:
-            return []
-        self.item_open = False
-        item = self.output[-1]
-        index = len(self.output) - 1
-        events = []
-        if item["type"] == "function_call":
-            item["arguments"] = "".join(self.deltas[-1])
-            events.append(self._event("response.function_call_arguments.done",
-                                      item_id=item["id"], output_index=index,
-                                      name=item["name"], arguments=item["arguments"]))
-        else:
-            events += self.close_part()
-        item["status"] = status
-        events.append(self._event("response.output_item.done", output_index=index, item=item))
-        return events
-
-    def finish(self, response: dict[str, Any]) -> list[dict[str, Any]]:
-        """The last event: the whole `response`, completed, incomplete or failed."""
-        return [self._event(f"response.{response['status']}", response=response)]
-
-    def _add(self, item: dict[str, Any]) -> list[dict[str, Any]]:
-        self.output.append(item)
-        self.deltas.append([])
-        self.item_open = True
-        shown = dict(item, content=[]) if item["type"] == "message" else dict(item)
-        return [self._event("response.output_item.added", output_index=len(self.output) - 1,
-                            item=shown)]
-
-    def _where(self) -> dict[str, Any]:
-        item = self.output[-1]
-        return {"item_id": item["id"], "output_index": len(self.output) - 1,
-                "content_index": len(item["content"]) - 1}
-
-    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        event = {"type": kind, **fields, "sequence_number": self._number}
-        self._number += 1
-        return event
-
-
-def response_events(response: dict[str, Any], deltas: list[list] | None = None) -> Iterator[dict[str, Any]]:
-    """The semantic events that stream a finished `response`, in OpenAI's order.
-
-    `deltas` (stored with a stream from the Llama backend) cut each text and each call's
-    arguments as that stream did; without them there is one delta per token, so a stream of
-    the built-in model and its replay (GET ?stream=true) are the same.
-    """
-    events = ResponseEvents(_started(response))
-    yield from events.start()
-    for index, item in enumerate(response["output"]):
-        cuts = deltas[index] if deltas is not None else None
-        if item["type"] == "function_call":
-            yield from events.add_call(item["id"], item["call_id"], item["name"])
-            for piece in cuts if cuts is not None else tokenize(item["arguments"]):
-                yield from events.delta(piece)
-        else:
-            yield from events.add_message(item["id"])
-            for number, part in enumerate(item["content"]):
-                yield from events.add_part(part["type"])
-                text = part["text"] if part["type"] == "output_text" else part["refusal"]
-                for piece in cuts[number] if cuts is not None else tokenize(text):
-                    yield from events.delta(piece)
-                yield from events.close_part()
-        yield from events.close(item["status"])
-    yield from events.finish(response)
-
-
-def _started(response: dict[str, Any]) -> dict[str, Any]:
-    """`response` as it was when it began: in progress, with no output and no usage yet."""
-    return dict(response, status="in_progress", completed_at=None, error=None,
-                incomplete_details=None, output=[], usage=None)
 
 
 async def send_events(stream: EventStream, events: list[dict[str, Any]]) -> None:
@@ -2534,7 +2636,7 @@ async def _stream_response(handler: BaseHandler, record: dict[str, Any],
         for event in response_events(record["response"], record.get("deltas")):
             if starting_after is not None and event["sequence_number"] <= starting_after:
                 continue
-            if event["type"] == "response.output_text.delta":
+            if event["type"].endswith(".delta"):
                 await pacer.tick()
             await stream.send(event, event=event["type"])
     except tornado.iostream.StreamClosedError:
@@ -2575,7 +2677,7 @@ class ResponsesHandler(UpstreamHandler):
         history, input_items = response_conversation(self.context, body)
         stream = bool(body.get("stream"))
         request = chat_request(body, history, input_items, stream)
-        started = new_response(body)
+        started = new_response(body, body["model"])
         call = await self.open_upstream("/chat/completions", json.dumps(request).encode())
         if call is None:
             return
@@ -2732,54 +2834,22 @@ class ChatCompletionsHandler(UpstreamHandler):
             max_tokens = body.get("max_tokens")
         generations = [deterministic_reply(model, conversation, max_tokens, variant)
                        for variant in range(body.get("n") or 1)]
-        head = {"id": new_id("chatcmpl-"), "object": "chat.completion",
-                "created": unix_now(), "model": model}
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return await self._stream_offline(head, generations, include_usage)
-        choices = [{"index": index,
-                    "message": {"role": "assistant", "content": generation.text,
-                                "refusal": None, "annotations": []},
-                    "logprobs": None, "finish_reason": generation.finish_reason}
-                   for index, generation in enumerate(generations)]
-        self.write_json({**head, "choices": choices, "usage": _completion_usage(generations)})
-
-    async def _stream_offline(self, head: dict[str, Any], generations: list[Generation],
-                              include_usage: bool) -> None:
-        head = {**head, "object": "chat.completion.chunk"}
-        extra = {"usage": None} if include_usage else {}
-
-        def chunk(index: int, delta: dict[str, str], finish_reason: str | None = None) -> dict:
-            return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None,
-                                         "finish_reason": finish_reason}], **extra}
-
+        head = {"id": new_id("chatcmpl-"), "created": unix_now(), "model": model}
+        if not body.get("stream"):
+            return self.write_json(chat_completion(head, generations))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         stream = EventStream(self, self.context.settings.keepalive_seconds)
         try:
             await stream.open()
             pacer = Pacer(self.context.settings.stream_tokens_per_second)
-            for index, generation in enumerate(generations):
-                await stream.send(chunk(index, {"role": "assistant", "content": ""}))
-                for token in generation.tokens:
+            for chunk in chat_completion_chunks(head, generations, include_usage):
+                if chunk_carries_a_token(chunk):
                     await pacer.tick()
-                    await stream.send(chunk(index, {"content": token}))
-                await stream.send(chunk(index, {}, generation.finish_reason))
-            if include_usage:
-                await stream.send({**head, "choices": [], "usage": _completion_usage(generations)})
-            await stream.send("[DONE]")
+                await stream.send(chunk)
         except tornado.iostream.StreamClosedError:
             pass  # the client left: nobody to finish for
         finally:
             stream.close()
-
-
-def _completion_usage(generations: Sequence[Generation]) -> dict[str, Any]:
-    """Usage of one request: the prompt counted once, the completions of all its choices."""
-    prompt = generations[0].prompt_tokens
-    completion = sum(generation.completion_tokens for generation in generations)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0}}
 
 
 class EmbeddingsHandler(UpstreamHandler):
