@@ -2005,7 +2005,7 @@ class ChatStreamTranslation:
             if self.failure is not None or payload == "[DONE]":
                 continue
             try:
-                events += self._chunk(json.loads(payload))
+                self._chunk(json.loads(payload), events)
             except (ValueError, KeyError, TypeError, AttributeError):
                 self.failure = APIError(
                     502, f"The Llama backend at {self.url} sent a stream event that is not a "
@@ -2018,8 +2018,7 @@ class ChatStreamTranslation:
         if self.failure is not None:
             closing = events.close("incomplete")
             error = {"code": "server_error", "message": self.failure.message}
-            self.response = finished_response(events.started, events.output, None,
-                                              response_usage(self._usage), error)
+            self.response = finished_response(events.started, events.output, None, None, error)
             return closing + events.finish(self.response)
         cut_short = self._finish_reason in _INCOMPLETE_REASONS
         closing = events.close("incomplete" if cut_short else "completed")
@@ -2030,30 +2029,28 @@ class ChatStreamTranslation:
                                           response_usage(self._usage))
         return closing + events.finish(self.response)
 
-    def _chunk(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+    def _chunk(self, chunk: dict[str, Any], events: list[dict[str, Any]]) -> None:
+        """Add to `events` what one chunk says (each step's events as soon as it is taken)."""
         if chunk.get("error") is not None:
             error = chunk["error"]
             said = error.get("message") if isinstance(error, dict) else str(error)
             self.failure = APIError(502, f"The Llama backend at {self.url} stopped with an "
                                          f"error: {said}", type="server_error",
                                     code="upstream_error")
-            return []
+            return
         if chunk.get("usage"):
             self._usage = chunk["usage"]
-        events: list[dict[str, Any]] = []
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) != 0:
                 continue  # only one choice is asked for
             delta = choice.get("delta") or {}
-            if delta.get("content"):
-                events += self._text("output_text", delta["content"])
-            if delta.get("refusal"):
-                events += self._text("refusal", delta["refusal"])
+            for kind, key in (("output_text", "content"), ("refusal", "refusal")):
+                if delta.get(key):
+                    events += self._text(kind, _text_of(delta[key]))
             for call in delta.get("tool_calls") or ():
                 events += self._tool_call(call)
             if choice.get("finish_reason"):
                 self._finish_reason = choice["finish_reason"]
-        return events
 
     def _text(self, kind: str, text: str) -> list[dict[str, Any]]:
         events = self.events
@@ -2067,23 +2064,32 @@ class ChatStreamTranslation:
     def _tool_call(self, call: dict[str, Any]) -> list[dict[str, Any]]:
         events = self.events
         function = call.get("function") or {}
+        # Read whole before any event is made, so a malformed call leaves no event half sent.
+        arguments = _text_of(function.get("arguments") or "")
+        name = _text_of(function.get("name") or "")
+        call_id = _text_of(call.get("id") or "")
         index = call.get("index")
         if index is None:  # some backends leave it out: a new id starts a new call
-            index = len(self._calls) - (0 if call.get("id") or not self._calls else 1)
+            index = len(self._calls) - (0 if call_id or not self._calls else 1)
         steps = []
         if index not in self._calls:
             steps += events.close()
             self._calls[index] = len(events.output)
-            steps += events.add_call(new_id("fc_"), call.get("id") or new_id("call_"),
-                                     function.get("name") or "")
+            steps += events.add_call(new_id("fc_"), call_id or new_id("call_"), name)
         elif not events.item_open or self._calls[index] != len(events.output) - 1:
             self.failure = APIError(502, f"The Llama backend at {self.url} went back to tool "
                                          f"call {index} after starting another.",
                                     type="server_error", code="upstream_invalid_response")
             return steps
-        if function.get("arguments"):
-            steps += events.delta(function["arguments"])
+        if arguments:
+            steps += events.delta(arguments)
         return steps
+
+
+def _text_of(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"not a string: {value!r}")
+    return value
 
 
 # =============================================================================

@@ -7,7 +7,8 @@ scripted by the request's own `fake` object, an unknown field that Ozwell passes
     {"content": ["He", "llo"], "refusal": [...], "finish_reason": "stop",
      "tool_calls": [{"id": "call_1", "name": "f", "arguments": ["{\\"a\\":", "1}"]}],
      "usage": {...} | null, "status": 404, "error": {...} | "text", "headers": {...},
-     "pause_after": n, "cut_after": n, "error_after": n, "delay": s, "hang": true,
+     "pause_after": n, "cut_after": n, "error_after": n, "garbage_after": n, "delay": s,
+     "hang": true,
      "json_to_a_stream": true, "pad": n}
 
 Each string of `content`, `refusal` and a call's `arguments` is one delta of a stream (joined
@@ -140,6 +141,8 @@ class _ChatHandler(_Handler):
                     await self._send({"error": {"message": "the model crashed", "type": "server_error"}})
                     self.finish()
                     return
+                if number == plan.get("garbage_after"):
+                    self.write("data: {not json\n\n")
                 await self._send(chunk(delta))
             await self._send(chunk({}, finish_reason))
             if include_usage and usage is not None:

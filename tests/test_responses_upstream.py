@@ -589,6 +589,18 @@ async def test_an_error_event_from_the_backend_ends_with_response_failed(http_cl
 
 
 @pytest.mark.gen_test
+async def test_a_stream_event_that_is_not_a_chunk_ends_with_response_failed(
+        http_client, base_url, registry, backend):
+    _, events = await stream_events(http_client, base_url, {
+        "model": LLAMA, "input": "hi", "stream": True, **fake(content=["one ", "two ", "three "], garbage_after=1, pause_after=2)})
+    assert_events_valid(registry, events)
+    assert events[-1][0] == "response.failed"
+    assert "not a chat completion chunk" in events[-1][1]["response"]["error"]["message"]
+    assert [data["delta"] for name, data in events if name.endswith("text.delta")] == ["one "]
+    await asyncio.wait_for(backend.disconnected.wait(), 1.0)  # the rest is not waited for
+
+
+@pytest.mark.gen_test
 async def test_a_whole_answer_to_a_stream_request_is_still_streamed(http_client, base_url, registry):
     _, events = await stream_events(http_client, base_url, {
         "model": LLAMA, "input": "hi", "stream": True, **fake(content=["Hello there"], json_to_a_stream=True)})
