@@ -2490,15 +2490,12 @@ def _refuse_untranslatable(body: dict[str, Any]) -> None:
     for param, given, what in refused:
         if given:
             raise _untranslatable(param, what)
-    for position, entry in enumerate(body["input"] if isinstance(body["input"], list) else ()):
-        content = entry.get("content")
-        for number, part in enumerate(content if isinstance(content, list) else ()):
-            if _chat_part(part) is None:
-                where = f"input[{position}].content[{number}]"
-                raise APIError(400, f"'{where}' names a file by id or URL, which the Llama "
-                                    "backend cannot fetch. Send an image as a data URL in "
-                                    "'image_url', or a file's bytes as base64 in 'file_data'.",
-                               param=where, code="unsupported_parameter")
+    for where, part in message_parts(body["input"]):
+        if _chat_part(part) is None:
+            raise APIError(400, f"'{where}' names a file by id or URL, which the Llama backend "
+                                "cannot fetch. Send an image as a data URL in 'image_url', or a "
+                                "file's bytes as base64 in 'file_data'.",
+                           param=where, code="unsupported_parameter")
 
 
 def _untranslatable(param: str, what: str) -> APIError:
@@ -3151,15 +3148,20 @@ def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
 
 def _check_text_parts(body: dict[str, Any]) -> None:
     """The built-in model reads text: a 400 for an image or a file in a message."""
-    for position, entry in enumerate(body["input"] if isinstance(body["input"], list) else ()):
+    for where, part in message_parts(body["input"]):
+        if part["type"] not in TEXT_PARTS:
+            raise APIError(400, f"Invalid value for '{where}.type': {json.dumps(part['type'])}. "
+                                "The built-in model reads text only: input_text, or "
+                                "output_text for an earlier reply.",
+                           param=f"{where}.type", code="invalid_value")
+
+
+def message_parts(given: str | list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each content part of the input's messages, with where it is (`input[2].content[0]`)."""
+    for position, entry in enumerate(given if isinstance(given, list) else ()):
         content = entry.get("content")
         for number, part in enumerate(content if isinstance(content, list) else ()):
-            if part["type"] not in TEXT_PARTS:
-                param = f"input[{position}].content[{number}].type"
-                raise APIError(400, f"Invalid value for '{param}': {json.dumps(part['type'])}. "
-                                    "The built-in model reads text only: input_text, or "
-                                    "output_text for an earlier reply.",
-                               param=param, code="invalid_value")
+            yield f"input[{position}].content[{number}]", part
 
 
 def response_reply_options(body: dict[str, Any], checked: CheckedSchemas) -> ReplyOptions:

@@ -1,9 +1,12 @@
 """Shared fixtures, in pytest-tornado's idiom: `app` is served at `base_url` for each test."""
+import asyncio
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -11,8 +14,11 @@ from pathlib import Path
 
 import openai
 import pytest
+import tornado.httpserver
+import tornado.testing
 
 import ozwell
+from fake_backend import FakeBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key"
@@ -38,9 +44,66 @@ def base_url(http_port):
 
 
 @pytest.fixture
+def backend(io_loop):
+    """A recording fake Llama backend (tests/fake_backend.py) on a real loopback port."""
+    fake = FakeBackend()
+    server = fake.start()
+    yield fake
+    server.stop()
+
+
+@pytest.fixture
 def client(base_url, http_server):
     """The official SDK's async client, on the test's own event loop (no retries)."""
     return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture
+def serve_ozwell(io_loop, tmp_path):
+    """Serve another Ozwell app: `serve_ozwell(**settings)` returns its base URL (the data dir
+    is the test's unless given); all stop at the end."""
+    servers = []
+
+    def serve(**values) -> str:
+        settings = ozwell.Settings(**{"data_dir": str(tmp_path / "data"), **values})
+        sock, port = tornado.testing.bind_unused_port()
+        server = tornado.httpserver.HTTPServer(ozwell.make_app(settings))
+        server.add_sockets([sock])
+        servers.append(server)
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def sdk(io_loop):
+    """Make an async SDK client for another server; all are closed at the end."""
+    made = []
+
+    def make(base_url: str) -> openai.AsyncOpenAI:
+        made.append(openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0))
+        return made[-1]
+
+    yield make
+    for client in made:
+        io_loop.run_sync(client.close)
+
+
+async def post_and_stop_reading(base_url: str, path: str, body: bytes):
+    """POST `body` on a connection with a small receive window and read only the reply's head:
+    the reader of a slow client. Returns the stream's (reader, writer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", int(base_url.rsplit(":", 1)[1])))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+    writer.write(b"POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), len(body), body))
+    await reader.readuntil(b"\r\n\r\n")
+    return reader, writer
 
 
 def free_port() -> int:
@@ -100,6 +163,37 @@ def server_process(tmp_path):
     yield start
     for server in started:
         server.stop()
+
+
+@contextlib.contextmanager
+def served_in_a_thread(make_fake):
+    """A fake upstream (`make_fake()`, whose `start()` listens in the running loop) on its own
+    event loop in a thread, for tests that block (the sync SDK against a server process)."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder = {}
+
+    def run():
+        asyncio.set_event_loop(loop)
+
+        async def start():
+            holder["fake"] = make_fake()
+            holder["server"] = holder["fake"].start()
+
+        loop.run_until_complete(start())
+        started.set()
+        loop.run_forever()
+        holder["server"].stop()
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        yield holder["fake"]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
 
 
 def require(found, what: str):

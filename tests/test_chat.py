@@ -6,11 +6,8 @@ untouched, tells it how to answer: slowly, streaming slowly, with an error statu
 stream, or never.
 """
 import asyncio
-import contextlib
 import json
 import logging
-import socket
-import threading
 import time
 
 import openai
@@ -22,7 +19,7 @@ import tornado.testing
 import tornado.web
 
 import ozwell
-from conftest import API_KEY, AUTH, free_port
+from conftest import API_KEY, AUTH, free_port, post_and_stop_reading, served_in_a_thread
 
 UPSTREAM_KEY = "upstream-secret"
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -150,40 +147,14 @@ def settings(tmp_path, llama):
 
 
 @pytest.fixture
-def ozwell_with(io_loop, tmp_path, llama):
+def ozwell_with(serve_ozwell, llama):
     """Serve another Ozwell app with settings of the test's choosing; returns its base URL."""
-    servers = []
-
-    def serve(**overrides) -> str:
-        values = {"data_dir": str(tmp_path / "data"), "llama_base_url": llama.url, **overrides}
-        sock, port = tornado.testing.bind_unused_port()
-        server = tornado.httpserver.HTTPServer(ozwell.make_app(ozwell.Settings(**values)))
-        server.add_sockets([sock])
-        servers.append(server)
-        return f"http://127.0.0.1:{port}"
-
-    yield serve
-    for server in servers:
-        server.stop()
+    return lambda **overrides: serve_ozwell(**{"llama_base_url": llama.url, **overrides})
 
 
 @pytest.fixture(scope="module")
 def registry():
     return ozwell.SchemaRegistry.load()
-
-
-@pytest.fixture
-def sdk(io_loop):
-    """Make an async SDK client for another server; all are closed at the end."""
-    made = []
-
-    def make(base_url: str) -> openai.AsyncOpenAI:
-        made.append(openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0))
-        return made[-1]
-
-    yield make
-    for client in made:
-        io_loop.run_sync(client.close)
 
 
 def sse_events(raw: bytes) -> list:
@@ -619,14 +590,7 @@ async def test_a_slow_client_slows_the_upstream_read(http_server, base_url, llam
     count, pad = 3000, 8000
     body = json.dumps({"model": "llama3", "messages": HELLO, "stream": True,
                        "fake": {"chunks": count, "pad": pad}}).encode()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", int(base_url.rsplit(":", 1)[1])))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    await reader.readuntil(b"\r\n\r\n")
+    reader, writer = await post_and_stop_reading(base_url, "/v1/chat/completions", body)
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(llama.finished.wait(), 1.0)
     stalled_at = llama.sent_bytes
@@ -688,38 +652,8 @@ def test_chat_schema_examples_are_valid(registry):
 
 # --- the sync SDK against a real server process -------------------------------------------------
 
-@contextlib.contextmanager
-def fake_llama_in_a_thread():
-    """A FakeLlama on its own event loop in a thread, for tests that block (the sync SDK)."""
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    holder = {}
-
-    def run():
-        asyncio.set_event_loop(loop)
-
-        async def start():
-            holder["fake"] = FakeLlama()
-            holder["server"] = holder["fake"].start()
-
-        loop.run_until_complete(start())
-        started.set()
-        loop.run_forever()
-        holder["server"].stop()
-        loop.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(10)
-    try:
-        yield holder["fake"]
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-
-
 def test_the_sync_sdk_against_a_server_process(server_process):
-    with fake_llama_in_a_thread() as llama:
+    with served_in_a_thread(FakeLlama) as llama:
         server = server_process(env={"LLAMA_BASE_URL": llama.url, "LLAMA_API_KEY": UPSTREAM_KEY})
         api = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
         proxied = api.chat.completions.create(model="llama3", messages=HELLO)

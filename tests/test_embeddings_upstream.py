@@ -6,22 +6,11 @@ import json
 
 import openai
 import pytest
-import tornado.httpserver
-import tornado.testing
 
 import ozwell
 from conftest import AUTH
-from fake_backend import FakeBackend
 
 UPSTREAM_KEY = "upstream-secret"
-
-
-@pytest.fixture
-def backend(io_loop):
-    fake = FakeBackend()
-    server = fake.start()
-    yield fake
-    server.stop()
 
 
 @pytest.fixture
@@ -81,18 +70,11 @@ async def test_backend_errors_come_back_with_their_status(client):
 
 
 @pytest.mark.gen_test
-async def test_by_default_other_models_are_a_404_and_never_reach_the_backend(backend, tmp_path):
-    sock, port = tornado.testing.bind_unused_port()
-    server = tornado.httpserver.HTTPServer(ozwell.make_app(ozwell.Settings(
-        data_dir=str(tmp_path / "other"), llama_base_url=backend.url)))
-    server.add_sockets([sock])
-    api = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
-    try:
-        with pytest.raises(openai.NotFoundError):
-            await api.embeddings.create(model="nomic-embed-text", input="hi")
-    finally:
-        await api.close()
-        server.stop()
+async def test_by_default_other_models_are_a_404_and_never_reach_the_backend(backend, serve_ozwell,
+                                                                             sdk):
+    with pytest.raises(openai.NotFoundError):
+        await sdk(serve_ozwell(llama_base_url=backend.url)).embeddings.create(
+            model="nomic-embed-text", input="hi")
     assert backend.requests == []
 
 

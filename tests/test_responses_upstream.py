@@ -2,42 +2,30 @@
 the translation to chat completions and back, through the official SDK and raw HTTP, against a
 recording fake backend (tests/fake_backend.py) on a real socket."""
 import asyncio
-import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 
 import openai
 import pydantic
 import pytest
-import tornado.httpserver
-import tornado.testing
 
 import ozwell
-from conftest import API_KEY, AUTH, ROOT, free_port
+import test_responses
+from conftest import API_KEY, AUTH, ROOT, free_port, post_and_stop_reading, served_in_a_thread
 from fake_backend import DEFAULT_USAGE, FakeBackend
 
 UPSTREAM_KEY = "upstream-secret"
 LLAMA = "llama3"
 
 SCHEMA_OF_EVENT = {
-    "response.created": "ResponseCreatedEvent",
-    "response.in_progress": "ResponseInProgressEvent",
-    "response.output_item.added": "ResponseOutputItemAddedEvent",
-    "response.content_part.added": "ResponseContentPartAddedEvent",
-    "response.output_text.delta": "ResponseTextDeltaEvent",
-    "response.output_text.done": "ResponseTextDoneEvent",
+    **test_responses.SCHEMA_OF_EVENT,
     "response.refusal.delta": "ResponseRefusalDeltaEvent",
     "response.refusal.done": "ResponseRefusalDoneEvent",
-    "response.content_part.done": "ResponseContentPartDoneEvent",
     "response.function_call_arguments.delta": "ResponseFunctionCallArgumentsDeltaEvent",
     "response.function_call_arguments.done": "ResponseFunctionCallArgumentsDoneEvent",
-    "response.output_item.done": "ResponseOutputItemDoneEvent",
-    "response.completed": "ResponseCompletedEvent",
-    "response.incomplete": "ResponseIncompleteEvent",
     "response.failed": "ResponseFailedEvent",
 }
 
@@ -47,14 +35,6 @@ WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "Today
                 "strict": True}
 CALLS = [{"id": "call_a", "name": "get_weather", "arguments": ['{"city":', '"Paris"}']},
          {"id": "call_b", "name": "get_weather", "arguments": ['{"city":"Oslo"}']}]
-
-
-@pytest.fixture
-def backend(io_loop):
-    fake = FakeBackend()
-    server = fake.start()
-    yield fake
-    server.stop()
 
 
 @pytest.fixture
@@ -149,42 +129,11 @@ async def test_the_built_in_model_still_answers_here(client, backend):
 
 
 @pytest.mark.gen_test
-async def test_by_default_the_generator_answers_every_model(ozwell_with, sdk, backend):
-    reply = await sdk(ozwell_with()).responses.with_raw_response.create(model=LLAMA, input="hi")
+async def test_by_default_the_generator_answers_every_model(serve_ozwell, sdk, backend):
+    reply = await sdk(serve_ozwell(llama_base_url=backend.url)).responses.with_raw_response.create(model=LLAMA, input="hi")
     assert reply.headers["x-ozwell-generator"] == "deterministic"
     assert "deterministic answer from llama3" in reply.parse().output_text
     assert backend.requests == []
-
-
-@pytest.fixture
-def ozwell_with(io_loop, tmp_path, backend):
-    """Serve another Ozwell app with settings of the test's choosing; returns its base URL."""
-    servers = []
-
-    def serve(**overrides) -> str:
-        values = {"data_dir": str(tmp_path / "data"), "llama_base_url": backend.url, **overrides}
-        sock, port = tornado.testing.bind_unused_port()
-        server = tornado.httpserver.HTTPServer(ozwell.make_app(ozwell.Settings(**values)))
-        server.add_sockets([sock])
-        servers.append(server)
-        return f"http://127.0.0.1:{port}"
-
-    yield serve
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture
-def sdk(io_loop):
-    made = []
-
-    def make(base_url: str) -> openai.AsyncOpenAI:
-        made.append(openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0))
-        return made[-1]
-
-    yield make
-    for client in made:
-        io_loop.run_sync(client.close)
 
 
 # --- the request, translated --------------------------------------------------------------------
@@ -455,9 +404,9 @@ async def test_a_json_answer_that_is_not_a_chat_completion_is_a_502(client, back
 
 
 @pytest.mark.gen_test
-async def test_an_unreachable_backend_is_a_502_naming_it(ozwell_with, sdk):
+async def test_an_unreachable_backend_is_a_502_naming_it(serve_ozwell, sdk):
     dead = f"http://127.0.0.1:{free_port()}/v1"
-    api = sdk(ozwell_with(llama_base_url=dead, responses_backend="upstream"))
+    api = sdk(serve_ozwell(llama_base_url=dead, responses_backend="upstream"))
     with pytest.raises(openai.InternalServerError) as caught:
         await api.responses.create(model=LLAMA, input="hi")
     assert caught.value.status_code == 502 and caught.value.body["code"] == "upstream_unavailable"
@@ -466,10 +415,6 @@ async def test_an_unreachable_backend_is_a_502_naming_it(ozwell_with, sdk):
 
 # --- streams ------------------------------------------------------------------------------------
 
-STREAM_ORDER = ["response.created", "response.in_progress", "response.output_item.added",
-                "response.content_part.added", "response.output_text.delta",
-                "response.output_text.done", "response.content_part.done",
-                "response.output_item.done"]
 
 
 @pytest.mark.gen_test
@@ -478,7 +423,7 @@ async def test_a_stream_becomes_openais_events_in_order(http_client, base_url, b
         "model": LLAMA, "input": "hi", "stream": True, **fake(content=["Hel", "lo", " there"])})
     assert reply.headers["x-ozwell-generator"] == "upstream"
     assert reply.headers["Content-Type"].startswith("text/event-stream")
-    assert collapsed([name for name, _ in events]) == STREAM_ORDER + ["response.completed"]
+    assert collapsed([name for name, _ in events]) == test_responses.STREAM_ORDER + ["response.completed"]
     assert [data["delta"] for name, data in events if name.endswith("text.delta")] == ["Hel", "lo", " there"]
     assert_events_valid(registry, events)
     assert backend.bodies()[0]["stream"] is True
@@ -499,7 +444,7 @@ async def test_a_stream_with_text_and_tool_calls(http_client, base_url, registry
     names = collapsed([name for name, _ in events])
     call_events = ["response.output_item.added", "response.function_call_arguments.delta",
                    "response.function_call_arguments.done", "response.output_item.done"]
-    assert names == STREAM_ORDER + call_events + call_events + ["response.completed"]
+    assert names == test_responses.STREAM_ORDER + call_events + call_events + ["response.completed"]
     arguments = [(data["output_index"], data["delta"]) for name, data in events
                  if name == "response.function_call_arguments.delta"]
     assert arguments == [(1, '{"city":'), (1, '"Paris"}'), (2, '{"city":"Oslo"}')]
@@ -530,17 +475,22 @@ async def test_how_a_stream_ended(http_client, base_url, registry, plan, last, k
         "incomplete" if last == "response.incomplete" else "completed")
 
 
+def released_once_seen(backend, received, marker=b'"delta":"one "'):
+    """A streaming callback that keeps what arrives and lets the paused backend go on once
+    `marker` has reached the client."""
+    def on_chunk(data):
+        received.append(data)
+        if marker in b"".join(received):
+            backend.release.set()
+    return on_chunk
+
+
 @pytest.mark.gen_test
 async def test_each_event_is_relayed_as_it_arrives(http_client, base_url, backend):
     received = []
-
-    def on_chunk(data):
-        received.append(data)
-        if b'"delta":"one "' in b"".join(received):
-            backend.release.set()
-
     reply = asyncio.ensure_future(http_client.fetch(
-        f"{base_url}/v1/responses", method="POST", headers=AUTH, streaming_callback=on_chunk,
+        f"{base_url}/v1/responses", method="POST", headers=AUTH,
+        streaming_callback=released_once_seen(backend, received),
         body=json.dumps({"model": LLAMA, "input": "hi", "stream": True,
                          **fake(content=["one ", "two "], pause_after=1)})))
     await asyncio.wait_for(backend.release.wait(), 5)
@@ -554,14 +504,9 @@ async def test_a_stream_the_backend_breaks_off_ends_with_response_failed(
         http_client, base_url, client, registry, backend):
     # The backend sends one delta, waits for the client to have it, then hangs up.
     received = []
-
-    def on_chunk(data):
-        received.append(data)
-        if b'"delta":"one "' in b"".join(received):
-            backend.release.set()
-
     await http_client.fetch(f"{base_url}/v1/responses", method="POST", headers=AUTH,
-                            streaming_callback=on_chunk, body=json.dumps({
+                            streaming_callback=released_once_seen(backend, received),
+                            body=json.dumps({
                                 "model": LLAMA, "input": "hi", "stream": True,
                                 **fake(content=["one ", "two "], pause_after=1, cut_after=1)}))
     events = parse_events(b"".join(received))
@@ -626,14 +571,7 @@ async def test_a_slow_client_slows_the_backend_read(http_server, base_url, backe
     count, pad = 3000, 8000
     body = json.dumps({"model": LLAMA, "input": "hi", "stream": True, "store": False,
                        **fake(content=["w"] * count, pad=pad)}).encode()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", int(base_url.rsplit(":", 1)[1])))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
-    writer.write(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    await reader.readuntil(b"\r\n\r\n")
+    reader, writer = await post_and_stop_reading(base_url, "/v1/responses", body)
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(backend.finished.wait(), 1.0)
     assert backend.sent_bytes < count * pad / 2
@@ -764,38 +702,8 @@ async def test_a_stream_the_client_leaves_is_not_stored(client, backend, setting
 
 # --- a real server process ----------------------------------------------------------------------
 
-@contextlib.contextmanager
-def backend_in_a_thread():
-    """A FakeBackend on its own event loop in a thread, for tests that block (the sync SDK)."""
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    holder = {}
-
-    def run():
-        asyncio.set_event_loop(loop)
-
-        async def start():
-            holder["fake"] = FakeBackend()
-            holder["server"] = holder["fake"].start()
-
-        loop.run_until_complete(start())
-        started.set()
-        loop.run_forever()
-        holder["server"].stop()
-        loop.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(10)
-    try:
-        yield holder["fake"]
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-
-
 def test_the_sync_sdk_through_a_server_process_and_its_banner(server_process):
-    with backend_in_a_thread() as fake_backend:
+    with served_in_a_thread(FakeBackend) as fake_backend:
         server = server_process(env={"LLAMA_BASE_URL": fake_backend.url,
                                      "OZWELL_RESPONSES_BACKEND": "upstream"})
         api = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
