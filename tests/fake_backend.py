@@ -68,8 +68,8 @@ class _Handler(tornado.web.RequestHandler):
         self.set_status(plan["status"])
         for name, value in plan.get("headers", {}).items():
             self.set_header(name, value)
-        error = plan.get("error", {"message": "the backend says no", "type": "invalid_request_error",
-                                   "param": None, "code": "nope"})
+        error = plan.get("error", {"message": "the backend says no", "param": None,
+                                   "type": "invalid_request_error", "code": "nope"})
         if isinstance(error, str):
             self.set_header("Content-Type", "text/plain")
             self.finish(error)
@@ -93,7 +93,8 @@ class _ChatHandler(_Handler):
             content = ["echo: ", said]
         usage = plan.get("usage", DEFAULT_USAGE)
         head = {"id": "chatcmpl-fake", "created": 1767225600, "model": body["model"]}
-        finish_reason = plan.get("finish_reason", "tool_calls" if plan.get("tool_calls") else "stop")
+        finish_reason = plan.get("finish_reason",
+                                 "tool_calls" if plan.get("tool_calls") else "stop")
         if body.get("stream") and not plan.get("json_to_a_stream"):
             await self._stream(plan, body, head, content, finish_reason, usage)
             return

@@ -718,10 +718,10 @@ def test_the_sync_sdk_through_a_server_process_and_its_banner(server_process):
             {"role": "user", "content": "My name is Ada."},
             {"role": "assistant", "content": "echo: My name is Ada."}]
     server.stop()
-    log = server.process.stderr.read()
+    banner = server.process.stdout.read()
     assert ("backends: responses upstream (every model but the built-in ones goes upstream), "
-            "embeddings deterministic (for the built-in models only)") in log
-    assert "(chat completions and responses for any other model)" in log
+            "embeddings deterministic (for built-in models only)") in banner
+    assert "(chat completions and responses for any other model)" in banner
 
 
 @pytest.mark.parametrize("variable", ["OZWELL_RESPONSES_BACKEND", "OZWELL_EMBEDDINGS_BACKEND"])
@@ -730,5 +730,5 @@ def test_an_unknown_backend_ends_the_start_in_one_line(variable, tmp_path):
                             capture_output=True, text=True, timeout=30,
                             env={**os.environ, variable: "ollama"})
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"ozwell: {variable}='ollama' is not a backend: use "
+    assert result.stderr.strip() == (f"ozwell: {variable}=ollama is not a backend: use "
                                      "deterministic or upstream")
