@@ -113,7 +113,8 @@ class Settings:
 
     host: str = _setting("0.0.0.0", "HOST", "address to listen on")
     port: int = _setting(3000, "PORT", "port to listen on (0 picks a free one)", int)
-    data_dir: str = _setting("./data", "OZWELL_DATA_DIR", "where files and stored responses live")
+    data_dir: str = _setting("./data", "OZWELL_DATA_DIR",
+                             "where files, responses, conversations and stored chat completions live")
     llama_base_url: str = _setting(
         "http://localhost:11434/v1", "LLAMA_BASE_URL",
         "OpenAI-compatible upstream for chat completions", flag=False)
@@ -137,7 +138,8 @@ class Settings:
         float)
     stream_tokens_per_second: float = _setting(
         0.0, "OZWELL_STREAM_TOKENS_PER_SECOND",
-        "pace of the built-in model's streams (0: as fast as possible)", float)
+        "pace of the built-in model's streams and background responses (0: as fast as possible)",
+        float)
     max_upload_bytes: int = _setting(
         512 * MiB, "OZWELL_MAX_UPLOAD_BYTES", "largest file upload, in bytes", int)
     workers: int = _setting(
@@ -494,27 +496,99 @@ def write_atomically(path: str, data: bytes) -> None:
             os.close(descriptor)
 
 
-class ResponseStore:
-    """Stored responses: one JSON file per response under `<data_dir>/responses/`.
+class RecordStore:
+    """JSON records of one kind, one file per record: `<data_dir>/<FOLDER>/<id>.json`.
 
-    A record is `{"response", "input_items", "turns", "generator"}`: the Response object, the
-    input items input_items lists, the (role, text) turns a response that continues it builds
-    on, and what answered; a stream from the Llama backend adds `"deltas"`, how it cut each
-    text, so that a replay sends the same events. Only ids of the form this server makes are
-    looked up, so no id can name a path outside the folder.
+    Each write replaces a file whole (write_atomically), so a reader sees a record as it was
+    or as it is, never half of it. A change that reads a record first (`update`, `delete`)
+    holds the folder's OS lock, so servers sharing the data dir never lose each other's
+    changes. Only ids matching `ID` are looked up, so no id can name a path outside the folder.
     """
 
-    _ID = re.compile(r"resp_[0-9a-f]{32}")
+    FOLDER = ""
+    ID: re.Pattern = re.compile(r"(?!)")
+    NOUN = ""  # what a record is, in "No ... found with id ..."
 
     def __init__(self, data_dir: str) -> None:
-        self.directory = os.path.join(data_dir, "responses")
+        self.directory = os.path.join(data_dir, self.FOLDER)
+        self._lock_path = os.path.join(self.directory, ".lock")
+
+    def save(self, record_id: str, record: dict[str, Any]) -> None:
+        """Write a new record, or replace one that no other request can be changing."""
+        os.makedirs(self.directory, exist_ok=True)
+        write_atomically(self._path(record_id), json.dumps(record, ensure_ascii=False).encode())
+
+    def load(self, record_id: str) -> dict[str, Any] | None:
+        if not self.ID.fullmatch(record_id):
+            return None
+        try:
+            with open(self._path(record_id), "rb") as stored:
+                return json.load(stored)
+        except FileNotFoundError:
+            return None
+
+    def update(self, record_id: str, change: Callable[[dict[str, Any] | None], tuple[dict | None, Any]]) -> Any:
+        """Apply `change(record) -> (new record or None to leave it, result)` to the latest
+        record (None: there is none) under the lock; returns the result."""
+        if not self.ID.fullmatch(record_id):
+            return change(None)[1]
+        os.makedirs(self.directory, exist_ok=True)
+        with _locked(self._lock_path):
+            changed, result = change(self.load(record_id))
+            if changed is not None:
+                self.save(record_id, changed)
+            return result
+
+    def delete(self, record_id: str) -> bool:
+        if not self.ID.fullmatch(record_id) or not os.path.isdir(self.directory):
+            return False
+        with _locked(self._lock_path):
+            try:
+                os.remove(self._path(record_id))
+            except FileNotFoundError:
+                return False
+        return True
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record in the folder, in no particular order."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        found = []
+        for name in names:
+            record_id = name.removesuffix(".json")
+            if name.endswith(".json") and self.ID.fullmatch(record_id):
+                record = self.load(record_id)
+                if record is not None:  # deleted meanwhile
+                    found.append(record)
+        return found
+
+    def _path(self, record_id: str) -> str:
+        if not self.ID.fullmatch(record_id):
+            raise ValueError(f"not a {self.FOLDER} id: {record_id!r}")
+        return os.path.join(self.directory, f"{record_id}.json")
+
+
+class ResponseStore(RecordStore):
+    """Stored responses: `{"response", "input_items", "turns", "generator"}`: the Response
+    object, the input items input_items lists, the (role, text) turns a response that
+    continues it builds on, and what answered. A background response also has its `schedule`
+    (and `cancelled_at` once cancelled): its `response` is then the one it becomes when done
+    (see `response_now`). A stream from the Llama backend has its `deltas`, how it cut each
+    text, so that a replay sends the same events."""
+
+    FOLDER = "responses"
+    ID = re.compile(r"resp_[0-9a-f]{32}")
+    NOUN = "response"
+
+    def __init__(self, data_dir: str) -> None:
+        super().__init__(data_dir)
         self._item_owners: dict[str, str] = {}  # item id -> id of a response that holds it
         self._indexed: set[str] = set()         # file names already read for _item_owners
 
-    def save(self, record: dict[str, Any]) -> None:
-        os.makedirs(self.directory, exist_ok=True)
-        path = self._path(record["response"]["id"])
-        write_atomically(path, json.dumps(record, ensure_ascii=False).encode())
+    def save(self, record_id: str, record: dict[str, Any]) -> None:
+        super().save(record_id, record)
         self._index(record)
 
     def find_item(self, item_id: str) -> dict[str, Any] | None:
@@ -526,7 +600,7 @@ class ResponseStore:
         if item_id not in self._item_owners:
             with contextlib.suppress(FileNotFoundError):
                 for name in sorted(os.listdir(self.directory)):
-                    if name not in self._indexed and self._ID.fullmatch(name[:-len(".json")]):
+                    if name not in self._indexed and self.ID.fullmatch(name[:-len(".json")]):
                         record = self.load(name[:-len(".json")])
                         if record is not None:
                             self._index(record)
@@ -543,30 +617,24 @@ class ResponseStore:
         for item in record["input_items"] + record["response"]["output"]:
             self._item_owners[item["id"]] = response_id
 
-    def load(self, response_id: str) -> dict[str, Any] | None:
-        path = self._path(response_id)
-        if path is None:
-            return None
-        try:
-            with open(path, "rb") as stored:
-                return json.load(stored)
-        except FileNotFoundError:
-            return None
 
-    def delete(self, response_id: str) -> bool:
-        path = self._path(response_id)
-        if path is None:
-            return False
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            return False
-        return True
+class ConversationStore(RecordStore):
+    """Conversations: `{"conversation", "items", "model"}`: the Conversation object, its items
+    oldest first, and the model of the last response that joined it."""
 
-    def _path(self, response_id: str) -> str | None:
-        if not self._ID.fullmatch(response_id):
-            return None
-        return os.path.join(self.directory, f"{response_id}.json")
+    FOLDER = "conversations"
+    ID = re.compile(r"conv_[0-9a-f]{32}")
+    NOUN = "conversation"
+
+
+class ChatCompletionStore(RecordStore):
+    """Chat completions kept with `store: true`: `{"completion", "messages", "stored_ns"}`: the
+    completion (with its `metadata`), the request's messages, and when it was kept (the
+    order of the list, finer than `created`)."""
+
+    FOLDER = "chat_completions"
+    ID = re.compile(r"chatcmpl-[0-9a-f]{32}")
+    NOUN = "chat completion"
 
 
 def _lock(descriptor: int, wait: bool = True) -> bool:
@@ -1089,21 +1157,34 @@ def _last_user_index(turns: Sequence[Turn]) -> int:
 
 
 class Pacer:
-    """The built-in model's stream pace: the n-th `tick()` returns n / `per_second` seconds after
-    the pacer was made (0: at once). The schedule is fixed from the start, so slow writes do
-    not add up into a slower pace."""
+    """The built-in model's pace: tick n is due n / `per_second` seconds after `started` (a
+    `time.time()`; default: when the pacer was made), and at once when `per_second` is 0. The
+    schedule is fixed from the start, so slow writes do not add up into a slower pace; it is
+    wall-clock time, so servers sharing a data dir agree on a stored schedule."""
 
-    def __init__(self, per_second: float) -> None:
+    def __init__(self, per_second: float, started: float | None = None) -> None:
         self.per_second = per_second
-        self.started = time.monotonic()
+        self.started = time.time() if started is None else started
         self.ticks = 0
 
+    @classmethod
+    def from_schedule(cls, schedule: Mapping[str, Any]) -> Pacer:
+        return cls(schedule["per_second"], schedule["start"])
+
+    def due(self, tick: int) -> float:
+        return self.started + (tick / self.per_second if self.per_second > 0 else 0.0)
+
     async def tick(self) -> None:
-        if self.per_second > 0:
-            self.ticks += 1
-            delay = self.started + self.ticks / self.per_second - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        self.ticks += 1
+        await self.wait_for(self.ticks)
+
+    async def wait_for(self, tick: int) -> bool:
+        """Sleep until tick `tick` is due; True if that took a wait."""
+        delay = self.due(tick) - time.time()
+        if delay <= 0:
+            return False
+        await asyncio.sleep(delay)
+        return True
 
 
 # Embedding models, by id, with the length of their vectors; all are computed locally.
@@ -1952,6 +2033,12 @@ def render_response(body: dict[str, Any], generation: Generation, model: str) ->
                              response_usage(completion_usage([generation])))
 
 
+def conversation_id_of(body: dict[str, Any]) -> str | None:
+    """The id of a request's `conversation`, given as the id or as `{"id": ...}`."""
+    conversation = body.get("conversation")
+    return conversation if conversation is None or isinstance(conversation, str) else conversation["id"]
+
+
 def response_output(generation: Generation, status: str) -> list[dict[str, Any]]:
     """The output items: a message (its text or refusal) unless the reply only calls tools,
     then a `function_call` item per call."""
@@ -1995,6 +2082,9 @@ def new_response(body: dict[str, Any], model: str) -> dict[str, Any]:
     for field, default in RESPONSE_ECHOED_FIELDS.items():
         value = body.get(field)
         response[field] = copy.deepcopy(default) if value is None else value
+    response["reasoning"] = {**RESPONSE_ECHOED_FIELDS["reasoning"], **response["reasoning"]}
+    conversation_id = conversation_id_of(body)
+    response["conversation"] = None if conversation_id is None else {"id": conversation_id}
     return response
 
 
@@ -2047,7 +2137,14 @@ class ResponseEvents:
         self._number = 0
 
     def start(self) -> list[dict[str, Any]]:
-        return [self._event("response.created", response=self.started),
+        """The opening events: created, then in progress (a background response is queued
+        first)."""
+        if not self.started["background"]:
+            return [self._event("response.created", response=self.started),
+                    self._event("response.in_progress", response=self.started)]
+        queued = dict(self.started, status="queued")
+        return [self._event("response.created", response=queued),
+                self._event("response.queued", response=queued),
                 self._event("response.in_progress", response=self.started)]
 
     def add_message(self, item_id: str) -> list[dict[str, Any]]:
@@ -2141,9 +2238,10 @@ def response_events(response: dict[str, Any],
 
     `deltas` (stored with a stream from the Llama backend) cut each text and each call's
     arguments as that stream did; without them there is one delta per token, so a stream of
-    the built-in model and its replay (GET ?stream=true) are the same.
+    the built-in model and its replay (GET ?stream=true) are the same. A background response
+    is queued first.
     """
-    events = ResponseEvents(_started(response))
+    events = ResponseEvents(_unfinished(response, "in_progress"))
     yield from events.start()
     for index, item in enumerate(response["output"]):
         cuts = deltas[index] if deltas is not None else None
@@ -2163,10 +2261,10 @@ def response_events(response: dict[str, Any],
     yield from events.finish(response)
 
 
-def _started(response: dict[str, Any]) -> dict[str, Any]:
-    """`response` as it was when it began: in progress, with no output and no usage yet."""
-    return dict(response, status="in_progress", completed_at=None, error=None,
-                incomplete_details=None, output=[], usage=None)
+def _unfinished(response: dict[str, Any], status: str) -> dict[str, Any]:
+    """`response` as it is before it is done: no output or usage yet."""
+    return dict(response, status=status, completed_at=None, error=None, incomplete_details=None,
+                output=[], usage=None)
 
 
 # =============================================================================
@@ -2554,12 +2652,13 @@ _UNTRANSLATABLE_HELP = ("The Llama backend answers through chat completions, whi
                         "{what} ('{param}'). Leave it out, or ask the built-in model {model}.")
 
 
-def chat_request(body: dict[str, Any], turns: list[Turn], stream: bool) -> dict[str, Any]:
-    """The chat completions request that asks the backend what `body`, a CreateResponse, asks,
-    over the conversation `turns` (the earlier ones and this input's)."""
+def chat_request(body: dict[str, Any], model: str, turns: list[Turn],
+                 stream: bool) -> dict[str, Any]:
+    """The chat completions request that asks `model` on the backend what `body`, a
+    CreateResponse, asks, over the conversation `turns` (the earlier ones and this input's)."""
     _refuse_untranslatable(body)
     request = {key: value for key, value in body.items() if key not in _RESPONSES_FIELDS}
-    request["model"] = body["model"]
+    request["model"] = model
     request["messages"] = chat_messages(body.get("instructions"), turns)
     for key in _SAME_IN_CHAT:
         if body.get(key) is not None:
@@ -2875,6 +2974,8 @@ class Context:
         self.in_flight = 0
         self.openapi: dict[str, Any] = {}
         self.responses = ResponseStore(settings.data_dir)
+        self.conversations = ConversationStore(settings.data_dir)
+        self.chat_completions = ChatCompletionStore(settings.data_dir)
         self.upstream = Upstream(settings)
         self.embedders = {
             model: HashedEmbedder(model, size, resizable=model not in FIXED_SIZE_EMBEDDING_MODELS)
@@ -3088,6 +3189,29 @@ def cursor_page(items: Sequence[dict[str, Any]], after: str | None, limit: int) 
             "has_more": len(items) > limit}
 
 
+def record_or_404(store: RecordStore, record_id: str) -> dict[str, Any]:
+    record = store.load(record_id)
+    if record is None:
+        raise not_found(store.NOUN, record_id)
+    return record
+
+
+def delete_or_404(store: RecordStore, record_id: str) -> None:
+    if not store.delete(record_id):
+        raise not_found(store.NOUN, record_id)
+
+
+def replace_metadata(store: RecordStore, record_id: str, field: str,
+                     metadata: dict[str, str] | None) -> dict[str, Any]:
+    """Give the object a record keeps under `field` new metadata; returns the object."""
+    def change(record: dict | None) -> tuple[dict, dict]:
+        if record is None:
+            raise not_found(store.NOUN, record_id)
+        record[field]["metadata"] = metadata or {}
+        return record, record[field]
+    return store.update(record_id, change)
+
+
 class NotFoundHandler(BaseHandler):
     """Every path the route table does not know."""
 
@@ -3236,21 +3360,37 @@ class ModelHandler(BaseHandler):
                             "models this server answers for.", param="model", code="model_not_found")
 
 
-def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
+def create_response(context: Context, body: dict[str, Any], keep: bool = True,
+                    earlier: EarlierTurns | None = None) -> dict[str, Any]:
     """Answer a CreateResponse body with the offline model; store it unless told not to.
 
-    The model reads the instructions (as a developer turn), the turns of the response named by
-    `previous_response_id` (whose own instructions are not carried over, as with OpenAI), then
-    this input.
+    The model reads the instructions (as a developer turn), the earlier turns (those of the
+    response named by `previous_response_id`, whose own instructions are not carried over, as
+    with OpenAI, or the items of `conversation`), then this input. A response in a
+    conversation adds its input and output items to it. With `keep` off nothing is stored or
+    added: the response is only worked out (POST /v1/responses/input_tokens counts with it).
+    `earlier` is what _earlier_turns() gives, when the caller has it already.
     """
-    model = body["model"]
+    earlier = earlier or _earlier_turns(context, body)
+    # A count needs no model (every model reads the same tokens): the built-in one will do.
+    model = body.get("model") or earlier.model or (None if keep else OFFLINE_MODEL)
+    if model is None:
+        raise APIError(400, "Missing required parameter: 'model'. It may be left out only when "
+                            "the request continues a response ('previous_response_id') or a "
+                            "conversation that a response has answered in.", param="model",
+                       code="missing_required_parameter")
     if model not in {entry["id"] for entry in context.models()}:
         raise APIError(400, f"The requested model '{model}' does not exist. GET /v1/models lists "
                             "the models this server answers for.", param="model",
                        code="model_not_found")
+    background = bool(body.get("background")) and keep
+    if background and body.get("store") is False:
+        raise APIError(400, "A background response must be stored, to be polled and cancelled: "
+                            "leave 'store' out or set it to true.", param="store",
+                       code="invalid_value")
     _check_text_parts(body)
     options = response_reply_options(body, context.checked_schemas)
-    turns, input_items = response_turns(context, body)
+    turns, input_items = response_turns(context, body, earlier.turns)
     instructions = body.get("instructions")
     conversation = ([Turn("developer", instructions)] if instructions else []) + turns
     if options.json_format is not None and options.json_format.schema is None:
@@ -3259,8 +3399,77 @@ def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
                                "input")
     generation = offline_reply(model, conversation, options)
     response = render_response(body, generation, model)
-    store_response(context, response, turns, input_items, "deterministic")
-    return response
+    if not keep:
+        return response
+    record = response_record(response, input_items, turns, "deterministic")
+    if background:
+        record["schedule"] = schedule = _background_schedule(context, response)
+        done_at = Pacer.from_schedule(schedule).due(schedule["ticks"])
+        if response["status"] == "completed":
+            response["completed_at"] = response["created_at"] + round(done_at - schedule["start"])
+    if response["store"]:
+        context.responses.save(response["id"], record)
+    if earlier.conversation_id is not None:
+        joined = (earlier.conversation_id, input_items + response["output"], model)
+        if background:  # its items join once it is done, and not if it is cancelled
+            asyncio.get_running_loop().call_later(max(0.0, done_at - time.time()),
+                                                  _join_when_done, context, response["id"], *joined)
+        else:
+            _join_conversation(context, *joined)
+    return _unfinished(response, "queued") if background else response
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlierTurns:
+    turns: list[Turn]               # oldest first
+    model: str | None               # the model that answered them
+    conversation_id: str | None     # the conversation they come from
+
+
+def _earlier_turns(context: Context, body: dict[str, Any]) -> EarlierTurns:
+    """The turns a response builds on: those of a previous response, or of a conversation."""
+    previous_id = body.get("previous_response_id")
+    conversation_id = conversation_id_of(body)
+    if previous_id is not None and conversation_id is not None:
+        raise APIError(400, "Mutually exclusive parameters: Ensure you are only providing one of: "
+                            "'previous_response_id' or 'conversation'.", param="conversation",
+                       code="mutually_exclusive_parameters")
+    if previous_id is not None:
+        previous = context.responses.load(previous_id)
+        if previous is None:
+            raise not_found("previous response", previous_id, param="previous_response_id",
+                            code="previous_response_not_found")
+        return EarlierTurns([Turn.from_stored(turn) for turn in previous["turns"]],
+                            previous["response"]["model"], None)
+    if conversation_id is not None:
+        record = context.conversations.load(conversation_id)
+        if record is None:
+            raise not_found("conversation", conversation_id, param="conversation")
+        turns: list[Turn] = []
+        for item in record["items"]:
+            _add_turn(turns, item)
+        return EarlierTurns(turns, record["model"], conversation_id)
+    return EarlierTurns([], None, None)
+
+
+def _join_conversation(context: Context, conversation_id: str, items: list[dict[str, Any]],
+                       model: str | None) -> None:
+    """Add `items` to the end of a conversation (unless it was deleted meanwhile)."""
+    def change(record: dict | None) -> tuple[dict | None, None]:
+        if record is None:
+            return None, None
+        record["items"] += items
+        if model is not None:
+            record["model"] = model
+        return record, None
+    context.conversations.update(conversation_id, change)
+
+
+def _join_when_done(context: Context, response_id: str, conversation_id: str,
+                    items: list[dict[str, Any]], model: str) -> None:
+    record = context.responses.load(response_id)
+    if record is not None and record.get("cancelled_at") is None:
+        _join_conversation(context, conversation_id, items, model)
 
 
 def _check_text_parts(body: dict[str, Any]) -> None:
@@ -3363,26 +3572,16 @@ def _require_the_word_json(turns: Sequence[Turn], message: str, param: str) -> N
         raise APIError(400, message, param=param)
 
 
-def response_turns(context: Context, body: dict[str, Any]) -> tuple[list[Turn], list[dict]]:
-    """The conversation a CreateResponse body continues (without its instructions), and its
-    input as input_items lists it.
+def response_turns(context: Context, body: dict[str, Any],
+                   earlier: Sequence[Turn] = ()) -> tuple[list[Turn], list[dict]]:
+    """The conversation a CreateResponse body continues (without its instructions): the
+    `earlier` turns, then its input; and its input as input_items lists it.
 
     Input items are messages, `function_call` and `function_call_output` items, and
     `item_reference`s to an item of a stored response. Every call must have its output, and
     every output its call, as OpenAI checks.
     """
-    if body.get("conversation") is not None:
-        raise APIError(400, "This server has no Conversations API: continue a conversation by "
-                            "passing the last response's id as 'previous_response_id'.",
-                       param="conversation")
-    turns: list[Turn] = []
-    previous_id = body.get("previous_response_id")
-    if previous_id is not None:
-        previous = context.responses.load(previous_id)
-        if previous is None:
-            raise not_found("previous response", previous_id, param="previous_response_id",
-                            code="previous_response_not_found")
-        turns = [Turn.from_stored(turn) for turn in previous["turns"]]
+    turns = list(earlier)
     given = body["input"]
     items = []
     for item in [{"role": "user", "content": given}] if isinstance(given, str) else given:
@@ -3452,22 +3651,28 @@ def _add_turn(turns: list[Turn], item: dict[str, Any]) -> None:
                           parts=tuple(content) if more else ()))
 
 
-def store_response(context: Context, response: dict[str, Any], turns: list[Turn],
-                   input_items: list[dict[str, Any]], generator: str,
-                   deltas: list[list] | None = None) -> None:
-    """Save `response` for GET, input_items and continuations, unless it says `store: false`.
+def response_record(response: dict[str, Any], input_items: list[dict[str, Any]],
+                    turns: list[Turn], generator: str) -> dict[str, Any]:
+    """What a stored response keeps (see ResponseStore): `turns` is the conversation it
+    answered, without the instructions; its output joins them as the assistant's turn."""
+    return {"response": response, "input_items": input_items,
+            "turns": [turn.stored() for turn in turns + [_reply_turn(response["output"])]],
+            "generator": generator}
 
-    `turns` is the conversation it answered (without the instructions); its own output is
-    added as the assistant's turn.
-    """
-    if not response["store"]:
-        return
-    record = {"response": response, "input_items": input_items,
-              "turns": [turn.stored() for turn in turns + [_reply_turn(response["output"])]],
-              "generator": generator}
-    if deltas is not None:
-        record["deltas"] = deltas
-    context.responses.save(record)
+
+def keep_upstream_response(context: Context, response: dict[str, Any], turns: list[Turn],
+                           input_items: list[dict[str, Any]], conversation_id: str | None,
+                           deltas: list[list] | None = None) -> None:
+    """Keep a response of the Llama backend as the built-in model's are kept: stored unless it
+    says `store: false`, and its items added to its conversation unless it failed."""
+    if response["store"]:
+        record = response_record(response, input_items, turns, "upstream")
+        if deltas is not None:
+            record["deltas"] = deltas
+        context.responses.save(response["id"], record)
+    if conversation_id is not None and response["status"] != "failed":
+        _join_conversation(context, conversation_id, input_items + response["output"],
+                           response["model"])
 
 
 def _reply_turn(output: list[dict[str, Any]]) -> Turn:
@@ -3485,32 +3690,80 @@ async def send_events(stream: EventStream, events: list[dict[str, Any]]) -> None
         await stream.send_raw("".join(sse_event(event, event["type"]) for event in events))
 
 
+def _event_ticks(events: Sequence[dict[str, Any]]) -> list[int]:
+    """When each event is due, in ticks of the pace: every delta takes one, and so does a
+    background response's wait in the queue (until `response.in_progress`)."""
+    ticks, tick = [], 0
+    for event in events:
+        if event["type"].endswith(".delta") or (
+                event["type"] == "response.in_progress" and event["response"]["background"]):
+            tick += 1
+        ticks.append(tick)
+    return ticks
+
+
+def _background_schedule(context: Context, response: dict[str, Any]) -> dict[str, Any]:
+    """A background response's timetable: it runs at the built-in stream pace from now."""
+    ticks = _event_ticks(list(response_events(response)))[-1]
+    return {"start": time.time(), "per_second": context.settings.stream_tokens_per_second,
+            "ticks": ticks}
+
+
+def response_now(record: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """A stored response as a client sees it at `now`.
+
+    A background response is queued for its first tick, in progress until its last, then
+    done; or cancelled. Every server sharing the data dir works this out from the record
+    alone, so it needs no task running anywhere.
+    """
+    response = record["response"]
+    schedule = record.get("schedule")
+    if schedule is None:
+        return response
+    if record.get("cancelled_at") is not None:
+        return _unfinished(response, "cancelled")
+    pacer = Pacer.from_schedule(schedule)
+    now = time.time() if now is None else now
+    if now < pacer.due(1):
+        return _unfinished(response, "queued")
+    if now < pacer.due(schedule["ticks"]):
+        return _unfinished(response, "in_progress")
+    return response
+
+
 async def _stream_response(handler: BaseHandler, record: dict[str, Any],
                            starting_after: int | None = None) -> None:
-    """Send the events of a stored or finished response after `starting_after`, text deltas
-    at the set pace."""
-    settings = handler.context.settings
-    stream = EventStream(handler, settings.keepalive_seconds)
+    """Send the events of a response after `starting_after`.
+
+    Text deltas go out at the set pace from now; a background response's events are due on
+    its own schedule instead, so every follower, at any time and on any server, sees the
+    same events at the same moments, and none after a cancel.
+    """
+    context = handler.context
+    response = record["response"]
+    schedule = record.get("schedule")
+    pacer = (Pacer(context.settings.stream_tokens_per_second) if schedule is None
+             else Pacer.from_schedule(schedule))
+    cancelled_at = record.get("cancelled_at")
+    events = list(response_events(response, record.get("deltas")))
+    stream = EventStream(handler, context.settings.keepalive_seconds)
     try:
         await stream.open()
-        pacer = Pacer(settings.stream_tokens_per_second)
-        for event in response_events(record["response"], record.get("deltas")):
+        for tick, event in zip(_event_ticks(events), events):
             if starting_after is not None and event["sequence_number"] <= starting_after:
                 continue
-            if event["type"].endswith(".delta"):
-                await pacer.tick()
+            if await pacer.wait_for(tick) and schedule is not None:
+                current = context.responses.load(response["id"])
+                if current is None:
+                    break  # deleted meanwhile
+                cancelled_at = current.get("cancelled_at")
+            if cancelled_at is not None and pacer.due(tick) >= cancelled_at:
+                break
             await stream.send(event, event=event["type"])
     except tornado.iostream.StreamClosedError:
         pass  # the client left; a stored response is saved whole already
     finally:
         stream.close()
-
-
-def _stored_response(context: Context, response_id: str) -> dict[str, Any]:
-    record = context.responses.load(response_id)
-    if record is None:
-        raise not_found("response", response_id)
-    return record
 
 
 class ResponsesHandler(UpstreamHandler):
@@ -3523,42 +3776,54 @@ class ResponsesHandler(UpstreamHandler):
 
     async def post(self) -> None:
         body = self.payload
+        earlier = _earlier_turns(self.context, body)
+        model = body.get("model") or earlier.model
         if (self.context.settings.responses_backend == "upstream"
-                and body["model"] not in LOCAL_MODELS):
-            await self._answer_upstream(body)
+                and model is not None and model not in LOCAL_MODELS):
+            await self._answer_upstream(body, model, earlier)
             return
-        response = create_response(self.context, body)
+        response = create_response(self.context, body, earlier=earlier)
         self.set_header(GENERATOR_HEADER, "deterministic")
-        if body.get("stream"):
-            await _stream_response(self, {"response": response})
-        else:
+        if not body.get("stream"):
             self.write_json(response)
+        elif response["background"]:
+            await _stream_response(self, record_or_404(self.context.responses, response["id"]))
+        else:
+            await _stream_response(self, {"response": response})
 
-    async def _answer_upstream(self, body: dict[str, Any]) -> None:
-        turns, input_items = response_turns(self.context, body)
+    async def _answer_upstream(self, body: dict[str, Any], model: str,
+                               earlier: EarlierTurns) -> None:
+        if body.get("background"):
+            raise APIError(400, "The Llama backend answers while the client waits: background "
+                                "responses come from the built-in model only. Leave "
+                                "'background' out.", param="background",
+                           code="unsupported_parameter")
+        turns, input_items = response_turns(self.context, body, earlier.turns)
         stream = bool(body.get("stream"))
-        request = chat_request(body, turns, stream)
-        started = new_response(body, body["model"])
+        request = chat_request(body, model, turns, stream)
+        started = new_response(body, model)
         call = await self.open_upstream("/chat/completions", json.dumps(request).encode())
         if call is None:
             return
         self.set_header(GENERATOR_HEADER, "upstream")
         if stream and call.status < 300 and call.is_event_stream:
-            await self._translate_stream(call, started, turns, input_items)
+            await self._translate_stream(call, started, turns, input_items,
+                                         earlier.conversation_id)
             return
         answer = await call.read()
         if self.pass_on_failure(call, answer):
             return
         response = response_from_completion(started, call, answer)
-        store_response(self.context, response, turns, input_items, "upstream")
+        keep_upstream_response(self.context, response, turns, input_items,
+                               earlier.conversation_id)
         if stream:  # the backend answered a stream request whole: stream that
             await _stream_response(self, {"response": response})
         else:
             self.write_json(response)
 
     async def _translate_stream(self, call: UpstreamCall, started: dict[str, Any],
-                                turns: list[Turn],
-                                input_items: list[dict[str, Any]]) -> None:
+                                turns: list[Turn], input_items: list[dict[str, Any]],
+                                conversation_id: str | None) -> None:
         translation = ChatStreamTranslation(started, call.url)
         stream = EventStream(self, self.context.settings.keepalive_seconds)
 
@@ -3582,8 +3847,8 @@ class ResponsesHandler(UpstreamHandler):
             if self.client_gone:
                 return
             events = translation.finish()
-            store_response(self.context, translation.response, turns, input_items,
-                           "upstream", translation.events.deltas)
+            keep_upstream_response(self.context, translation.response, turns, input_items,
+                                   conversation_id, translation.events.deltas)
             await send_events(stream, events)
         except tornado.iostream.StreamClosedError:
             call.abort()
@@ -3606,18 +3871,58 @@ class ResponseHandler(BaseHandler):
     }
 
     async def get(self, response_id: str) -> None:
-        record = _stored_response(self.context, response_id)
+        record = record_or_404(self.context.responses, response_id)
         query = read_query(self, self.api["get"].query)
         self.set_header(GENERATOR_HEADER, record["generator"])
         if query["stream"]:
             await _stream_response(self, record, query["starting_after"])
         else:
-            self.write_json(record["response"])
+            self.write_json(response_now(record))
 
     def delete(self, response_id: str) -> None:
-        if not self.context.responses.delete(response_id):
-            raise not_found("response", response_id)
+        delete_or_404(self.context.responses, response_id)
         self.write_json({"id": response_id, "object": "response", "deleted": True})
+
+
+class ResponseCancelHandler(BaseHandler):
+    """Only a background response can be cancelled, while it is queued or in progress; a
+    second cancel returns it as it is."""
+
+    api = {"post": Operation("Cancel a background response", "Responses", response="Response")}
+
+    def post(self, response_id: str) -> None:
+        def change(record: dict | None) -> tuple[dict | None, dict]:
+            if record is None:
+                raise not_found("response", response_id)
+            now = time.time()
+            current = response_now(record, now)
+            if not current["background"]:
+                raise APIError(400, "Cannot cancel a synchronous response: only responses "
+                                    "created with background=true can be cancelled.",
+                               param="response_id")
+            if current["status"] == "cancelled":
+                return None, current
+            if current["status"] not in ("queued", "in_progress"):
+                article = "an" if current["status"].startswith(("a", "e", "i", "o", "u")) else "a"
+                raise APIError(400, f"Cannot cancel {article} {current['status']} response.",
+                               param="response_id")
+            record["cancelled_at"] = now
+            return record, response_now(record, now)
+        self.write_json(self.context.responses.update(response_id, change))
+
+
+class ResponseInputTokensHandler(BaseHandler):
+    """The `usage.input_tokens` that POST /v1/responses would report for the same body: the
+    response is worked out the same way, and nothing is kept."""
+
+    api = {"post": Operation("Count the input tokens of a response", "Responses",
+                             request="TokenCountsBody", response="TokenCountsResource")}
+
+    def post(self) -> None:
+        body = {**self.payload, "input": self.payload.get("input") or [], "stream": False}
+        response = create_response(self.context, body, keep=False)
+        self.write_json({"object": "response.input_tokens",
+                         "input_tokens": response["usage"]["input_tokens"]})
 
 
 _AFTER = QueryParam("after", {"type": "string"},
@@ -3633,21 +3938,43 @@ class ResponseInputItemsHandler(BaseHandler):
                             response="ResponseItemList", query=(_AFTER, _LIMIT, _ORDER))}
 
     def get(self, response_id: str) -> None:
-        items = _stored_response(self.context, response_id)["input_items"]
+        items = record_or_404(self.context.responses, response_id)["input_items"]
         query = read_query(self, self.api["get"].query)
         if query["order"] == "desc":
             items = items[::-1]
         self.write_json(cursor_page(items, query["after"], query["limit"]))
 
 
+_OLDEST_FIRST = QueryParam("order", {"enum": ["asc", "desc"], "default": "asc"},
+                           "asc (oldest first, the default) or desc (newest first).")
+_MODEL_FILTER = QueryParam("model", {"type": "string"}, "Only completions of this model.")
+_METADATA_FILTER = QueryParam(
+    "metadata", {"type": "object", "additionalProperties": {"type": "string"}},
+    "Only completions whose metadata has these pairs: `metadata[key]=value`, repeatable.")
+_METADATA_KEY = re.compile(r"metadata\[(.+)\]")
+
+
+def read_metadata_filter(handler: BaseHandler) -> dict[str, str]:
+    """`metadata[key]=value` query pairs, as a dict."""
+    wanted = {}
+    for name in handler.request.query_arguments:
+        match = _METADATA_KEY.fullmatch(name)
+        if match:
+            wanted[match.group(1)] = handler.get_query_argument(name)
+    return wanted
+
+
 class ChatCompletionsHandler(UpstreamHandler):
     """The built-in model answers offline; every other model id is proxied to the upstream."""
 
-    api = {"post": Operation("Create a chat completion", "Chat",
-                             request="CreateChatCompletionRequest",
-                             response="CreateChatCompletionResponse",
-                             stream="CreateChatCompletionStreamResponse",
-                             errors=(400, 401, 413, 500, 502, 504))}
+    api = {
+        "post": Operation("Create a chat completion", "Chat", request="CreateChatCompletionRequest",
+                          response="CreateChatCompletionResponse",
+                          stream="CreateChatCompletionStreamResponse",
+                          errors=(400, 401, 413, 500, 502, 504)),
+        "get": Operation("List stored chat completions", "Chat", response="ChatCompletionList",
+                         query=(_AFTER, _LIMIT, _OLDEST_FIRST, _MODEL_FILTER, _METADATA_FILTER)),
+    }
 
     async def post(self) -> None:
         body = self.payload
@@ -3657,6 +3984,18 @@ class ChatCompletionsHandler(UpstreamHandler):
         else:
             await self._proxy(body)
 
+    def get(self) -> None:
+        query = read_query(self, (_AFTER, _LIMIT, _OLDEST_FIRST, _MODEL_FILTER))
+        wanted = read_metadata_filter(self)
+        records = sorted(self.context.chat_completions.records(), key=lambda r: r["stored_ns"])
+        completions = [record["completion"] for record in records
+                       if query["model"] in (None, record["completion"]["model"])
+                       and all(record["completion"]["metadata"].get(key) == value
+                               for key, value in wanted.items())]
+        if query["order"] == "desc":
+            completions.reverse()
+        self.write_json(cursor_page(completions, query["after"], query["limit"]))
+
     async def _proxy(self, body: dict[str, Any]) -> None:
         # Forwarded as received: fields this server does not know reach the upstream untouched.
         call = await self.open_upstream("/chat/completions", b"".join(self._body_parts))
@@ -3664,21 +4003,26 @@ class ChatCompletionsHandler(UpstreamHandler):
             return
         self.set_header(GENERATOR_HEADER, "upstream")
         if body.get("stream") and call.status < 300 and call.is_event_stream:
-            await self._relay_stream(call)
+            await self._relay_stream(call, body)
             return
         answer = await call.read()
         if self.pass_on_failure(call, answer):
             return
+        if body.get("store"):
+            answer = _keep_proxied_completion(self.context, body, answer)
         self.set_status(call.status)
         self.set_header("Content-Type", call.headers["Content-Type"])
         self.finish(answer)
 
-    async def _relay_stream(self, call: UpstreamCall) -> None:
+    async def _relay_stream(self, call: UpstreamCall, body: dict[str, Any]) -> None:
         stream = EventStream(self, self.context.settings.keepalive_seconds)
+        keeper = KeptChatStream(stream) if body.get("store") else None
         try:
             await stream.open()
             try:
-                await EventRelay(call, stream).run()
+                await EventRelay(call, keeper or stream).run()
+                if keeper is not None and not call.aborted:
+                    keeper.keep(self.context, body)
             except APIError as failure:  # the upstream broke off: say so inside the stream
                 await stream.send_error(failure)
         except tornado.iostream.StreamClosedError:
@@ -3693,8 +4037,11 @@ class ChatCompletionsHandler(UpstreamHandler):
         generations = [offline_reply(model, turns, options, variant)
                        for variant in range(body.get("n") or 1)]
         head = {"id": new_id("chatcmpl-"), "created": unix_now(), "model": model}
+        completion = chat_completion(head, generations)
+        if body.get("store"):
+            keep_chat_completion(self.context, body, completion)
         if not body.get("stream"):
-            return self.write_json(chat_completion(head, generations))
+            return self.write_json(completion)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         stream = EventStream(self, self.context.settings.keepalive_seconds)
         try:
@@ -3778,6 +4125,155 @@ def chat_reply_options(body: dict[str, Any], turns: Sequence[Turn],
     max_tokens = body.get("max_completion_tokens")
     return ReplyOptions(tuple(tools), mode, allowed, body.get("parallel_tool_calls") is not False,
                         None, json_format, body.get("max_tokens") if max_tokens is None else max_tokens)
+
+
+def keep_chat_completion(context: Context, body: dict[str, Any], completion: dict[str, Any]) -> None:
+    """Keep a chat completion asked for with `store: true`, with its request's `metadata`
+    and messages (each with an id: the completion's, a dash, and its position)."""
+    messages = [_stored_chat_message(f"{completion['id']}-{index}", message)
+                for index, message in enumerate(body["messages"])]
+    context.chat_completions.save(completion["id"], {
+        "completion": {**completion, "metadata": body.get("metadata") or {}},
+        "messages": messages, "stored_ns": time.time_ns()})
+
+
+def _stored_chat_message(message_id: str, message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    parts = content if isinstance(content, list) else None
+    stored = {"id": message_id, "role": message["role"],
+              "content": message_text(parts) if parts is not None else content,
+              "name": message.get("name"), "content_parts": parts}
+    for field in ("refusal", "tool_calls", "tool_call_id"):
+        if field in message:
+            stored[field] = message[field]
+    return stored
+
+
+def _keep_proxied_completion(context: Context, body: dict[str, Any], answer: bytes) -> bytes:
+    """Keep the upstream's completion under an id of this server's own (upstreams such as
+    Ollama repeat theirs), and give the client that id; an answer that is not a completion
+    passes unchanged and is not kept."""
+    try:
+        completion = json.loads(answer)
+    except (ValueError, UnicodeDecodeError):
+        return answer
+    if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
+        return answer
+    completion["id"] = new_id("chatcmpl-")
+    keep_chat_completion(context, body, completion)
+    return json.dumps(completion, ensure_ascii=False).encode()
+
+
+class KeptChatStream:
+    """Stands in for the EventStream of a proxied stream kept with `store: true`: each chunk
+    takes this server's completion id on its way through, and the chunks add up to the
+    completion that `keep()` keeps once the stream has ended."""
+
+    def __init__(self, stream: EventStream) -> None:
+        self.stream = stream
+        self.completion_id = new_id("chatcmpl-")
+        self.head: dict[str, Any] | None = None
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.usage: dict[str, Any] | None = None
+
+    async def send(self, data: Any, event: str | None = None) -> None:
+        await self.stream.send(data, event)
+
+    async def send_raw(self, events: bytes) -> None:
+        lines = events.splitlines(keepends=True)
+        for number, line in enumerate(lines):
+            if line.startswith(b"data:"):
+                text = line[len(b"data:"):].strip()
+                chunk = _json_or_none(text)
+                if isinstance(chunk, dict) and isinstance(chunk.get("choices"), list):
+                    self._add(chunk)
+                    chunk["id"] = self.completion_id
+                    ending = line[len(line.rstrip(b"\r\n")):]
+                    lines[number] = b"data: " + json.dumps(
+                        chunk, separators=(",", ":"), ensure_ascii=False).encode() + ending
+        await self.stream.send_raw(b"".join(lines))
+
+    def _add(self, chunk: dict[str, Any]) -> None:
+        if self.head is None:
+            self.head = {key: chunk[key] for key in ("created", "model", "system_fingerprint",
+                                                    "service_tier") if key in chunk}
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk["choices"]:
+            kept = self.choices.setdefault(choice.get("index", 0), {
+                "content": None, "refusal": None, "tool_calls": {}, "finish_reason": None})
+            delta = choice.get("delta") or {}
+            for field in ("content", "refusal"):
+                if delta.get(field):
+                    kept[field] = (kept[field] or "") + delta[field]
+            for call in delta.get("tool_calls") or ():
+                slot = kept["tool_calls"].setdefault(call.get("index", 0), {
+                    "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                slot["id"] = call.get("id") or slot["id"]
+                function = call.get("function") or {}
+                slot["function"]["name"] += function.get("name") or ""
+                slot["function"]["arguments"] += function.get("arguments") or ""
+            kept["finish_reason"] = choice.get("finish_reason") or kept["finish_reason"]
+
+    def keep(self, context: Context, body: dict[str, Any]) -> None:
+        if self.head is None:
+            return  # no chunk came: nothing to keep
+        choices = []
+        for index, kept in sorted(self.choices.items()):
+            message = {"role": "assistant", "content": kept["content"], "refusal": kept["refusal"],
+                       "annotations": []}
+            if kept["tool_calls"]:
+                message["tool_calls"] = [call for _, call in sorted(kept["tool_calls"].items())]
+            choices.append({"index": index, "message": message, "logprobs": None,
+                            "finish_reason": kept["finish_reason"] or "stop"})
+        completion = {"id": self.completion_id, "object": "chat.completion", **self.head,
+                      "choices": choices}
+        if self.usage is not None:
+            completion["usage"] = self.usage
+        keep_chat_completion(context, body, completion)
+
+
+def _json_or_none(text: bytes) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+class ChatCompletionHandler(BaseHandler):
+    api = {
+        "get": Operation("Retrieve a stored chat completion", "Chat",
+                         response="CreateChatCompletionResponse"),
+        "post": Operation("Update a stored chat completion's metadata", "Chat",
+                          request="UpdateChatCompletionRequest",
+                          response="CreateChatCompletionResponse"),
+        "delete": Operation("Delete a stored chat completion", "Chat",
+                            response="ChatCompletionDeleted"),
+    }
+
+    def get(self, completion_id: str) -> None:
+        self.write_json(record_or_404(self.context.chat_completions, completion_id)["completion"])
+
+    def post(self, completion_id: str) -> None:
+        self.write_json(replace_metadata(self.context.chat_completions, completion_id, "completion",
+                                         self.payload["metadata"]))
+
+    def delete(self, completion_id: str) -> None:
+        delete_or_404(self.context.chat_completions, completion_id)
+        self.write_json({"object": "chat.completion.deleted", "id": completion_id, "deleted": True})
+
+
+class ChatCompletionMessagesHandler(BaseHandler):
+    api = {"get": Operation("List the messages of a stored chat completion", "Chat",
+                            response="ChatCompletionMessageList",
+                            query=(_AFTER, _LIMIT, _OLDEST_FIRST))}
+
+    def get(self, completion_id: str) -> None:
+        messages = record_or_404(self.context.chat_completions, completion_id)["messages"]
+        query = read_query(self, self.api["get"].query)
+        if query["order"] == "desc":
+            messages = messages[::-1]
+        self.write_json(cursor_page(messages, query["after"], query["limit"]))
 
 
 class EmbeddingsHandler(UpstreamHandler):
@@ -3913,6 +4409,8 @@ def _base64_floats(vector: array.array) -> str:
     if sys.byteorder == "big":
         vector.byteswap()
     return base64.b64encode(vector.tobytes()).decode("ascii")
+
+
 
 
 class MultipartError(ValueError):
@@ -4327,6 +4825,135 @@ def content_disposition(filename: str) -> str:
 
 
 # =============================================================================
+# Conversations
+# =============================================================================
+
+# What `include` may ask for, as OpenAI lists it. The built-in model's items are text, so
+# each is accepted and changes nothing (output_text parts always carry their `logprobs`).
+INCLUDABLE = (
+    "file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+    "message.input_image.image_url", "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs", "reasoning.encrypted_content",
+    "message.output_text.logprobs",
+)
+_INCLUDE = QueryParam("include", {"type": "array", "items": {"enum": list(INCLUDABLE)}},
+                      "Extra data to include (`include[]=...`, repeatable): accepted, and "
+                      "changes nothing, as the items are text.")
+_ITEMS_AFTER = QueryParam("after", {"type": "string"},
+                          "An item id from the previous page (its last_id): the page starts after it.")
+
+
+def read_include(handler: BaseHandler) -> list[str]:
+    values = handler.get_query_arguments("include") + handler.get_query_arguments("include[]")
+    for value in values:
+        if value not in INCLUDABLE:
+            raise APIError(400, f"Invalid value for 'include': {value!r}. Supported values are: "
+                                f"{', '.join(INCLUDABLE)}.", param="include", code="invalid_value")
+    return values
+
+
+def conversation_items(given: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Input items as a conversation keeps them: as input_items lists them, each with a new id."""
+    return [_input_item({key: value for key, value in item.items() if key != "id"})
+            for item in given]
+
+
+class ConversationsHandler(BaseHandler):
+    api = {"post": Operation("Create a conversation", "Conversations",
+                             request="CreateConversationBody", response="ConversationResource")}
+
+    def post(self) -> None:
+        body = self.payload
+        conversation = {"id": new_id("conv_"), "object": "conversation", "created_at": unix_now(),
+                        "metadata": body.get("metadata") or {}}
+        self.context.conversations.save(conversation["id"], {
+            "conversation": conversation, "items": conversation_items(body.get("items") or []),
+            "model": None})
+        self.write_json(conversation)
+
+
+class ConversationHandler(BaseHandler):
+    api = {
+        "get": Operation("Retrieve a conversation", "Conversations", response="ConversationResource"),
+        "post": Operation("Update a conversation's metadata", "Conversations",
+                          request="UpdateConversationBody", response="ConversationResource"),
+        "delete": Operation("Delete a conversation", "Conversations",
+                            response="DeletedConversationResource"),
+    }
+
+    def get(self, conversation_id: str) -> None:
+        self.write_json(record_or_404(self.context.conversations, conversation_id)["conversation"])
+
+    def post(self, conversation_id: str) -> None:
+        self.write_json(replace_metadata(self.context.conversations, conversation_id,
+                                         "conversation", self.payload["metadata"]))
+
+    def delete(self, conversation_id: str) -> None:
+        delete_or_404(self.context.conversations, conversation_id)
+        self.write_json({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
+
+
+class ConversationItemsHandler(BaseHandler):
+    api = {
+        "get": Operation("List a conversation's items", "Conversations",
+                         response="ConversationItemList",
+                         query=(_ITEMS_AFTER, _LIMIT, _ORDER, _INCLUDE)),
+        "post": Operation("Add items to a conversation", "Conversations",
+                          request="CreateConversationItemsBody", response="ConversationItemList",
+                          query=(_INCLUDE,)),
+    }
+
+    def get(self, conversation_id: str) -> None:
+        items = record_or_404(self.context.conversations, conversation_id)["items"]
+        read_include(self)
+        query = read_query(self, (_ITEMS_AFTER, _LIMIT, _ORDER))
+        if query["order"] == "desc":
+            items = items[::-1]
+        self.write_json(cursor_page(items, query["after"], query["limit"]))
+
+    def post(self, conversation_id: str) -> None:
+        items = conversation_items(self.payload["items"])
+        read_include(self)
+
+        def change(record: dict | None) -> tuple[dict, None]:
+            if record is None:
+                raise not_found("conversation", conversation_id)
+            record["items"] += items
+            return record, None
+        self.context.conversations.update(conversation_id, change)
+        self.write_json({"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+                         "last_id": items[-1]["id"] if items else None, "has_more": False})
+
+
+class ConversationItemHandler(BaseHandler):
+    api = {
+        "get": Operation("Retrieve a conversation item", "Conversations",
+                         response="ConversationItem", query=(_INCLUDE,)),
+        "delete": Operation("Delete a conversation item", "Conversations",
+                            response="ConversationResource"),
+    }
+
+    def get(self, conversation_id: str, item_id: str) -> None:
+        items = record_or_404(self.context.conversations, conversation_id)["items"]
+        read_include(self)
+        item = next((item for item in items if item["id"] == item_id), None)
+        if item is None:
+            raise not_found("item", item_id)
+        self.write_json(item)
+
+    def delete(self, conversation_id: str, item_id: str) -> None:
+        def change(record: dict | None) -> tuple[dict, dict]:
+            if record is None:
+                raise not_found("conversation", conversation_id)
+            kept = [item for item in record["items"] if item["id"] != item_id]
+            if len(kept) == len(record["items"]):
+                raise not_found("item", item_id)
+            record["items"] = kept
+            return record, record["conversation"]
+        self.write_json(self.context.conversations.update(conversation_id, change))
+
+
+# =============================================================================
 # Route table
 # =============================================================================
 
@@ -4362,9 +4989,17 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/models", ModelsHandler),
     Route("/v1/models/{model:path}", ModelHandler),
     Route("/v1/responses", ResponsesHandler),
+    Route("/v1/responses/input_tokens", ResponseInputTokensHandler),
     Route("/v1/responses/{response_id}", ResponseHandler),
+    Route("/v1/responses/{response_id}/cancel", ResponseCancelHandler),
     Route("/v1/responses/{response_id}/input_items", ResponseInputItemsHandler),
+    Route("/v1/conversations", ConversationsHandler),
+    Route("/v1/conversations/{conversation_id}", ConversationHandler),
+    Route("/v1/conversations/{conversation_id}/items", ConversationItemsHandler),
+    Route("/v1/conversations/{conversation_id}/items/{item_id}", ConversationItemHandler),
     Route("/v1/chat/completions", ChatCompletionsHandler),
+    Route("/v1/chat/completions/{completion_id}", ChatCompletionHandler),
+    Route("/v1/chat/completions/{completion_id}/messages", ChatCompletionMessagesHandler),
     Route("/v1/embeddings", EmbeddingsHandler),
     Route("/v1/files", FilesHandler),
     Route("/v1/files/{file_id}", FileHandler),
