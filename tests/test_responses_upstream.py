@@ -274,6 +274,46 @@ async def test_previous_response_id_sends_the_earlier_turns_whichever_backend_an
 
 
 @pytest.mark.gen_test
+async def test_a_conversation_sends_its_items_and_gets_the_new_ones(client, backend):
+    conversation = await client.conversations.create(
+        items=[{"role": "user", "content": "My name is Ada."},
+               {"type": "message", "role": "assistant", "content": "Hello Ada."}])
+    response = await client.responses.create(model=LLAMA, input="What is my name?",
+                                             conversation=conversation.id,
+                                             extra_body=fake(content=["Ada."]))
+    assert response.conversation.id == conversation.id
+    assert backend.bodies()[0]["messages"] == [
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "Hello Ada."},
+        {"role": "user", "content": "What is my name?"}]
+    items = [item async for item in client.conversations.items.list(conversation.id, order="asc")]
+    assert [(item.role, item.content[0].text) for item in items] == [
+        ("user", "My name is Ada."), ("assistant", "Hello Ada."),
+        ("user", "What is my name?"), ("assistant", "Ada.")]
+    # The model may be left out: the conversation's last answer says which.
+    await client.post("/responses", cast_to=object, body={
+        "input": "Thanks.", "conversation": conversation.id})
+    assert backend.bodies()[1]["model"] == LLAMA and len(backend.bodies()[1]["messages"]) == 5
+
+
+@pytest.mark.gen_test
+async def test_a_continuation_without_a_model_goes_to_the_model_that_answered(client, backend):
+    first = await client.responses.create(model="qwen3:0.6b", input="hi")
+    second = await client.post("/responses", cast_to=object, body={
+        "input": "again", "previous_response_id": first.id})
+    assert second["model"] == "qwen3:0.6b"
+    assert [body["model"] for body in backend.bodies()] == ["qwen3:0.6b", "qwen3:0.6b"]
+
+
+@pytest.mark.gen_test
+async def test_a_background_response_is_refused(client, backend):
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.responses.create(model=LLAMA, input="hi", background=True)
+    assert caught.value.body["param"] == "background"
+    assert backend.requests == []
+
+
+@pytest.mark.gen_test
 async def test_an_item_reference_sends_the_item_it_names(client, backend):
     first = await client.responses.create(model=LLAMA, input="Remember 42.")
     items = [item async for item in client.responses.input_items.list(first.id)]
