@@ -2089,7 +2089,7 @@ def new_response(body: dict[str, Any], model: str) -> dict[str, Any]:
 
 
 def finished_response(started: dict[str, Any], output: list[dict[str, Any]],
-                      finish_reason: str | None, usage: dict[str, Any],
+                      finish_reason: str | None, usage: dict[str, Any] | None,
                       error: dict[str, str] | None = None) -> dict[str, Any]:
     """`started` once its output is in: completed, incomplete (a chat `finish_reason` of
     `length` or `content_filter`), or failed (`error`)."""
@@ -2649,7 +2649,7 @@ _RESPONSES_FIELDS = frozenset(_SAME_IN_CHAT) | {
     "context_management"}
 
 _UNTRANSLATABLE_HELP = ("The Llama backend answers through chat completions, which cannot carry "
-                        "{what} ('{param}'). Leave it out, or ask the built-in model {model}.")
+                        "{what} ('{param}'). Leave it out.")
 
 
 def chat_request(body: dict[str, Any], model: str, turns: list[Turn],
@@ -2712,8 +2712,8 @@ def _refuse_untranslatable(body: dict[str, Any]) -> None:
 
 
 def _untranslatable(param: str, what: str) -> APIError:
-    return APIError(400, _UNTRANSLATABLE_HELP.format(what=what, param=param, model=OFFLINE_MODEL),
-                    param=param, code="unsupported_parameter")
+    return APIError(400, _UNTRANSLATABLE_HELP.format(what=what, param=param), param=param,
+                    code="unsupported_parameter")
 
 
 def _chat_tool(tool: dict[str, Any], where: str) -> dict[str, Any]:
