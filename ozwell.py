@@ -4039,7 +4039,7 @@ class ChatCompletionsHandler(UpstreamHandler):
         head = {"id": new_id("chatcmpl-"), "created": unix_now(), "model": model}
         completion = chat_completion(head, generations)
         if body.get("store"):
-            keep_chat_completion(self.context, body, completion)
+            keep_chat_completion(self.context, body, completion, "deterministic")
         if not body.get("stream"):
             return self.write_json(completion)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -4127,14 +4127,15 @@ def chat_reply_options(body: dict[str, Any], turns: Sequence[Turn],
                         None, json_format, body.get("max_tokens") if max_tokens is None else max_tokens)
 
 
-def keep_chat_completion(context: Context, body: dict[str, Any], completion: dict[str, Any]) -> None:
-    """Keep a chat completion asked for with `store: true`, with its request's `metadata`
-    and messages (each with an id: the completion's, a dash, and its position)."""
+def keep_chat_completion(context: Context, body: dict[str, Any], completion: dict[str, Any],
+                         generator: str) -> None:
+    """Keep a chat completion asked for with `store: true`, with its request's `metadata`,
+    messages (each with an id: the completion's, a dash, and its position) and what answered."""
     messages = [_stored_chat_message(f"{completion['id']}-{index}", message)
                 for index, message in enumerate(body["messages"])]
     context.chat_completions.save(completion["id"], {
         "completion": {**completion, "metadata": body.get("metadata") or {}},
-        "messages": messages, "stored_ns": time.time_ns()})
+        "messages": messages, "stored_ns": time.time_ns(), "generator": generator})
 
 
 def _stored_chat_message(message_id: str, message: dict[str, Any]) -> dict[str, Any]:
@@ -4160,7 +4161,7 @@ def _keep_proxied_completion(context: Context, body: dict[str, Any], answer: byt
     if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
         return answer
     completion["id"] = new_id("chatcmpl-")
-    keep_chat_completion(context, body, completion)
+    keep_chat_completion(context, body, completion, "upstream")
     return json.dumps(completion, ensure_ascii=False).encode()
 
 
@@ -4230,7 +4231,7 @@ class KeptChatStream:
                       "choices": choices}
         if self.usage is not None:
             completion["usage"] = self.usage
-        keep_chat_completion(context, body, completion)
+        keep_chat_completion(context, body, completion, "upstream")
 
 
 def _json_or_none(text: bytes) -> Any:
@@ -4252,7 +4253,9 @@ class ChatCompletionHandler(BaseHandler):
     }
 
     def get(self, completion_id: str) -> None:
-        self.write_json(record_or_404(self.context.chat_completions, completion_id)["completion"])
+        record = record_or_404(self.context.chat_completions, completion_id)
+        self.set_header(GENERATOR_HEADER, record["generator"])
+        self.write_json(record["completion"])
 
     def post(self, completion_id: str) -> None:
         self.write_json(replace_metadata(self.context.chat_completions, completion_id, "completion",

@@ -94,6 +94,16 @@ async def test_chat_replies_say_what_answered(http_client, base_url, model, stre
 
 
 @pytest.mark.gen_test
+@pytest.mark.parametrize("model, generator", [(ozwell.OFFLINE_MODEL, "deterministic"),
+                                              ("llama3", "upstream")])
+async def test_a_stored_chat_completion_given_back_says_what_answered(client, model, generator):
+    created = await client.chat.completions.create(
+        model=model, store=True, messages=[{"role": "user", "content": "hi"}])
+    reply = await client.chat.completions.with_raw_response.retrieve(created.id)
+    assert reply.headers["x-ozwell-generator"] == generator
+
+
+@pytest.mark.gen_test
 async def test_errors_of_this_server_say_nothing_generated_them(http_client, base_url):
     reply = await http_client.fetch(f"{base_url}/v1/chat/completions", method="POST", headers=AUTH,
                                     body=json.dumps({"model": "llama3"}), raise_error=False)
