@@ -1,6 +1,7 @@
 """Shared fixtures, in pytest-tornado's idiom: `app` is served at `base_url` for each test."""
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -60,15 +61,14 @@ def client(base_url, http_server):
 
 
 @pytest.fixture
-def serve_ozwell(io_loop, tmp_path):
-    """Serve another Ozwell app: `serve_ozwell(**settings)` returns its base URL (the data dir
-    is the test's unless given); all stop at the end."""
+def ozwell_with(io_loop, settings):
+    """Serve another app: `settings` with the test's overrides; returns its base URL."""
     servers = []
 
-    def serve(**values) -> str:
-        settings = ozwell.Settings(**{"data_dir": str(tmp_path / "data"), **values})
+    def serve(**overrides) -> str:
         sock, port = tornado.testing.bind_unused_port()
-        server = tornado.httpserver.HTTPServer(ozwell.make_app(settings))
+        server = tornado.httpserver.HTTPServer(
+            ozwell.make_app(dataclasses.replace(settings, **overrides)))
         server.add_sockets([sock])
         servers.append(server)
         return f"http://127.0.0.1:{port}"
@@ -92,11 +92,13 @@ def sdk(io_loop):
         io_loop.run_sync(client.close)
 
 
-async def post_and_stop_reading(base_url: str, path: str, body: bytes):
-    """POST `body` on a connection with a small receive window and read only the reply's head:
-    the reader of a slow client. Returns the stream's (reader, writer)."""
+async def raw_chat_post(base_url: str, body: bytes, receive_buffer: int = 64 * 1024,
+                        path: str = "/v1/chat/completions"):
+    """POST a chat completion (or another body to `path`) over a bare connection with a small
+    receive buffer (a slow reader's), read the response headers, and return the (reader,
+    writer) pair."""
     sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", int(base_url.rsplit(":", 1)[1])))
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
@@ -120,6 +122,37 @@ async def call_api(http_client, base_url: str, method: str, path: str, body=None
     if reply.headers.get("Content-Type", "").startswith("application/json"):
         return reply.code, json.loads(reply.body)
     return reply.code, reply.body
+
+
+@contextlib.contextmanager
+def served_in_a_thread(make_fake):
+    """A fake upstream (`make_fake()`, whose `start()` listens in the running loop) on its own
+    event loop in a thread, for tests that block (the sync SDK against a server process)."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder = {}
+
+    def run():
+        asyncio.set_event_loop(loop)
+
+        async def start():
+            holder["fake"] = make_fake()
+            holder["server"] = holder["fake"].start()
+
+        loop.run_until_complete(start())
+        started.set()
+        loop.run_forever()
+        holder["server"].stop()
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        yield holder["fake"]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
 
 
 def free_port() -> int:
@@ -179,37 +212,6 @@ def server_process(tmp_path):
     yield start
     for server in started:
         server.stop()
-
-
-@contextlib.contextmanager
-def served_in_a_thread(make_fake):
-    """A fake upstream (`make_fake()`, whose `start()` listens in the running loop) on its own
-    event loop in a thread, for tests that block (the sync SDK against a server process)."""
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    holder = {}
-
-    def run():
-        asyncio.set_event_loop(loop)
-
-        async def start():
-            holder["fake"] = make_fake()
-            holder["server"] = holder["fake"].start()
-
-        loop.run_until_complete(start())
-        started.set()
-        loop.run_forever()
-        holder["server"].stop()
-        loop.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(10)
-    try:
-        yield holder["fake"]
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
 
 
 def require(found, what: str):

@@ -70,10 +70,10 @@ async def test_backend_errors_come_back_with_their_status(client):
 
 
 @pytest.mark.gen_test
-async def test_by_default_other_models_are_a_404_and_never_reach_the_backend(backend, serve_ozwell,
+async def test_by_default_other_models_are_a_404_and_never_reach_the_backend(backend, ozwell_with,
                                                                              sdk):
     with pytest.raises(openai.NotFoundError):
-        await sdk(serve_ozwell(llama_base_url=backend.url)).embeddings.create(
+        await sdk(ozwell_with(embeddings_backend="deterministic")).embeddings.create(
             model="nomic-embed-text", input="hi")
     assert backend.requests == []
 
