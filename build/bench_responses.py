@@ -114,7 +114,7 @@ async def _measure_translation(upstream_port: int, ozwell_port: int) -> dict[str
             kind = run[call % len(run)]
             _, path, body = kinds[kind]
             started = time.perf_counter()
-            await connections[kind].post(path, body)
+            await connections[kind].request("POST", path, body)
             if call >= len(run) * 100:
                 times[kind].append(time.perf_counter() - started)
         direct = percentile(times["direct"], 0.5)
@@ -127,7 +127,7 @@ async def _measure_translation(upstream_port: int, ozwell_port: int) -> dict[str
                              {**TRANSLATED, "stream": True, "events": RELAY_EVENTS})}
     for kind, (path, body) in streams.items():
         started = time.perf_counter()
-        received = await connections[kind].post(path, json.dumps(body).encode())
+        received = await connections[kind].request("POST", path, json.dumps(body).encode())
         figures[f"{kind} events/s"] = RELAY_EVENTS / (time.perf_counter() - started)
         if received.count(b" word") < RELAY_EVENTS:
             raise RuntimeError(f"the {kind} stream lost deltas")
