@@ -35,6 +35,10 @@ WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "Today
                 "strict": True}
 CALLS = [{"id": "call_a", "name": "get_weather", "arguments": ['{"city":', '"Paris"}']},
          {"id": "call_b", "name": "get_weather", "arguments": ['{"city":"Oslo"}']}]
+# The same two calls as a chat request carries them.
+CHAT_CALLS = [{"id": call["id"], "type": "function",
+               "function": {"name": call["name"], "arguments": "".join(call["arguments"])}}
+              for call in CALLS]
 
 
 @pytest.fixture
@@ -130,7 +134,8 @@ async def test_the_built_in_model_still_answers_here(client, backend):
 
 @pytest.mark.gen_test
 async def test_by_default_the_generator_answers_every_model(ozwell_with, sdk, backend):
-    reply = await sdk(ozwell_with(responses_backend="deterministic")).responses.with_raw_response.create(model=LLAMA, input="hi")
+    api = sdk(ozwell_with(responses_backend="deterministic"))
+    reply = await api.responses.with_raw_response.create(model=LLAMA, input="hi")
     assert reply.headers["x-ozwell-generator"] == "deterministic"
     assert "deterministic answer from llama3" in reply.parse().output_text
     assert backend.requests == []
@@ -186,17 +191,15 @@ async def test_function_calls_and_their_outputs_become_tool_calls_and_tool_messa
     await client.responses.create(model=LLAMA, tools=[WEATHER_TOOL], input=[
         {"role": "user", "content": "Weather in Paris and Oslo?"},
         {"type": "message", "role": "assistant", "content": "Let me look."},
-        {"type": "function_call", "call_id": "call_a", "name": "get_weather", "arguments": '{"city":"Paris"}'},
-        {"type": "function_call", "call_id": "call_b", "name": "get_weather", "arguments": '{"city":"Oslo"}'},
+        *({"type": "function_call", "call_id": call["id"], "name": call["function"]["name"],
+           "arguments": call["function"]["arguments"]} for call in CHAT_CALLS),
         {"type": "function_call_output", "call_id": "call_a", "output": "21 C"},
         {"type": "function_call_output", "call_id": "call_b",
          "output": [{"type": "input_text", "text": "4 C"}, {"type": "input_text", "text": "snow"}]},
     ])
     sent = backend.bodies()[0]
     assert sent["messages"][1:] == [
-        {"role": "assistant", "content": "Let me look.", "tool_calls": [
-            {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
-            {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
+        {"role": "assistant", "content": "Let me look.", "tool_calls": CHAT_CALLS},
         {"role": "tool", "tool_call_id": "call_a", "content": "21 C"},
         {"role": "tool", "tool_call_id": "call_b", "content": "4 C\nsnow"},
     ]
@@ -255,9 +258,7 @@ async def test_previous_response_id_sends_the_earlier_turns_whichever_backend_an
              {"role": "user", "content": "Weather?"}]
     assert backend.bodies()[0]["messages"] == turns
     assert backend.bodies()[1]["messages"] == turns + [
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
-            {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
+        {"role": "assistant", "content": None, "tool_calls": CHAT_CALLS},
         {"role": "tool", "tool_call_id": "call_a", "content": "21 C"},
         {"role": "tool", "tool_call_id": "call_b", "content": "4 C"}]
     # And the built-in model continues the backend's answer, reading its turns.
@@ -363,7 +364,8 @@ async def test_a_text_reply_becomes_a_response_like_the_built_in_models(http_cli
     reply = await post(http_client, base_url, {"model": LLAMA, "input": "hi", "metadata": {"k": "v"},
                                                **fake(content=["Hello", "!"], usage=usage)})
     response = json.loads(reply.body)
-    local = json.loads((await post(http_client, base_url, {"model": ozwell.OFFLINE_MODEL, "input": "hi"})).body)
+    local = json.loads((await post(http_client, base_url,
+                                   {"model": ozwell.OFFLINE_MODEL, "input": "hi"})).body)
     assert not schema_errors(registry, "Response", response)
     assert set(response) == set(local)
     assert response["status"] == "completed" and response["model"] == LLAMA
@@ -412,7 +414,8 @@ async def test_how_the_reply_ended(client, registry, plan, status, reason, kinds
 @pytest.mark.gen_test
 async def test_a_backend_without_usage_gives_zeros(client):
     response = await client.responses.create(model=LLAMA, input="hi", extra_body=fake(usage=None))
-    assert (response.usage.input_tokens, response.usage.output_tokens, response.usage.total_tokens) == (0, 0, 0)
+    usage = response.usage
+    assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (0, 0, 0)
 
 
 @pytest.mark.gen_test
@@ -575,7 +578,8 @@ async def test_an_error_event_from_the_backend_ends_with_response_failed(http_cl
 async def test_a_stream_event_that_is_not_a_chunk_ends_with_response_failed(
         http_client, base_url, registry, backend):
     _, events = await stream_events(http_client, base_url, {
-        "model": LLAMA, "input": "hi", "stream": True, **fake(content=["one ", "two ", "three "], garbage_after=1, pause_after=2)})
+        "model": LLAMA, "input": "hi", "stream": True,
+        **fake(content=["one ", "two ", "three "], garbage_after=1, pause_after=2)})
     assert_events_valid(registry, events)
     assert events[-1][0] == "response.failed"
     assert "not a chat completion chunk" in events[-1][1]["response"]["error"]["message"]
@@ -586,7 +590,8 @@ async def test_a_stream_event_that_is_not_a_chunk_ends_with_response_failed(
 @pytest.mark.gen_test
 async def test_a_whole_answer_to_a_stream_request_is_still_streamed(http_client, base_url, registry):
     _, events = await stream_events(http_client, base_url, {
-        "model": LLAMA, "input": "hi", "stream": True, **fake(content=["Hello there"], json_to_a_stream=True)})
+        "model": LLAMA, "input": "hi", "stream": True,
+        **fake(content=["Hello there"], json_to_a_stream=True)})
     assert_events_valid(registry, events)
     assert events[-1][0] == "response.completed"
     assert events[-1][1]["response"]["output"][0]["content"][0]["text"] == "Hello there"
@@ -691,7 +696,8 @@ async def test_a_stored_stream_is_retrieved_and_replayed_event_for_event(
             **fake(content=["Hel", "lo ", "there"], tool_calls=CALLS)}
     _, original = await stream_events(http_client, base_url, body)
     response_id = original[0][1]["response"]["id"]
-    reply, replayed = await stream_events(http_client, base_url, path=f"/v1/responses/{response_id}?stream=true")
+    reply, replayed = await stream_events(http_client, base_url,
+                                          path=f"/v1/responses/{response_id}?stream=true")
     assert replayed == original
     assert reply.headers["x-ozwell-generator"] == "upstream"
     _, later = await stream_events(http_client, base_url,
