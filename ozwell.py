@@ -22,17 +22,23 @@ import argparse
 import array
 import asyncio
 import base64
+import collections
 import contextlib
+import contextvars
 import copy
 import dataclasses
+import datetime
 import functools
 import hashlib
+import heapq
 import importlib.resources
+import itertools
 import json
 import logging
 import math
 import mimetypes
 import os
+import random
 import re
 import signal
 import socket
@@ -96,6 +102,31 @@ def _comma_list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
+def _boolean(value: str) -> bool:
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def _clock(value: str) -> str:
+    """'' (the real clock), 'start', a Unix time in seconds, or an ISO 8601 time."""
+    if value not in ("", "start"):
+        fixed_time(value)  # raises ValueError when it is neither
+    return value
+
+
+def fixed_time(value: str) -> int:
+    """A Unix time given as seconds or as an ISO 8601 time (UTC unless it says otherwise)."""
+    if re.fullmatch(r"\d{1,12}", value.strip()):
+        return int(value)
+    moment = datetime.datetime.fromisoformat(value.strip())
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return int(moment.timestamp())
+
+
 def _setting(default: Any, env: str, help: str, parse=str, flag: bool = True):
     """A setting: its environment variable, its parser, and its line in --help."""
     return dataclasses.field(
@@ -139,6 +170,20 @@ class Settings:
         1, "OZWELL_WORKERS", "processes serving the port (0: one per CPU; POSIX only)", int)
     shutdown_grace_seconds: float = _setting(
         30.0, "OZWELL_SHUTDOWN_GRACE", "on SIGTERM, how long in-flight requests may finish", float)
+    fixtures: str = _setting(
+        "", "OZWELL_FIXTURES", "a JSON file of fixtures, fault plans and latencies (test rigs)")
+    fixtures_strict: bool = _setting(
+        False, "OZWELL_FIXTURES_STRICT",
+        "a request no fixture matches gets a 400 naming the nearest fixtures", _boolean)
+    seed: str = _setting(
+        "", "OZWELL_SEED", "ids become a function of the seed, the session and a counter "
+        "(empty: random ids)")
+    clock: str = _setting(
+        "", "OZWELL_CLOCK", "fixes every created/created_at: a Unix time, an ISO 8601 time, or "
+        "'start' (empty: the real clock)", _clock)
+    journal_size: int = _setting(
+        1000, "OZWELL_JOURNAL_SIZE", "requests the journal at /_ozwell/requests keeps (0: none)",
+        int)
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -160,6 +205,8 @@ class Settings:
             raise SettingsError("OZWELL_WORKERS must be 0 (one per CPU) or more")
         if self.max_request_bytes < 1:
             raise SettingsError("OZWELL_MAX_REQUEST_BYTES must be a positive number of bytes")
+        if self.journal_size < 0:
+            raise SettingsError("OZWELL_JOURNAL_SIZE must be 0 (no journal) or more")
 
 
 class SettingsError(Exception):
@@ -185,15 +232,19 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ozwell {__version__}")
     for field in dataclasses.fields(Settings):
         if field.metadata["flag"]:
+            # A yes/no setting's flag may stand alone: `--fixtures-strict`.
+            alone = {"nargs": "?", "const": "true"} if field.metadata["parse"] is _boolean else {}
             parser.add_argument(
                 "--" + field.name.replace("_", "-"), dest=field.name, default=None,
-                metavar=field.metadata["env"],
+                metavar=field.metadata["env"], **alone,
                 help=f"{field.metadata['help']} (env {field.metadata['env']}, "
                      f"default {_shown_default(field.default)})")
     return parser
 
 
 def _shown_default(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, tuple):
         value = ",".join(value)
     return repr(value) if value == "" else str(value)
@@ -362,12 +413,57 @@ def _length_error(error: jsonschema.exceptions.ValidationError, where: str,
 
 def new_id(prefix: str) -> str:
     """A new object id: `prefix` and 32 hex digits. Every id a client sees is made here."""
-    return prefix + uuid.uuid4().hex
+    mint = current_mint.get()
+    return mint.new_id(prefix) if mint is not None else prefix + uuid.uuid4().hex
 
 
 def unix_now() -> int:
     """The `created`/`created_at` of a new object. Every timestamp a client sees is made here."""
-    return int(time.time())
+    mint = current_mint.get()
+    return mint.now() if mint is not None else int(time.time())
+
+
+class Mint:
+    """The ids and the clock of one session (x-ozwell-session).
+
+    With a seed, the n-th id of a prefix is a hash of (seed, session, prefix, n): the same
+    requests give the same ids in every process. A fixed clock gives one `created` to all.
+    """
+
+    def __init__(self, seed: str, session: str, clock: int | None) -> None:
+        self.seed = seed
+        self.session = session
+        self.clock = clock
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    def new_id(self, prefix: str) -> str:
+        if not self.seed:
+            return prefix + uuid.uuid4().hex
+        self.counters[prefix] += 1
+        return prefix + self._digest(prefix, self.counters[prefix])[:32]
+
+    def now(self) -> int:
+        return int(time.time()) if self.clock is None else self.clock
+
+    def random(self, purpose: str) -> random.Random:
+        """A generator for `purpose` (latency jitter): drawn from the seed when there is one."""
+        if not self.seed:
+            return random.Random()
+        self.counters[purpose] += 1
+        return random.Random(int(self._digest(purpose, self.counters[purpose]), 16))
+
+    def reset(self) -> None:
+        self.counters.clear()
+
+    def _digest(self, purpose: str, number: int) -> str:
+        return hashlib.sha256(
+            "\0".join((self.seed, self.session, purpose, str(number))).encode()).hexdigest()
+
+
+# The Mint of the request being served. Each request runs in a task of its own, with its own
+# copy of the context, so a value set while serving one is never seen by another.
+current_mint: contextvars.ContextVar[Mint | None] = contextvars.ContextVar(
+    "ozwell_mint", default=None)
 
 
 def ensure_data_dir(path: str) -> str:
@@ -609,7 +705,9 @@ class FileStore:
                      "status_details": None}
             blob.close()
             os.replace(blob.path, self.blob_path(file_id))
-            return files + [entry], entry
+            # A seeded id repeats in a later run on the same data dir: the new file replaces
+            # the old one, as a listing never holds one id twice.
+            return [kept for kept in files if kept["id"] != file_id] + [entry], entry
 
         try:
             return await self._run_locked(self._update_now, change)
@@ -621,7 +719,7 @@ class FileStore:
     async def listed(self) -> list[dict[str, Any]]:
         """Every file that has not expired, oldest first."""
         snapshot = self._current()
-        now = time.time()
+        now = unix_now()
         if any(_has_expired(entry, now) for entry in snapshot.files):
             await self._run_locked(self._update_now, self._drop_expired)
             snapshot = self._current()
@@ -629,7 +727,7 @@ class FileStore:
 
     async def get(self, file_id: str) -> dict[str, Any] | None:
         entry = self._current().by_id.get(file_id)
-        if entry is not None and _has_expired(entry, time.time()):
+        if entry is not None and _has_expired(entry, unix_now()):
             await self._run_locked(self._update_now, self._drop_expired)
             return None
         return entry
@@ -645,8 +743,10 @@ class FileStore:
         return open(self.blob_path(file_id), "rb")
 
     async def _run_locked(self, function, *args):
+        # In the request's context, so that new_id() and unix_now() there use its Mint.
+        run = functools.partial(contextvars.copy_context().run, function, *args)
         async with self._lock:
-            return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+            return await asyncio.get_running_loop().run_in_executor(None, run)
 
     def _update_now(self, change):
         """Apply `change(files) -> (new files, result)` to the latest index under the OS lock.
@@ -756,7 +856,7 @@ class FileStore:
 
     @staticmethod
     def _drop_expired(files: list[dict]) -> tuple[list[dict], None]:
-        now = time.time()
+        now = unix_now()
         kept = [entry for entry in files if not _has_expired(entry, now)]
         return (files if len(kept) == len(files) else kept), None
 
@@ -1029,6 +1129,8 @@ class EventStream:
     inside the stream (`send_error`).
     """
 
+    content_type = "text/event-stream; charset=utf-8"
+
     def __init__(self, handler: tornado.web.RequestHandler, keepalive_seconds: float) -> None:
         self.handler = handler
         self.keepalive_seconds = keepalive_seconds
@@ -1038,7 +1140,7 @@ class EventStream:
 
     async def open(self) -> None:
         self.handler.set_status(200)
-        self.handler.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.handler.set_header("Content-Type", self.content_type)
         self.handler.set_header("Cache-Control", "no-cache")
         self.handler.set_header("X-Accel-Buffering", "no")
         self.is_open = True
@@ -1047,10 +1149,14 @@ class EventStream:
             self._keepalive = asyncio.create_task(self._keep_alive())
 
     async def send(self, data: Any, event: str | None = None) -> None:
+        await self._write(self.event_text(data, event))
+
+    @staticmethod
+    def event_text(data: Any, event: str | None = None) -> str:
         """One event: `data` is JSON-encoded unless it is already a string (`[DONE]`)."""
         text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"),
                                                              ensure_ascii=False)
-        await self._write((f"event: {event}\n" if event else "") + f"data: {text}\n\n")
+        return (f"event: {event}\n" if event else "") + f"data: {text}\n\n"
 
     async def send_raw(self, chunk: bytes | str) -> None:
         """Bytes already in SSE form (a relayed upstream event), passed on untouched."""
@@ -1079,11 +1185,14 @@ class EventStream:
         except (tornado.iostream.StreamClosedError, asyncio.CancelledError):
             pass
 
-    def close(self) -> None:
-        """Stop the keep-alives and finish the response (if the client is still there)."""
+    def stop_keepalives(self) -> None:
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
+
+    def close(self) -> None:
+        """Stop the keep-alives and finish the response (if the client is still there)."""
+        self.stop_keepalives()
         if not self.handler._finished:
             try:
                 self.handler.finish()
@@ -1351,6 +1460,1051 @@ def _events_end(data: bytes) -> int:
 
 
 # =============================================================================
+# Test rigs: fixtures and faults
+# =============================================================================
+
+RIG_ENDPOINTS = ("chat", "responses", "embeddings")
+
+# Says on a reply what answered it; a fixture's replies say "fixture".
+GENERATOR_HEADER = "x-ozwell-generator"
+
+# The endpoints each kind of reply can answer: an embedding carries no text.
+_REPLY_ENDPOINTS = {"text": ("chat", "responses"), "tool_calls": ("chat", "responses"),
+                    "json": ("chat", "responses"), "refusal": ("chat", "responses"),
+                    "status": RIG_ENDPOINTS}
+
+# Headers a fixture or fault may not set: they frame the HTTP message itself.
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
+
+_WORD = re.compile(r"\w+")
+
+
+class FixtureError(ValueError):
+    """A fixture or fault that cannot work; the message says where it is wrong and why."""
+
+
+def _plain_json(value: Any, where: str) -> None:
+    """Refuse what Python's json reads but cannot write back: NaN, Infinity, lone surrogates."""
+    try:
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except ValueError as exc:
+        problem = ("holds a lone surrogate (\\ud800 to \\udfff)"
+                   if isinstance(exc, UnicodeEncodeError) else "holds NaN or Infinity")
+        raise FixtureError(f"{where} {problem}, which no JSON reply can carry") from None
+
+
+def _check_headers(headers: Mapping[str, str], where: str) -> None:
+    framing = sorted(name for name in headers if name.lower() in _FRAMING_HEADERS)
+    if framing:
+        raise FixtureError(f"{where}.headers: {', '.join(framing)} cannot be set: the server "
+                           "frames the reply itself")
+
+
+def _quoted(text: str, limit: int = 60) -> str:
+    return json.dumps(text if len(text) <= limit else text[:limit - 3] + "...", ensure_ascii=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextMatch:
+    """How a fixture tests a text: `exact`, `contains` (a phrase, as whole words) or `regex`
+    (searched anywhere), each optionally ignoring case."""
+
+    kind: str
+    value: str
+    ignore_case: bool
+    pattern: re.Pattern | None      # contains and regex
+
+    @classmethod
+    def parse(cls, spec: Mapping[str, Any], where: str) -> TextMatch:
+        kinds = [kind for kind in ("exact", "contains", "regex") if kind in spec]
+        if len(kinds) != 1:
+            raise FixtureError(f"{where}: give exactly one of exact, contains or regex "
+                               f"(it has {', '.join(kinds) or 'none'})")
+        kind, value = kinds[0], spec[kinds[0]]
+        ignore_case = bool(spec.get("ignore_case"))
+        flags = re.IGNORECASE if ignore_case else 0
+        pattern = None
+        if kind == "contains":
+            pattern = re.compile(r"(?<!\w)" + re.escape(value) + r"(?!\w)", flags)
+        elif kind == "regex":
+            try:
+                pattern = re.compile(value, flags)
+            except re.error as exc:
+                raise FixtureError(f"{where}.regex: {value!r} is not a valid regular expression "
+                                   f"({exc})") from None
+        return cls(kind, value, ignore_case, pattern)
+
+    def test(self, text: str) -> bool:
+        if self.pattern is not None:
+            return self.pattern.search(text) is not None
+        return text == self.value or (self.ignore_case and text.casefold() == self.value.casefold())
+
+    def describe(self) -> str:
+        case = ", ignoring case" if self.ignore_case else ""
+        if self.kind == "exact":
+            return f"is exactly {_quoted(self.value)}{case}"
+        if self.kind == "contains":
+            return f"holds the words {_quoted(self.value)}{case}"
+        return f"matches the regex {_quoted(self.value)}{case}"
+
+    def whole_words(self) -> set[str]:
+        """Words that any text this matcher accepts holds whole (as a run of \\w with no word
+        character either side); case-folded when it ignores case."""
+        if self.kind == "contains":
+            words = set(_WORD.findall(self.value))
+        elif self.kind == "regex":
+            words = _whole_words_of_every_match(self.pattern)
+        else:
+            return set()
+        if self.ignore_case:
+            # Only ASCII words: ignoring case, a regex takes some other letters for ASCII ones
+            # (the dotless i for i) where casefold() does not.
+            return {word.casefold() for word in words if word.isascii()}
+        return words
+
+
+def _whole_words_of_every_match(pattern: re.Pattern) -> set[str]:
+    """Words every match of `pattern` holds whole, read from its top-level runs of literal
+    characters and the anchors around them (`\\bticket 12\\b` gives ticket and 12).
+
+    Only ever a shortcut for finding candidates: when Python's parser cannot be read, or the
+    pattern has no such run, the answer is empty and the fixture is simply always tried.
+    """
+    try:
+        from re import _constants as sre, _parser
+        items = list(_parser.parse(pattern.pattern, pattern.flags))
+    except Exception:
+        return set()
+    edges = {sre.AT_BEGINNING, sre.AT_BEGINNING_STRING, sre.AT_END, sre.AT_END_STRING}
+    if not pattern.flags & re.ASCII:  # an ASCII \b disagrees with \w on other letters
+        edges.add(sre.AT_BOUNDARY)
+    words: set[str] = set()
+    run: list[str] = []
+    left_edge = False
+    for op, argument in items + [(None, None)]:
+        if op == sre.LITERAL:
+            run.append(chr(argument))
+            continue
+        right_edge = op == sre.AT and argument in edges
+        text = "".join(run)
+        for word in _WORD.finditer(text):
+            if (word.start() > 0 or left_edge) and (word.end() < len(text) or right_edge):
+                words.add(word.group())
+        run, left_edge = [], right_edge
+    return words
+
+
+@dataclasses.dataclass(frozen=True)
+class Latency:
+    """A simulated pace: the first token after `ttft_ms`, then `tokens_per_second`, each wait
+    varied by up to `jitter` (a fraction of it)."""
+
+    ttft_ms: float = 0.0
+    tokens_per_second: float = 0.0     # 0: no pause between tokens
+    jitter: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: Mapping[str, Any]) -> Latency:
+        return cls(float(spec.get("ttft_ms", 0)), float(spec.get("tokens_per_second", 0)),
+                   float(spec.get("jitter", 0)))
+
+
+class SimulatedPace:
+    """Pacer-like: the first tick() returns after the time to first token, each later one a
+    token's time after the one before; waits are varied by the jitter, drawn from `draw`.
+    The schedule is fixed from the start, as Pacer's is."""
+
+    def __init__(self, latency: Latency, draw: random.Random) -> None:
+        self.latency = latency
+        self.draw = draw
+        self.started = time.monotonic()
+        self.due = 0.0
+        self.ticks = 0
+
+    def _advance(self) -> None:
+        latency = self.latency
+        if self.ticks == 0:
+            wait = latency.ttft_ms / 1000
+        else:
+            wait = 1 / latency.tokens_per_second if latency.tokens_per_second else 0.0
+        self.due += wait * (1 + latency.jitter * (2 * self.draw.random() - 1))
+        self.ticks += 1
+
+    async def tick(self) -> None:
+        self._advance()
+        await self._sleep_until_due()
+
+    async def finish(self, tokens: int) -> None:
+        """Wait as long as streaming `tokens` tokens would have taken (a reply sent whole)."""
+        for _ in range(max(tokens, 1)):
+            self._advance()
+        await self._sleep_until_due()
+
+    async def _sleep_until_due(self) -> None:
+        delay = self.started + self.due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+class RequestView:
+    """What fixtures read of one request, each part worked out when first asked for."""
+
+    def __init__(self, endpoint: str, body: Mapping[str, Any],
+                 headers: tornado.httputil.HTTPHeaders, session: str, context: Context) -> None:
+        self.endpoint = endpoint
+        self.body = body
+        self.headers = headers
+        self.session = session
+        self.context = context
+        self.model = body.get("model")
+
+    @functools.cached_property
+    def _items(self) -> list[dict[str, Any]]:
+        """Chat messages, or Responses input items (a text input is one user message)."""
+        if self.endpoint == "chat":
+            return self.body["messages"]
+        given = self.body.get("input")
+        if isinstance(given, str):
+            return [{"role": "user", "content": given}]
+        return [item for item in given or () if isinstance(item, dict)]
+
+    @functools.cached_property
+    def messages(self) -> list[tuple[str, str]]:
+        """(role, text) of each message, a stored response's turns first when continuing one."""
+        if self.endpoint == "embeddings":
+            return []
+        earlier: list[tuple[str, str]] = []
+        previous_id = self.body.get("previous_response_id")
+        if self.endpoint == "responses" and previous_id:
+            record = self.context.responses.load(previous_id)
+            earlier = [(role, text) for role, text in (record or {}).get("turns", ())]
+        return earlier + [(item["role"], message_text(item.get("content")))
+                          for item in self._items
+                          if item.get("type", "message") == "message" and "role" in item]
+
+    @functools.cached_property
+    def last_user(self) -> str:
+        if self.endpoint == "embeddings":
+            given = self.body.get("input")
+            if isinstance(given, str):
+                return given
+            return "\n".join(text for text in given if isinstance(text, str))
+        return next((text for role, text in reversed(self.messages) if role == "user"), "")
+
+    @functools.cached_property
+    def system(self) -> str:
+        texts = [text for role, text in self.messages if role in ("system", "developer")]
+        if self.body.get("instructions"):
+            texts.insert(0, self.body["instructions"])
+        return "\n".join(texts)
+
+    @functools.cached_property
+    def turn(self) -> int:
+        return sum(1 for role, _ in self.messages if role == "user")
+
+    @functools.cached_property
+    def tools(self) -> list[str]:
+        """The names of the function tools the request offers."""
+        names = []
+        for tool in self.body.get("tools") or ():
+            if tool.get("type") == "function":
+                function = tool.get("function") if self.endpoint == "chat" else tool
+                if isinstance(function, dict) and isinstance(function.get("name"), str):
+                    names.append(function["name"])
+        return names
+
+    @functools.cached_property
+    def tool_results(self) -> list[tuple[str, str]]:
+        """(call id, text) of each tool result the request holds."""
+        if self.endpoint == "chat":
+            return [(item.get("tool_call_id", ""), message_text(item.get("content")))
+                    for item in self._items if item.get("role") == "tool"]
+        return [(item.get("call_id", ""), item["output"] if isinstance(item.get("output"), str)
+                 else message_text(item.get("output")))
+                for item in self._items if item.get("type") == "function_call_output"]
+
+    @functools.cached_property
+    def json_schema(self) -> dict | None:
+        """The JSON Schema the request asks the reply to fit, if any."""
+        if self.endpoint == "chat":
+            wanted = self.body.get("response_format") or {}
+            schema = (wanted.get("json_schema") or {}).get("schema")
+        else:
+            wanted = (self.body.get("text") or {}).get("format") or {}
+            schema = wanted.get("schema")
+        return schema if wanted.get("type") == "json_schema" and isinstance(schema, dict) else None
+
+    @property
+    def max_tokens(self) -> int | None:
+        if self.endpoint == "responses":
+            return self.body.get("max_output_tokens")
+        limit = self.body.get("max_completion_tokens")
+        return self.body.get("max_tokens") if limit is None else limit
+
+    @property
+    def prompt_tokens(self) -> int:
+        return count_tokens(self.body.get("instructions") or "") + sum(
+            count_tokens(text) for _, text in self.messages)
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """One test of a fixture's match, and how to say why a request fails it."""
+
+    holds: Callable[[RequestView], bool]
+    why_not: Callable[[RequestView], str]
+
+
+def _conditions(match: Mapping[str, Any], endpoints: frozenset[str], where: str) -> list[Condition]:
+    """The fixture's tests, cheapest first, so a request that fails one costs little."""
+    conditions = [Condition(lambda view: view.endpoint in endpoints,
+                            lambda view: f"it answers {' and '.join(sorted(endpoints))}, "
+                                         f"not {view.endpoint}")]
+    if "model" in match:
+        model = match["model"]
+        conditions.append(Condition(lambda view: view.model == model,
+                                    lambda view: f"it wants model {model!r}, not {view.model!r}"))
+    if "session" in match:
+        session = match["session"]
+        conditions.append(Condition(lambda view: view.session == session,
+                                    lambda view: f"it is for session {session!r}, "
+                                                 f"not {view.session!r}"))
+    for name, value in (match.get("headers") or {}).items():
+        conditions.append(_header_condition(name, value))
+    if "turn" in match:
+        turn = match["turn"]
+        conditions.append(Condition(lambda view: view.turn == turn,
+                                    lambda view: f"it is for turn {turn}, this is turn {view.turn}"))
+    if "tool" in match:
+        tool = match["tool"]
+        conditions.append(Condition(
+            lambda view: tool in view.tools,
+            lambda view: f"it wants the tool {tool!r} offered; the request offers "
+                         f"{', '.join(map(repr, view.tools)) or 'no tools'}"))
+    if "user" in match:
+        user = TextMatch.parse(match["user"], f"{where}.match.user")
+        conditions.append(Condition(
+            lambda view: user.test(view.last_user),
+            lambda view: f"the last user message {_quoted(view.last_user)} does not hold: it "
+                         f"{user.describe()}"))
+    if "system" in match:
+        system = TextMatch.parse(match["system"], f"{where}.match.system")
+        conditions.append(Condition(
+            lambda view: system.test(view.system),
+            lambda view: f"the system text {_quoted(view.system)} does not hold: it "
+                         f"{system.describe()}"))
+    if "tool_result" in match:
+        call_id = match["tool_result"].get("call_id")
+        text = match["tool_result"].get("text")
+        result_text = TextMatch.parse(text, f"{where}.match.tool_result.text") if text else None
+
+        def has_result(view: RequestView) -> bool:
+            return any((call_id is None or given_id == call_id)
+                       and (result_text is None or result_text.test(given_text))
+                       for given_id, given_text in view.tool_results)
+        wanted = " and ".join(part for part in (
+            f"call id {call_id!r}" if call_id else "",
+            f"a text that {result_text.describe()}" if result_text else "") if part)
+        conditions.append(Condition(
+            has_result, lambda view: f"it wants a tool result with {wanted or 'anything'}; the "
+                                     f"request has {len(view.tool_results)} tool result(s), "
+                                     "none like that"))
+    return conditions
+
+
+def _header_condition(name: str, value: str) -> Condition:
+    def why_not(view: RequestView) -> str:
+        given = view.header(name)
+        return (f"it wants the header {name}: {value}; the request has "
+                f"{'none' if given is None else _quoted(given)}")
+    return Condition(lambda view: view.header(name) == value, why_not)
+
+
+@dataclasses.dataclass(eq=False)
+class Fixture:
+    """A scripted reply and the requests it answers."""
+
+    name: str
+    source: str                     # "file", or "session" (added through the control API)
+    index: int
+    spec: dict[str, Any]            # as given, for listing
+    conditions: tuple[Condition, ...]
+    user: TextMatch | None          # the last-user-message test, which the index reads
+    replies: tuple[dict[str, Any], ...]
+    repeat_last: bool               # after a sequence: repeat its last reply, or fall through
+    max_uses: int | None
+    deliberate: bool
+    latency: Latency | None
+
+    @property
+    def label(self) -> str:
+        where = f"fixtures[{self.index}]" if self.source == "file" else f"session fixture {self.index}"
+        return where if self.name == where else f"{self.name!r} ({where})"
+
+    def holds(self, view: RequestView) -> bool:
+        for condition in self.conditions:
+            if not condition.holds(view):
+                return False
+        return True
+
+    def reply_for_use(self, used: int) -> dict[str, Any] | None:
+        """The reply of the use after `used` earlier ones (None: its sequence is over)."""
+        if used < len(self.replies):
+            return self.replies[used]
+        return self.replies[-1] if self.repeat_last else None
+
+
+def parse_fixture(spec: Mapping[str, Any], source: str, index: int) -> Fixture:
+    """A Fixture from its JSON (already valid against Fixture.json); FixtureError if it
+    cannot work."""
+    where = f"fixtures[{index}]" if source == "file" else "fixture"
+    _plain_json(spec, where)
+    reply = spec["reply"]
+    replies = reply["sequence"] if "sequence" in reply else [reply]
+    if "sequence" in reply and set(reply) - {"sequence", "then"}:
+        raise FixtureError(f"{where}.reply: a sequence holds its replies; "
+                           f"{', '.join(sorted(set(reply) - {'sequence', 'then'}))} go inside them")
+    if "then" in reply and "sequence" not in reply:
+        raise FixtureError(f"{where}.reply: 'then' says what follows a sequence; there is none")
+    carried = set(RIG_ENDPOINTS)
+    for number, one in enumerate(replies):
+        at = f"{where}.reply.sequence[{number}]" if "sequence" in reply else f"{where}.reply"
+        carried &= set(_REPLY_ENDPOINTS[_reply_kind(one, at)])
+    match = spec.get("match") or {}
+    wanted = match.get("endpoint", list(RIG_ENDPOINTS))
+    wanted = {wanted} if isinstance(wanted, str) else set(wanted)
+    if "endpoint" in match and wanted - carried:
+        raise FixtureError(f"{where}: its reply cannot answer {' or '.join(sorted(wanted - carried))} "
+                           "(embeddings can only be answered with an error status)")
+    endpoints = frozenset(wanted & carried)
+    user = TextMatch.parse(match["user"], f"{where}.match.user") if "user" in match else None
+    name = spec.get("name") or (where if source == "file" else f"session fixture {index}")
+    return Fixture(name=name, source=source, index=index, spec=dict(spec),
+                   conditions=tuple(_conditions(match, endpoints, where)), user=user,
+                   replies=tuple(replies), repeat_last=reply.get("then") != "fall_through",
+                   max_uses=spec.get("uses"), deliberate=bool(spec.get("deliberate")),
+                   latency=Latency.parse(spec["latency"]) if "latency" in spec else None)
+
+
+def _reply_kind(reply: Mapping[str, Any], where: str) -> str:
+    if "sequence" in reply:
+        raise FixtureError(f"{where}: a sequence cannot hold another sequence")
+    kinds = [kind for kind in _REPLY_ENDPOINTS if kind in reply]
+    if kinds == ["text", "tool_calls"]:
+        kinds = ["tool_calls"]  # a message may say something and call tools
+    if len(kinds) != 1:
+        raise FixtureError(f"{where}: give one of text, tool_calls, json, refusal or status "
+                           f"(it has {', '.join(kinds) or 'none'})")
+    if kinds[0] != "status":
+        stray = sorted({"error", "headers"} & set(reply))
+        if stray:
+            raise FixtureError(f"{where}: {' and '.join(stray)} go with an error status only")
+    else:
+        _check_headers(reply.get("headers") or {}, where)
+        if "usage" in reply:
+            raise FixtureError(f"{where}: an error reply has no usage")
+    return kinds[0]
+
+
+class FixtureIndex:
+    """Fixtures in file order, and where to look first.
+
+    A fixture whose last-user-message test needs an exact text, or some word as a whole word,
+    is filed under that text or under the rarest such word; a request is tried only against
+    those filed under its own text or one of its words, and against the rest, still in file
+    order. With a thousand fixtures a request is tried against a handful.
+    """
+
+    def __init__(self, fixtures: Sequence[Fixture]) -> None:
+        self.fixtures = tuple(fixtures)
+        self._always: list[int] = []
+        self._folded_always: list[int] = []  # tried as well for a text that is not ASCII
+        self._by_text: dict[tuple[bool, str], list[int]] = {}
+        self._by_word: dict[tuple[bool, str], list[int]] = {}
+        words_of = {position: fixture.user.whole_words() if fixture.user else set()
+                    for position, fixture in enumerate(self.fixtures)}
+        frequency = collections.Counter(word for words in words_of.values() for word in words)
+        for position, fixture in enumerate(self.fixtures):
+            user = fixture.user
+            if user is None:
+                self._always.append(position)
+            elif user.kind == "exact":
+                key = user.value.casefold() if user.ignore_case else user.value
+                self._by_text.setdefault((user.ignore_case, key), []).append(position)
+            elif words_of[position]:
+                rarest = min(words_of[position], key=lambda word: (frequency[word], -len(word)))
+                self._by_word.setdefault((user.ignore_case, rarest), []).append(position)
+                if user.ignore_case:
+                    self._folded_always.append(position)
+            else:
+                self._always.append(position)
+        self._indexed = bool(self._by_text or self._by_word)
+
+    def candidates(self, text: str) -> Iterator[Fixture]:
+        """The fixtures that may match a request whose last user message is `text`, in order."""
+        if not self._indexed:
+            yield from self.fixtures
+            return
+        found: list[int] = []
+        found += self._by_text.get((False, text), ())
+        words = set(_WORD.findall(text))
+        for word in words:
+            found += self._by_word.get((False, word), ())
+        folded = text.casefold()
+        found += self._by_text.get((True, folded), ())
+        if text.isascii():
+            for word in words if folded == text else set(_WORD.findall(folded)):
+                found += self._by_word.get((True, word), ())
+        else:
+            # Case-insensitive regexes treat some letters outside ASCII (the long s, the
+            # Kelvin sign) as others that casefold() does not: those fixtures are all tried.
+            found += self._folded_always
+        found = sorted(set(found))
+        for position in heapq.merge(self._always, found):
+            yield self.fixtures[position]
+
+
+@dataclasses.dataclass(eq=False)
+class Fault:
+    """A planned fault: which calls it fires on, and how they fail."""
+
+    name: str
+    source: str
+    index: int
+    spec: dict[str, Any]
+    type: str
+    calls: tuple[tuple[int, int | None], ...] | None   # (first, last) ranges; None: every call
+    endpoint: str | None
+    model: str | None
+
+    def applies(self, endpoint: str, model: Any, call: int) -> bool:
+        return ((self.endpoint is None or self.endpoint == endpoint)
+                and (self.model is None or self.model == model)
+                and (self.calls is None or any(first <= call and (last is None or call <= last)
+                                               for first, last in self.calls)))
+
+    @property
+    def ms(self) -> float:
+        return float(self.spec.get("ms", _STREAM_STALL_MS))
+
+    @property
+    def after_chunks(self) -> int:
+        return int(self.spec.get("after_chunks", 0))
+
+    def error(self, endpoint: str, call: int, session: str) -> APIError:
+        status = self.spec["status"]
+        given = self.spec.get("error") or {}
+        default_type, default_code = _FAULT_ERROR_DEFAULTS.get(status, (_error_type(status), None))
+        message = given.get("message") or (
+            f"{tornado.httputil.responses.get(status, 'Error')}: the planned fault {self.name!r} "
+            f"on {endpoint} call {call} of session {session!r}.")
+        return APIError(status, message, type=given.get("type", default_type),
+                        param=given.get("param"), code=given.get("code", default_code),
+                        headers=self.spec.get("headers"))
+
+
+# What the type and code of a planned error default to, as OpenAI sends them.
+_FAULT_ERROR_DEFAULTS = {429: ("requests", "rate_limit_exceeded"), 500: ("server_error", None),
+                         503: ("server_error", None)}
+
+# How long a stream_stall fault sends nothing when it does not say.
+_STREAM_STALL_MS = 30_000.0
+
+# Which fields each type of fault reads (beyond name, type, calls, endpoint, model).
+_FAULT_FIELDS = {
+    "error": {"status", "headers", "error"}, "stall": {"ms"}, "cut": {"after_chunks"},
+    "stream_stall": {"after_chunks", "ms"}, "malformed_json": set(),
+    "content_type": {"content_type"}, "slow": {"ttft_ms", "tokens_per_second", "jitter"},
+}
+_FAULT_REQUIRED = {"error": "status", "stall": "ms"}
+
+
+def parse_fault(spec: Mapping[str, Any], source: str, index: int) -> Fault:
+    """A Fault from its JSON (already valid against Fault.json); FixtureError if it cannot work.
+
+    `source` is "file", "session" (the control API) or "header" (x-ozwell-fault).
+    """
+    where = {"file": f"faults[{index}]", "session": "fault",
+             "header": f"the {FAULT_HEADER} header"}[source]
+    _plain_json(spec, where)
+    kind = spec["type"]
+    stray = set(spec) - {"name", "type", "calls", "endpoint", "model"} - _FAULT_FIELDS[kind]
+    if stray:
+        raise FixtureError(f"{where}: {', '.join(sorted(stray))} does not apply to a {kind} fault "
+                           f"(it reads {', '.join(sorted(_FAULT_FIELDS[kind])) or 'nothing more'})")
+    required = _FAULT_REQUIRED.get(kind)
+    if required and required not in spec:
+        raise FixtureError(f"{where}: a {kind} fault needs {required!r}")
+    _check_headers(spec.get("headers") or {}, where)
+    calls = None
+    if "calls" in spec:
+        given = spec["calls"] if isinstance(spec["calls"], list) else [spec["calls"]]
+        calls = tuple(_call_range(item, f"{where}.calls") for item in given)
+    name = spec.get("name") or {"file": where, "session": f"session fault {index}",
+                                "header": FAULT_HEADER}[source]
+    return Fault(name, source, index, dict(spec), kind, calls, spec.get("endpoint"),
+                 spec.get("model"))
+
+
+def _call_range(item: int | str, where: str) -> tuple[int, int | None]:
+    if isinstance(item, int):
+        return item, item
+    first, dash, last = item.partition("-")
+    if not dash:
+        return int(first), int(first)
+    if last and int(last) < int(first):
+        raise FixtureError(f"{where}: {item!r} ends before it starts")
+    return int(first), int(last) if last else None
+
+
+FAULT_HEADER = "x-ozwell-fault"
+
+
+def fault_from_header(value: str, schemas: SchemaRegistry) -> Fault:
+    """The fault an `x-ozwell-fault` header asks for (a Fault as JSON): it fires on the
+    request that carries it, whatever its calls, endpoint and model say."""
+    where = f"the {FAULT_HEADER} header"
+    try:
+        spec = json.loads(value, parse_constant=_refuse_constant)
+    except ValueError as exc:
+        raise FixtureError(f"{where} is not JSON ({exc}); send a fault object such as "
+                           '{"type": "error", "status": 429}') from None
+    error = jsonschema.exceptions.best_match(schemas.errors("Fault", spec))
+    if error is not None:
+        raise FixtureError(f"{where}: {schema_problem(error)}")
+    return parse_fault(spec, "header", 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Script:
+    """What a fixtures file holds."""
+
+    fixtures: tuple[Fixture, ...] = ()
+    faults: tuple[Fault, ...] = ()
+    latency: Mapping[str, Latency] = dataclasses.field(default_factory=dict)
+
+
+def load_fixtures_file(path: str, schemas: SchemaRegistry) -> Script:
+    """The fixtures file at `path`, checked whole; SettingsError naming the fault in one line."""
+    def refused(problem: str) -> SettingsError:
+        return SettingsError(f"fixtures file {path}: {problem}")
+    try:
+        with open(path, "rb") as given:
+            raw = given.read()
+    except OSError as exc:
+        raise refused(f"cannot be read: {exc.strerror or exc}") from None
+    try:
+        document = json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise refused(f"is not valid JSON: {exc}") from None
+    error = jsonschema.exceptions.best_match(schemas.errors("FixturesFile", document))
+    if error is not None:
+        raise refused(schema_problem(error))
+    try:
+        return Script(
+            fixtures=tuple(parse_fixture(spec, "file", index)
+                           for index, spec in enumerate(document.get("fixtures", ()))),
+            faults=tuple(parse_fault(spec, "file", index)
+                         for index, spec in enumerate(document.get("faults", ()))),
+            latency={model: Latency.parse(spec)
+                     for model, spec in (document.get("latency") or {}).items()})
+    except FixtureError as exc:
+        raise refused(str(exc)) from None
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def schema_problem(error: jsonschema.exceptions.ValidationError) -> str:
+    """Where a JSON Schema error is (`fixtures[3].reply`) and what is wrong, in one line."""
+    where = param_path(list(error.absolute_path)) or "the top level"
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = list(error.schema.get("properties", {}))
+        unknown = next((key for key in error.instance if key not in allowed), None)
+        if unknown is not None:
+            return f"{where}: unknown key {unknown!r} (the keys allowed here: {', '.join(allowed)})"
+    return f"{where}: {error.message}"
+
+
+def scripted_generation(fixture: Fixture, reply: Mapping[str, Any], view: RequestView) -> Generation:
+    """The fixture's reply as a Generation, which the endpoint renders as it renders the
+    built-in model's; an error reply, or one that contradicts the request, raises."""
+    if "status" in reply:
+        given = reply.get("error") or {}
+        status = reply["status"]
+        raise APIError(status, given.get("message") or (
+                           f"{tornado.httputil.responses.get(status, 'Error')}: the scripted "
+                           f"reply of fixture {fixture.label}."),
+                       type=given.get("type", _error_type(status)), param=given.get("param"),
+                       code=given.get("code"),
+                       headers={**(reply.get("headers") or {}), GENERATOR_HEADER: "fixture"})
+    if not fixture.deliberate:
+        _refuse_contradictions(fixture, reply, view)
+    text = reply.get("text", "")
+    if "json" in reply:
+        text = json.dumps(reply["json"], ensure_ascii=False, separators=(",", ":"))
+    tool_calls = tuple(
+        ToolCall(call.get("id") or new_id("call_"), call["name"],
+                 json.dumps(call.get("arguments", {}), ensure_ascii=False))
+        for call in reply.get("tool_calls", ()))
+    tokens = tokenize(text)
+    finish_reason = "tool_calls" if tool_calls else "stop"
+    limit = view.max_tokens
+    if limit is not None and len(tokens) > limit and not tool_calls:
+        tokens, finish_reason = tokens[:limit], "length"
+    usage = reply.get("usage") or {}
+    return ScriptedGeneration(tuple(tokens), finish_reason,
+                              usage.get("prompt_tokens", view.prompt_tokens), tool_calls,
+                              reply.get("refusal"), usage.get("completion_tokens"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptedGeneration(Generation):
+    """A fixture's reply: a Generation whose usage may be set rather than counted."""
+
+    reported_completion_tokens: int | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        if self.reported_completion_tokens is not None:
+            return self.reported_completion_tokens
+        return super().completion_tokens
+
+
+def _refuse_contradictions(fixture: Fixture, reply: Mapping[str, Any], view: RequestView) -> None:
+    def contradiction(problem: str) -> APIError:
+        return APIError(400, f"Fixture {fixture.label} {problem}. Change the fixture or the "
+                             'request, or mark the fixture "deliberate": true to send it anyway.',
+                        code="fixture_contradicts_request")
+    for call in reply.get("tool_calls", ()):
+        if view.body.get("tool_choice") == "none":
+            raise contradiction(f"calls the tool {call['name']!r}, but the request says "
+                                "tool_choice 'none'")
+        if call["name"] not in view.tools:
+            offered = ", ".join(map(repr, view.tools)) or "no tools"
+            raise contradiction(f"calls the tool {call['name']!r}, which the request does not "
+                                f"offer (it offers {offered})")
+    if "json" in reply and view.json_schema is not None:
+        try:
+            error = jsonschema.exceptions.best_match(
+                jsonschema.Draft202012Validator(view.json_schema).iter_errors(reply["json"]))
+        except jsonschema.exceptions.SchemaError:
+            return  # the request's schema is its own problem, not the fixture's
+        if error is not None:
+            raise contradiction(f"answers JSON that the request's json_schema refuses: "
+                                f"{schema_problem(error)}")
+
+
+# Faults that change how a reply made here goes out, rather than replacing it.
+STREAM_FAULTS = frozenset({"cut", "stream_stall", "malformed_json", "content_type"})
+
+
+@dataclasses.dataclass
+class Delivery:
+    """How a reply made here goes out: a fault that breaks it, and the pace of its tokens."""
+
+    fault: Fault | None = None
+    latency: Latency | None = None
+    draw: random.Random | None = None
+
+    def pace(self) -> SimulatedPace | None:
+        return SimulatedPace(self.latency, self.draw) if self.latency is not None else None
+
+    def shape_body(self, handler: tornado.web.RequestHandler, body: str | bytes) -> str | bytes:
+        """A whole (not streamed) reply as the fault has it go out."""
+        if self.fault.type == "content_type":
+            handler.set_header("Content-Type", self.fault.spec.get("content_type", _WRONG_TYPE))
+        elif self.fault.type == "malformed_json":
+            body = body[:len(body) // 2]
+        return body
+
+
+# What a content_type fault sends when it does not say: what a proxy's error page would be.
+_WRONG_TYPE = "text/html; charset=utf-8"
+
+
+class ShapedEventStream(EventStream):
+    """An event stream broken by a planned fault: cut after some events, stalled (without
+    keep-alives, so only a client's read timeout can notice), with a malformed first event, or
+    under another content type."""
+
+    def __init__(self, handler: tornado.web.RequestHandler, keepalive_seconds: float,
+                 fault: Fault) -> None:
+        super().__init__(handler, keepalive_seconds)
+        self.fault = fault
+        self.sent = 0
+        if fault.type == "content_type":
+            self.content_type = fault.spec.get("content_type", _WRONG_TYPE)
+
+    async def send(self, data: Any, event: str | None = None) -> None:
+        fault = self.fault
+        if fault.type in ("cut", "stream_stall") and self.sent >= fault.after_chunks:
+            if fault.type == "stream_stall":
+                self.stop_keepalives()
+                await asyncio.sleep(fault.ms / 1000)
+            self.handler.request.connection.close()
+            raise tornado.iostream.StreamClosedError()  # the handler stops as if the client left
+        if fault.type == "malformed_json":
+            whole = self.event_text(data)[len("data: "):-2]
+            await self._write(self.event_text(whole[:len(whole) // 2], event))
+            raise tornado.iostream.StreamClosedError()  # nothing after it would be read
+        await super().send(data, event)
+        self.sent += 1
+
+
+# =============================================================================
+# Test rigs: sessions and the journal
+# =============================================================================
+
+SESSION_HEADER = "x-ozwell-session"
+DEFAULT_SESSION = "default"
+
+# Sessions are made on first use; past this many, the one unused the longest is forgotten.
+MAX_SESSIONS = 10_000
+
+# A journaled body larger than this is left out (its size is kept): the journal stays small.
+JOURNAL_BODY_LIMIT = 256 * 1024
+
+# Request headers whose values the journal never shows.
+_SECRET_HEADER = re.compile(r"authorization|cookie|api[-_]?key|token|secret|password", re.I)
+
+
+class Session:
+    """What requests with one x-ozwell-session share, and no other session sees: fixtures and
+    faults added through the control API, use and call counts, and the ids (its Mint)."""
+
+    def __init__(self, name: str, mint: Mint) -> None:
+        self.name = name
+        self.mint = mint
+        self.fixtures: list[Fixture] = []
+        self.faults: list[Fault] = []
+        self.uses: dict[Fixture, int] = {}
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.fired: dict[Fault, list[dict[str, Any]]] = {}
+
+    def count_call(self, endpoint: str) -> int:
+        self.calls[endpoint] += 1
+        return self.calls[endpoint]
+
+    def take_reply(self, fixture: Fixture) -> dict[str, Any] | None:
+        """The fixture's reply to this session's next use of it, counted; None when it is
+        used up (its use limit reached, or its sequence over and falling through)."""
+        used = self.uses.get(fixture, 0)
+        if fixture.max_uses is not None and used >= fixture.max_uses:
+            return None
+        reply = fixture.reply_for_use(used)
+        if reply is not None:
+            self.uses[fixture] = used + 1
+        return reply
+
+    def why_used_up(self, fixture: Fixture) -> str | None:
+        used = self.uses.get(fixture, 0)
+        if fixture.max_uses is not None and used >= fixture.max_uses:
+            return f"it has answered {used} time(s), its limit"
+        if fixture.reply_for_use(used) is None:
+            return f"its sequence of {len(fixture.replies)} replies is over"
+        return None
+
+    def reset(self) -> None:
+        self.fixtures.clear()
+        self.faults.clear()
+        self.uses.clear()
+        self.calls.clear()
+        self.fired.clear()
+        self.mint.reset()
+
+
+class Journal:
+    """The last requests that arrived under /v1, newest last: one ring for all sessions,
+    `size` entries long, each entry tagged with its session."""
+
+    def __init__(self, size: int) -> None:
+        self._entries: collections.deque[dict[str, Any]] = collections.deque(maxlen=size)
+        self._recorded = 0
+
+    def record(self, entry: dict[str, Any]) -> None:
+        if self._entries.maxlen:
+            self._recorded += 1
+            self._entries.append({"seq": self._recorded, **entry})
+
+    def entries(self, session: str, endpoint: str | None = None,
+                model: str | None = None) -> list[dict[str, Any]]:
+        return [entry for entry in self._entries if entry["session"] == session
+                and (endpoint is None or entry["endpoint"] == endpoint)
+                and (model is None or entry["model"] == model)]
+
+    def clear(self, session: str) -> int:
+        kept = [entry for entry in self._entries if entry["session"] != session]
+        deleted = len(self._entries) - len(kept)
+        self._entries = collections.deque(kept, maxlen=self._entries.maxlen)
+        return deleted
+
+
+def journal_entry(handler: BaseHandler) -> dict[str, Any]:
+    """The journal's record of the request `handler` served."""
+    request = handler.request
+    body = handler.__dict__.get("payload")  # parsed only if the handler read it
+    if handler._body_size > JOURNAL_BODY_LIMIT:
+        body = None
+    headers: dict[str, str] = {}
+    for name, value in request.headers.get_all():
+        shown = "[redacted]" if _SECRET_HEADER.search(name) else value
+        name = name.lower()
+        headers[name] = f"{headers[name]}, {shown}" if name in headers else shown
+    outcome = handler.rig_outcome
+    finished_at = time.time()
+    return {
+        "session": handler.session.name if handler.session else DEFAULT_SESSION,
+        "method": request.method, "path": request.path,
+        "endpoint": request.path.split("/")[2] if request.path.count("/") >= 2 else "",
+        "model": body.get("model") if isinstance(body, dict) else None,
+        "headers": headers, "body": body, "body_bytes": handler._body_size,
+        "status": handler.get_status(), "fixture": outcome.get("fixture"),
+        "fault": outcome.get("fault"), "received_at": round(handler.received_at, 6),
+        "finished_at": round(finished_at, 6),
+        "duration_ms": round(1000 * (finished_at - handler.received_at), 3),
+    }
+
+
+class Rig:
+    """The test rig of one application: the fixtures file's fixtures, faults and latencies,
+    the sessions, and the journal."""
+
+    def __init__(self, settings: Settings, schemas: SchemaRegistry) -> None:
+        self.settings = settings
+        self.schemas = schemas
+        script = load_fixtures_file(settings.fixtures, schemas) if settings.fixtures else Script()
+        self.fixtures = FixtureIndex(script.fixtures)
+        self.faults = script.faults
+        self.latency = script.latency
+        self.clock = None if not settings.clock else (
+            int(time.time()) if settings.clock == "start" else fixed_time(settings.clock))
+        self.sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()
+        self.journal = Journal(settings.journal_size)
+
+    def session(self, name: str | None) -> Session:
+        """The session named by an x-ozwell-session header (None: the default one)."""
+        name = DEFAULT_SESSION if name is None else name
+        if not 0 < len(name) <= 200 or not name.isprintable():
+            raise APIError(400, f"The {SESSION_HEADER} header must be 1 to 200 printable "
+                                "characters.", param=SESSION_HEADER, code="invalid_value")
+        session = self.sessions.get(name)
+        if session is None:
+            if len(self.sessions) >= MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+            session = self.sessions[name] = Session(name, Mint(self.settings.seed, name, self.clock))
+        else:
+            self.sessions.move_to_end(name)
+        return session
+
+    def listed_fixtures(self, session: Session) -> list[Fixture]:
+        return session.fixtures + list(self.fixtures.fixtures)
+
+    def listed_faults(self, session: Session) -> list[Fault]:
+        return session.faults + list(self.faults)
+
+    def find_fault(self, session: Session, endpoint: str, model: Any, call: int) -> Fault | None:
+        return next((fault for fault in self.listed_faults(session)
+                     if fault.applies(endpoint, model, call)), None)
+
+    def find_fixture(self, session: Session,
+                     view: RequestView) -> tuple[Fixture, dict[str, Any]] | None:
+        """The first fixture that matches and is not used up, with its reply; its use counted."""
+        for fixture in itertools.chain(session.fixtures, self.fixtures.candidates(view.last_user)):
+            if fixture.holds(view):
+                reply = session.take_reply(fixture)
+                if reply is not None:
+                    return fixture, reply
+        return None
+
+    def no_match_error(self, session: Session, view: RequestView) -> APIError:
+        """Strict mode's 400: the three nearest fixtures, and why each does not match."""
+        reasons = []
+        for order, fixture in enumerate(self.listed_fixtures(session)):
+            failed = [condition.why_not(view) for condition in fixture.conditions
+                      if not condition.holds(view)]
+            used_up = session.why_used_up(fixture)
+            reasons.append((len(failed) + (used_up is not None), order, fixture,
+                            failed + ([used_up] if used_up else [])))
+        reasons.sort(key=lambda reason: reason[:2])
+        nearest = "; ".join(f"{fixture.label}: {', and '.join(why)}"
+                            for _, _, fixture, why in reasons[:3])
+        return APIError(400, "No fixture matches this request, and OZWELL_FIXTURES_STRICT is on. "
+                             + (f"The nearest: {nearest}." if nearest else "No fixtures are loaded."),
+                        code="no_fixture_matched")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scripted:
+    """What the test rig made of a request: a fixture's reply (None: the model answers), and
+    whether the reply is made here even when the model is proxied (a fixture or a fault
+    answers before the upstream is called)."""
+
+    generation: Generation | None = None
+    local: bool = False
+
+
+async def consult_rig(handler: BaseHandler, endpoint: str, body: Mapping[str, Any]) -> Scripted:
+    """Called first by chat, responses and embeddings: count the call, fire the planned fault
+    (an error raises, a stall waits), find the fixture and make its reply (an error reply or a
+    reply the request contradicts raises), and set how the reply goes out."""
+    rig: Rig = handler.context.rig
+    session = handler.session
+    call = session.count_call(endpoint)
+    model = body.get("model")
+    fault_header = handler.request.headers.get(FAULT_HEADER)
+    try:
+        fault = (fault_from_header(fault_header, rig.schemas) if fault_header is not None
+                 else rig.find_fault(session, endpoint, model, call))
+    except FixtureError as exc:
+        raise APIError(400, f"{exc}.", param=FAULT_HEADER, code="invalid_value") from None
+    local = False
+    if fault is not None:
+        handler.rig_outcome["fault"] = {"name": fault.name, "type": fault.type, "call": call}
+        session.fired.setdefault(fault, []).append({"endpoint": endpoint, "call": call})
+        await _fire(handler, fault, endpoint, call, bool(body.get("stream")))
+        local = fault.type in STREAM_FAULTS or fault.type == "slow"
+    view = RequestView(endpoint, body, handler.request.headers, session.name, handler.context)
+    found = rig.find_fixture(session, view)
+    generation = None
+    latency = rig.latency.get(model)
+    if found is not None:
+        fixture, reply = found
+        handler.rig_outcome["fixture"] = fixture.name
+        handler.set_header(GENERATOR_HEADER, "fixture")
+        generation = scripted_generation(fixture, reply, view)
+        latency = fixture.latency or latency
+        local = True
+    elif rig.settings.fixtures_strict and endpoint != "embeddings":
+        raise rig.no_match_error(session, view)
+    shaping = fault if fault is not None and fault.type in STREAM_FAULTS else None
+    if fault is not None and fault.type == "slow":
+        latency = Latency.parse(fault.spec)
+    if shaping is not None or latency is not None:
+        handler.delivery = Delivery(shaping, latency,
+                                    session.mint.random("latency") if latency else None)
+    return Scripted(generation, local)
+
+
+async def _fire(handler: BaseHandler, fault: Fault, endpoint: str, call: int,
+                streamed: bool) -> None:
+    """What a fault does before any reply: raise its error, wait out its stall, or (for a
+    reply sent whole) cut or stall-then-cut the connection in place of an answer."""
+    if fault.type == "error":
+        raise fault.error(endpoint, call, handler.session.name)
+    if fault.type == "stall" or (fault.type == "stream_stall" and not streamed):
+        await asyncio.sleep(fault.ms / 1000)
+    if fault.type in ("cut", "stream_stall") and not streamed:
+        handler.request.connection.close()
+    if handler.request.connection.stream.closed():
+        raise tornado.web.Finish()  # the client has gone (or was cut off): nothing to answer
+
+
+# =============================================================================
 # Base handler
 # =============================================================================
 
@@ -1399,6 +2553,7 @@ class Context:
             model: HashedEmbedder(model, size, resizable=model not in FIXED_SIZE_EMBEDDING_MODELS)
             for model, size in EMBEDDING_MODELS.items()}
         self.files = FileStore.open(os.path.join(settings.data_dir, "files"))
+        self.rig = Rig(settings, schemas)
 
     def models(self) -> list[dict[str, Any]]:
         owners = dict(LOCAL_MODELS)
@@ -1428,6 +2583,10 @@ class BaseHandler(tornado.web.RequestHandler):
         self._body_parts: list[bytes] = []
         self._body_size = 0
         self._counted = False
+        self.received_at = time.time()
+        self.session: Session | None = None
+        self.delivery: Delivery | None = None   # set when a fault or a latency shapes the reply
+        self.rig_outcome: dict[str, Any] = {}   # the fixture and fault that answered, if any
 
     def set_default_headers(self) -> None:
         # Called by the constructor, before initialize(), and again when an error clears
@@ -1447,11 +2606,15 @@ class BaseHandler(tornado.web.RequestHandler):
         self._limit_body()
         if self.requires_auth:
             self._authenticate()
+        self.session = self.context.rig.session(self.request.headers.get(SESSION_HEADER))
+        current_mint.set(self.session.mint)
 
     def on_finish(self) -> None:
         if self._counted:
             self.context.in_flight -= 1
             self._counted = False
+            if self.request.path.startswith("/v1/"):
+                self.context.rig.journal.record(journal_entry(self))
 
     def on_connection_close(self) -> None:
         self.on_finish()
@@ -1512,6 +2675,30 @@ class BaseHandler(tornado.web.RequestHandler):
         if operation is not None and operation.request and operation.request_media == "application/json":
             self.context.schemas.validate(operation.request, body)
         return body
+
+    def event_stream(self) -> EventStream:
+        """The stream a reply made here goes out on (broken as a planned fault says)."""
+        keepalive = self.context.settings.keepalive_seconds
+        if self.delivery is not None and self.delivery.fault is not None:
+            return ShapedEventStream(self, keepalive, self.delivery.fault)
+        return EventStream(self, keepalive)
+
+    def pacer(self) -> Pacer | SimulatedPace:
+        """The pace of a streamed reply made here: a simulated latency, or the set pace."""
+        pace = self.delivery.pace() if self.delivery is not None else None
+        return pace or Pacer(self.context.settings.stream_tokens_per_second)
+
+    async def simulated_wait(self, tokens: int) -> None:
+        """Before a reply sent whole: as long as its simulated latency would take to stream it."""
+        pace = self.delivery.pace() if self.delivery is not None else None
+        if pace is not None:
+            await pace.finish(tokens)
+
+    def finish(self, chunk: str | bytes | dict | None = None) -> Awaitable[None]:
+        if (chunk is not None and self.delivery is not None and self.delivery.fault is not None
+                and self.get_status() < 300):
+            chunk = self.delivery.shape_body(self, chunk)
+        return super().finish(chunk)
 
     def compute_etag(self) -> None:
         return None  # API replies change with every call; hashing each body is wasted work
@@ -1713,15 +2900,17 @@ RESPONSE_ECHOED_FIELDS: dict[str, Any] = {
 }
 
 
-def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
-    """Answer a CreateResponse body with the deterministic generator; store it unless told not to.
+def create_response(context: Context, body: dict[str, Any],
+                    generation: Generation | None = None) -> dict[str, Any]:
+    """Answer a CreateResponse body with `generation` (a fixture's) or the deterministic
+    generator; store it unless told not to.
 
     The generator reads the instructions (as a developer turn), the turns of the response
     named by `previous_response_id` (whose own instructions are not carried over, as with
     OpenAI), then this input.
     """
     model = body["model"]
-    if model not in {entry["id"] for entry in context.models()}:
+    if generation is None and model not in {entry["id"] for entry in context.models()}:
         raise APIError(400, f"The requested model '{model}' does not exist. GET /v1/models lists "
                             "the models this server answers for.", param="model",
                        code="model_not_found")
@@ -1741,7 +2930,8 @@ def create_response(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     turns = turns + [[item["role"], message_text(item["content"])] for item in input_items]
     instructions = body.get("instructions")
     conversation = ([("developer", instructions)] if instructions else []) + [tuple(t) for t in turns]
-    generation = deterministic_reply(model, conversation, body.get("max_output_tokens"))
+    if generation is None:
+        generation = deterministic_reply(model, conversation, body.get("max_output_tokens"))
 
     cut_short = generation.finish_reason == "length"
     status = "incomplete" if cut_short else "completed"
@@ -1824,11 +3014,10 @@ def response_events(response: dict[str, Any]) -> Iterator[dict[str, Any]]:
 async def _stream_response(handler: BaseHandler, response: dict[str, Any],
                            starting_after: int | None = None) -> None:
     """Send the events of `response` after `starting_after`, text deltas at the set pace."""
-    settings = handler.context.settings
-    stream = EventStream(handler, settings.keepalive_seconds)
+    stream = handler.event_stream()
     try:
         await stream.open()
-        pacer = Pacer(settings.stream_tokens_per_second)
+        pacer = handler.pacer()
         for number, event in enumerate(response_events(response)):
             if starting_after is not None and number <= starting_after:
                 continue
@@ -1854,10 +3043,12 @@ class ResponsesHandler(BaseHandler):
 
     async def post(self) -> None:
         body = self.payload
-        response = create_response(self.context, body)
+        scripted = await consult_rig(self, "responses", body)
+        response = create_response(self.context, body, scripted.generation)
         if body.get("stream"):
             await _stream_response(self, response)
         else:
+            await self.simulated_wait(response["usage"]["output_tokens"])
             self.write_json(response)
 
 
@@ -1923,8 +3114,9 @@ class ChatCompletionsHandler(BaseHandler):
 
     async def post(self) -> None:
         body = self.payload
-        if body["model"] == OFFLINE_MODEL:
-            await self._answer_offline(body)
+        scripted = await consult_rig(self, "chat", body)
+        if scripted.local or body["model"] == OFFLINE_MODEL:
+            await self._answer_offline(body, scripted.generation)
         else:
             await self._proxy(body)
 
@@ -1977,14 +3169,14 @@ class ChatCompletionsHandler(BaseHandler):
         finally:
             stream.close()
 
-    async def _answer_offline(self, body: dict[str, Any]) -> None:
+    async def _answer_offline(self, body: dict[str, Any], scripted: Generation | None) -> None:
         model = body["model"]
         conversation = [(message["role"], message_text(message.get("content")))
                         for message in body["messages"]]
         max_tokens = body.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = body.get("max_tokens")
-        generations = [deterministic_reply(model, conversation, max_tokens, variant)
+        generations = [scripted or deterministic_reply(model, conversation, max_tokens, variant)
                        for variant in range(body.get("n") or 1)]
         head = {"id": new_id("chatcmpl-"), "object": "chat.completion",
                 "created": unix_now(), "model": model}
@@ -1996,7 +3188,9 @@ class ChatCompletionsHandler(BaseHandler):
                                 "refusal": None, "annotations": []},
                     "logprobs": None, "finish_reason": generation.finish_reason}
                    for index, generation in enumerate(generations)]
-        self.write_json({**head, "choices": choices, "usage": _completion_usage(generations)})
+        usage = _completion_usage(generations)
+        await self.simulated_wait(usage["completion_tokens"])
+        self.write_json({**head, "choices": choices, "usage": usage})
 
     async def _stream_offline(self, head: dict[str, Any], generations: list[Generation],
                               include_usage: bool) -> None:
@@ -2007,10 +3201,10 @@ class ChatCompletionsHandler(BaseHandler):
             return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None,
                                          "finish_reason": finish_reason}], **extra}
 
-        stream = EventStream(self, self.context.settings.keepalive_seconds)
+        stream = self.event_stream()
         try:
             await stream.open()
-            pacer = Pacer(self.context.settings.stream_tokens_per_second)
+            pacer = self.pacer()
             for index, generation in enumerate(generations):
                 await stream.send(chunk(index, {"role": "assistant", "content": ""}))
                 for token in generation.tokens:
@@ -2040,8 +3234,9 @@ class EmbeddingsHandler(BaseHandler):
     api = {"post": Operation("Create embeddings", "Embeddings", request="CreateEmbeddingRequest",
                              response="CreateEmbeddingResponse")}
 
-    def post(self) -> None:
+    async def post(self) -> None:
         body = self.payload
+        await consult_rig(self, "embeddings", body)
         embedder = self.context.embedders.get(body["model"])
         if embedder is None:
             raise APIError(404, f"The model '{body['model']}' does not exist or cannot make "
@@ -2529,6 +3724,130 @@ def content_disposition(filename: str) -> str:
 
 
 # =============================================================================
+# Test rigs: control routes
+# =============================================================================
+
+RIG_TAG = "Test rig"
+
+
+def _listed_fixture(session: Session, fixture: Fixture) -> dict[str, Any]:
+    return {"object": "fixture", "name": fixture.name, "source": fixture.source,
+            "index": fixture.index, "used": session.uses.get(fixture, 0), "fixture": fixture.spec}
+
+
+def _listed_fault(session: Session, fault: Fault) -> dict[str, Any]:
+    return {"object": "fault", "name": fault.name, "source": fault.source, "index": fault.index,
+            "fired": session.fired.get(fault, []), "fault": fault.spec}
+
+
+def _cleared(session: Session, deleted: int) -> dict[str, Any]:
+    return {"object": "list", "session": session.name, "deleted": deleted}
+
+
+class RigFixturesHandler(BaseHandler):
+    """The session's fixtures: its own (added here) first, then the file's."""
+
+    api = {
+        "get": Operation("List the fixtures a session's requests are tried against", RIG_TAG,
+                         response="FixtureList"),
+        "post": Operation("Add a fixture to the session (tried before the file's)", RIG_TAG,
+                          request="Fixture", response="ListedFixture"),
+        "delete": Operation("Remove the session's own fixtures and forget every use count",
+                            RIG_TAG, response="RigCleared"),
+    }
+
+    def get(self) -> None:
+        self.write_json({"object": "list", "session": self.session.name,
+                         "data": [_listed_fixture(self.session, fixture)
+                                  for fixture in self.context.rig.listed_fixtures(self.session)]})
+
+    def post(self) -> None:
+        try:
+            fixture = parse_fixture(self.payload, "session", len(self.session.fixtures))
+        except FixtureError as exc:
+            raise APIError(400, f"{exc}.", code="invalid_value") from None
+        self.session.fixtures.append(fixture)
+        self.write_json(_listed_fixture(self.session, fixture))
+
+    def delete(self) -> None:
+        deleted = len(self.session.fixtures)
+        self.session.fixtures.clear()
+        self.session.uses.clear()
+        self.write_json(_cleared(self.session, deleted))
+
+
+class RigFaultsHandler(BaseHandler):
+    """The session's fault plan: its own faults (added here) first, then the file's."""
+
+    api = {
+        "get": Operation("List a session's fault plan, what fired, and its calls so far", RIG_TAG,
+                         response="FaultList"),
+        "post": Operation("Add a fault to the session's plan (tried before the file's)", RIG_TAG,
+                          request="Fault", response="ListedFault"),
+        "delete": Operation("Remove the session's own faults and restart its call counts",
+                            RIG_TAG, response="RigCleared"),
+    }
+
+    def get(self) -> None:
+        session = self.session
+        self.write_json({"object": "list", "session": session.name,
+                         "data": [_listed_fault(session, fault)
+                                  for fault in self.context.rig.listed_faults(session)],
+                         "calls": {endpoint: session.calls[endpoint] for endpoint in RIG_ENDPOINTS}})
+
+    def post(self) -> None:
+        try:
+            fault = parse_fault(self.payload, "session", len(self.session.faults))
+        except FixtureError as exc:
+            raise APIError(400, f"{exc}.", code="invalid_value") from None
+        self.session.faults.append(fault)
+        self.write_json(_listed_fault(self.session, fault))
+
+    def delete(self) -> None:
+        deleted = len(self.session.faults)
+        self.session.faults.clear()
+        self.session.calls.clear()
+        self.session.fired.clear()
+        self.write_json(_cleared(self.session, deleted))
+
+
+class RigRequestsHandler(BaseHandler):
+    """The journal: what arrived under /v1, for one session."""
+
+    api = {
+        "get": Operation("List the requests of a session, oldest first", RIG_TAG,
+                         response="JournalList", query=(
+                             QueryParam("session", {"type": "string"},
+                                        "Whose requests (default: the x-ozwell-session header's "
+                                        "session, or `default`)."),
+                             QueryParam("endpoint", {"type": "string"},
+                                        "Only these: chat, responses, embeddings, files, models."),
+                             QueryParam("model", {"type": "string"}, "Only requests for this model."))),
+        "delete": Operation("Forget the requests of the session", RIG_TAG, response="RigCleared"),
+    }
+
+    def get(self) -> None:
+        query = read_query(self, self.api["get"].query)
+        session = self.session.name if query["session"] is None else query["session"]
+        self.write_json({"object": "list", "session": session,
+                         "data": self.context.rig.journal.entries(
+                             session, query["endpoint"], query["model"])})
+
+    def delete(self) -> None:
+        self.write_json(_cleared(self.session, self.context.rig.journal.clear(self.session.name)))
+
+
+class RigResetHandler(BaseHandler):
+    api = {"post": Operation("Put the session back to its start: its fixtures, faults, counts, "
+                             "journal and ids", RIG_TAG, response="RigReset")}
+
+    def post(self) -> None:
+        self.session.reset()
+        self.context.rig.journal.clear(self.session.name)
+        self.write_json({"object": "session", "session": self.session.name, "reset": True})
+
+
+# =============================================================================
 # Route table
 # =============================================================================
 
@@ -2571,6 +3890,10 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/files", FilesHandler),
     Route("/v1/files/{file_id}", FileHandler),
     Route("/v1/files/{file_id}/content", FileContentHandler),
+    Route("/_ozwell/fixtures", RigFixturesHandler),
+    Route("/_ozwell/faults", RigFaultsHandler),
+    Route("/_ozwell/requests", RigRequestsHandler),
+    Route("/_ozwell/reset", RigResetHandler),
 )
 
 
