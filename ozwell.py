@@ -1539,13 +1539,12 @@ class TextMatch:
             return self.pattern.search(text) is not None
         return text == self.value or (self.ignore_case and text.casefold() == self.value.casefold())
 
-    def describe(self) -> str:
-        case = ", ignoring case" if self.ignore_case else ""
-        if self.kind == "exact":
-            return f"is exactly {_quoted(self.value)}{case}"
-        if self.kind == "contains":
-            return f"holds the words {_quoted(self.value)}{case}"
-        return f"matches the regex {_quoted(self.value)}{case}"
+    def describe(self, negated: bool = False) -> str:
+        """What the test asks of a text: "holds the words ..." ("does not hold ...")."""
+        verb = {"exact": ("is", "is not"), "contains": ("holds", "does not hold"),
+                "regex": ("matches", "does not match")}[self.kind][negated]
+        what = {"exact": "exactly", "contains": "the words", "regex": "the regex"}[self.kind]
+        return f"{verb} {what} {_quoted(self.value)}" + (" (ignoring case)" if self.ignore_case else "")
 
     def whole_words(self) -> set[str]:
         """Words that any text this matcher accepts holds whole (as a run of \\w with no word
@@ -1788,14 +1787,14 @@ def _conditions(match: Mapping[str, Any], endpoints: frozenset[str], where: str)
         user = TextMatch.parse(match["user"], f"{where}.match.user")
         conditions.append(Condition(
             lambda view: user.test(view.last_user),
-            lambda view: f"the last user message {_quoted(view.last_user)} does not hold: it "
-                         f"{user.describe()}"))
+            lambda view: f"the last user message {_quoted(view.last_user)} "
+                         f"{user.describe(negated=True)}"))
     if "system" in match:
         system = TextMatch.parse(match["system"], f"{where}.match.system")
         conditions.append(Condition(
             lambda view: system.test(view.system),
-            lambda view: f"the system text {_quoted(view.system)} does not hold: it "
-                         f"{system.describe()}"))
+            lambda view: f"the system text {_quoted(view.system)} "
+                         f"{system.describe(negated=True)}"))
     if "tool_result" in match:
         call_id = match["tool_result"].get("call_id")
         text = match["tool_result"].get("text")
@@ -1860,7 +1859,7 @@ class Fixture:
 def parse_fixture(spec: Mapping[str, Any], source: str, index: int) -> Fixture:
     """A Fixture from its JSON (already valid against Fixture.json); FixtureError if it
     cannot work."""
-    where = f"fixtures[{index}]" if source == "file" else "fixture"
+    where = f"fixtures[{index}]" if source == "file" else "Fixture"
     _plain_json(spec, where)
     reply = spec["reply"]
     replies = reply["sequence"] if "sequence" in reply else [reply]
@@ -1995,20 +1994,8 @@ class Fault:
         return int(self.spec.get("after_chunks", 0))
 
     def error(self, endpoint: str, call: int, session: str) -> APIError:
-        status = self.spec["status"]
-        given = self.spec.get("error") or {}
-        default_type, default_code = _FAULT_ERROR_DEFAULTS.get(status, (_error_type(status), None))
-        message = given.get("message") or (
-            f"{tornado.httputil.responses.get(status, 'Error')}: the planned fault {self.name!r} "
-            f"on {endpoint} call {call} of session {session!r}.")
-        return APIError(status, message, type=given.get("type", default_type),
-                        param=given.get("param"), code=given.get("code", default_code),
-                        headers=self.spec.get("headers"))
-
-
-# What the type and code of a planned error default to, as OpenAI sends them.
-_FAULT_ERROR_DEFAULTS = {429: ("requests", "rate_limit_exceeded"), 500: ("server_error", None),
-                         503: ("server_error", None)}
+        return scripted_error(self.spec, f"the planned fault {self.name!r} on {endpoint} call "
+                                         f"{call} of session {session!r}")
 
 # How long a stream_stall fault sends nothing when it does not say.
 _STREAM_STALL_MS = 30_000.0
@@ -2027,17 +2014,18 @@ def parse_fault(spec: Mapping[str, Any], source: str, index: int) -> Fault:
 
     `source` is "file", "session" (the control API) or "header" (x-ozwell-fault).
     """
-    where = {"file": f"faults[{index}]", "session": "fault",
-             "header": f"the {FAULT_HEADER} header"}[source]
+    where = {"file": f"faults[{index}]", "session": "Fault",
+             "header": f"The {FAULT_HEADER} header"}[source]
     _plain_json(spec, where)
     kind = spec["type"]
     stray = set(spec) - {"name", "type", "calls", "endpoint", "model"} - _FAULT_FIELDS[kind]
     if stray:
-        raise FixtureError(f"{where}: {', '.join(sorted(stray))} does not apply to a {kind} fault "
-                           f"(it reads {', '.join(sorted(_FAULT_FIELDS[kind])) or 'nothing more'})")
+        reads = ", ".join(sorted(_FAULT_FIELDS[kind])) or "nothing more"
+        raise FixtureError(f"{where}: {', '.join(sorted(stray))} does not apply to a fault of "
+                           f"type {kind} (it reads {reads})")
     required = _FAULT_REQUIRED.get(kind)
     if required and required not in spec:
-        raise FixtureError(f"{where}: a {kind} fault needs {required!r}")
+        raise FixtureError(f"{where}: a fault of type {kind} needs {required!r}")
     _check_headers(spec.get("headers") or {}, where)
     calls = None
     if "calls" in spec:
@@ -2066,7 +2054,7 @@ FAULT_HEADER = "x-ozwell-fault"
 def fault_from_header(value: str, schemas: SchemaRegistry) -> Fault:
     """The fault an `x-ozwell-fault` header asks for (a Fault as JSON): it fires on the
     request that carries it, whatever its calls, endpoint and model say."""
-    where = f"the {FAULT_HEADER} header"
+    where = f"The {FAULT_HEADER} header"
     try:
         spec = json.loads(value, parse_constant=_refuse_constant)
     except ValueError as exc:
@@ -2130,18 +2118,31 @@ def schema_problem(error: jsonschema.exceptions.ValidationError) -> str:
     return f"{where}: {error.message}"
 
 
+def scripted_error(spec: Mapping[str, Any], source: str,
+                   extra_headers: Mapping[str, str] | None = None) -> APIError:
+    """The error a fixture or fault plans (`status`, `error`, `headers`); what `error` leaves
+    out is as OpenAI sends it for that status, and the message says where it came from."""
+    status = spec["status"]
+    given = spec.get("error") or {}
+    default_type, default_code = _ERROR_DEFAULTS.get(status, (_error_type(status), None))
+    message = given.get("message") or (
+        f"{tornado.httputil.responses.get(status, 'Error')}: {source}.")
+    return APIError(status, message, type=given.get("type", default_type),
+                    param=given.get("param"), code=given.get("code", default_code),
+                    headers={**(spec.get("headers") or {}), **(extra_headers or {})})
+
+
+# The type and code OpenAI gives some statuses, which clients check for.
+_ERROR_DEFAULTS = {429: ("requests", "rate_limit_exceeded"), 500: ("server_error", None),
+                   503: ("server_error", None)}
+
+
 def scripted_generation(fixture: Fixture, reply: Mapping[str, Any], view: RequestView) -> Generation:
     """The fixture's reply as a Generation, which the endpoint renders as it renders the
     built-in model's; an error reply, or one that contradicts the request, raises."""
     if "status" in reply:
-        given = reply.get("error") or {}
-        status = reply["status"]
-        raise APIError(status, given.get("message") or (
-                           f"{tornado.httputil.responses.get(status, 'Error')}: the scripted "
-                           f"reply of fixture {fixture.label}."),
-                       type=given.get("type", _error_type(status)), param=given.get("param"),
-                       code=given.get("code"),
-                       headers={**(reply.get("headers") or {}), GENERATOR_HEADER: "fixture"})
+        raise scripted_error(reply, f"the scripted reply of fixture {fixture.label}",
+                             {GENERATOR_HEADER: "fixture"})
     if not fixture.deliberate:
         _refuse_contradictions(fixture, reply, view)
     text = reply.get("text", "")
