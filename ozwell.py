@@ -949,7 +949,9 @@ class Generation:
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.tokens)
+        """The text's tokens, the refusal's and those of every call's arguments."""
+        return (len(self.tokens) + count_tokens(self.refusal or "")
+                + sum(count_tokens(call.arguments) for call in self.tool_calls))
 
 
 def _seed_words(seed: bytes, count: int) -> Iterator[str]:
@@ -1113,6 +1115,208 @@ class HashedEmbedder:
             self._slots.clear()
         self._slots[feature] = result = tuple(slots)
         return result
+
+
+# =============================================================================
+# Renderers
+# =============================================================================
+# A Generation in each endpoint's wire format, whoever made it (the offline model, a fixture,
+# the Llama backend's translated answer): the same reply always looks the same to a client.
+
+def chat_completion(head: dict[str, Any], generations: Sequence[Generation]) -> dict[str, Any]:
+    """A `chat.completion` body: `head` holds its id, created and model; a choice per generation."""
+    choices = [{"index": index, "message": chat_message(generation), "logprobs": None,
+                "finish_reason": generation.finish_reason}
+               for index, generation in enumerate(generations)]
+    return {"id": head["id"], "object": "chat.completion", **head, "choices": choices,
+            "usage": completion_usage(generations)}
+
+
+def chat_message(generation: Generation) -> dict[str, Any]:
+    """The assistant message of a choice: its text, or null when it only refuses or calls tools."""
+    silent = generation.refusal is not None or (generation.tool_calls and not generation.tokens)
+    message: dict[str, Any] = {"role": "assistant", "content": None if silent else generation.text,
+                               "refusal": generation.refusal, "annotations": []}
+    if generation.tool_calls:
+        message["tool_calls"] = [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}}
+            for call in generation.tool_calls]
+    return message
+
+
+def completion_usage(generations: Sequence[Generation]) -> dict[str, Any]:
+    """Usage of one request: the prompt counted once, the completions of all its choices."""
+    prompt = generations[0].prompt_tokens
+    completion = sum(generation.completion_tokens for generation in generations)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0}}
+
+
+def chat_completion_chunks(head: dict[str, Any], generations: Sequence[Generation],
+                           include_usage: bool) -> Iterator[dict[str, Any] | str]:
+    """The events of a streamed chat completion, `[DONE]` last, as OpenAI sends them.
+
+    Each choice opens with the assistant's role, then one chunk per token of its text (or
+    refusal); each tool call opens with a chunk holding its index, id, type, name and empty
+    arguments, then one chunk per token of the arguments holding only the index and that
+    fragment; a chunk with the finish reason closes the choice.
+    """
+    head = {"id": head["id"], "object": "chat.completion.chunk", **head}
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None) -> dict:
+        return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                     "finish_reason": finish_reason}], **extra}
+
+    for index, generation in enumerate(generations):
+        calls = generation.tool_calls
+        if generation.refusal is not None:
+            yield chunk(index, {"role": "assistant", "content": None, "refusal": ""})
+            for token in tokenize(generation.refusal):
+                yield chunk(index, {"refusal": token})
+        elif generation.tokens or not calls:
+            yield chunk(index, {"role": "assistant", "content": ""})
+            for token in generation.tokens:
+                yield chunk(index, {"content": token})
+        for number, call in enumerate(calls):
+            opening = {"tool_calls": [{"index": number, "id": call.id, "type": "function",
+                                       "function": {"name": call.name, "arguments": ""}}]}
+            if number == 0 and not generation.tokens and generation.refusal is None:
+                opening = {"role": "assistant", "content": None, **opening}
+            yield chunk(index, opening)
+            for fragment in tokenize(call.arguments):
+                yield chunk(index, {"tool_calls": [{"index": number,
+                                                    "function": {"arguments": fragment}}]})
+        yield chunk(index, {}, generation.finish_reason)
+    if include_usage:
+        yield {**head, "choices": [], "usage": completion_usage(generations)}
+    yield "[DONE]"
+
+
+def chunk_carries_a_token(chunk: dict[str, Any] | str) -> bool:
+    """Whether a chat chunk adds a token (text, refusal or arguments): streams are paced by these."""
+    if isinstance(chunk, str) or not chunk["choices"]:
+        return False
+    delta = chunk["choices"][0]["delta"]
+    return bool(delta.get("content") or delta.get("refusal") or any(
+        call.get("function", {}).get("arguments") for call in delta.get("tool_calls", ())))
+
+
+# What a Response echoes of its request, and the value it shows when the request has none.
+RESPONSE_ECHOED_FIELDS: dict[str, Any] = {
+    "instructions": None, "max_output_tokens": None, "max_tool_calls": None,
+    "parallel_tool_calls": True, "previous_response_id": None,
+    "reasoning": {"effort": None, "summary": None}, "temperature": 1.0, "tool_choice": "auto",
+    "tools": [], "top_logprobs": 0, "top_p": 1.0, "truncation": "disabled", "user": None,
+    "metadata": {}, "background": False, "prompt_cache_key": None, "safety_identifier": None,
+}
+
+
+def render_response(body: dict[str, Any], generation: Generation, model: str) -> dict[str, Any]:
+    """The Response object answering the CreateResponse `body` with `generation`: its output
+    items, usage and status, and the request's fields echoed."""
+    cut_short = generation.finish_reason == "length"
+    status = "incomplete" if cut_short else "completed"
+    now = unix_now()
+    response = {
+        "id": new_id("resp_"), "object": "response", "created_at": now,
+        "status": status, "completed_at": None if cut_short else now, "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if cut_short else None,
+        "model": model,
+        "output": response_output(generation, status),
+        "service_tier": "default", "store": body.get("store") is not False,
+        "text": {"format": {"type": "text"}, "verbosity": "medium", **(body.get("text") or {})},
+        "usage": {
+            "input_tokens": generation.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": generation.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+        },
+    }
+    for field, default in RESPONSE_ECHOED_FIELDS.items():
+        value = body.get(field)
+        response[field] = copy.deepcopy(default) if value is None else value
+    return response
+
+
+def response_output(generation: Generation, status: str) -> list[dict[str, Any]]:
+    """The output items: a message (its text or refusal) unless the reply only calls tools,
+    then a `function_call` item per call."""
+    items = []
+    if generation.tokens or generation.refusal is not None or not generation.tool_calls:
+        part = (_output_text(generation.text) if generation.refusal is None
+                else {"type": "refusal", "refusal": generation.refusal})
+        items.append({"id": new_id("msg_"), "type": "message", "role": "assistant",
+                      "status": status, "content": [part]})
+    for call in generation.tool_calls:
+        items.append({"id": new_id("fc_"), "type": "function_call", "status": status,
+                      "arguments": call.arguments, "call_id": call.id, "name": call.name})
+    return items
+
+
+def _output_message(item_id: str, text: str, status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status,
+            "content": [_output_text(text)]}
+
+
+def _output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def response_events(response: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The semantic events that stream a finished `response`, in OpenAI's order, without their
+    `sequence_number` (the event's place in this sequence).
+
+    A stream and a replay (GET ?stream=true) both come from here, so they are the same. Each
+    output item is added, filled in by one delta event per token (text, refusal or call
+    arguments; the deltas joined are the whole), and done, in the order of `output`.
+    """
+    started = dict(response, status="in_progress", completed_at=None, incomplete_details=None,
+                   output=[], usage=None)
+    yield {"type": "response.created", "response": started}
+    yield {"type": "response.in_progress", "response": started}
+    for index, item in enumerate(response["output"]):
+        if item["type"] == "function_call":
+            yield from _function_call_events(index, item)
+        else:
+            yield from _message_events(index, item)
+    finished = "response.completed" if response["status"] == "completed" else "response.incomplete"
+    yield {"type": finished, "response": response}
+
+
+def _message_events(index: int, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    part = message["content"][0]
+    where = {"item_id": message["id"], "output_index": index, "content_index": 0}
+    yield {"type": "response.output_item.added", "output_index": index,
+           "item": dict(message, status="in_progress", content=[])}
+    if part["type"] == "refusal":
+        yield {"type": "response.content_part.added", **where,
+               "part": {"type": "refusal", "refusal": ""}}
+        for token in tokenize(part["refusal"]):
+            yield {"type": "response.refusal.delta", **where, "delta": token}
+        yield {"type": "response.refusal.done", **where, "refusal": part["refusal"]}
+    else:
+        yield {"type": "response.content_part.added", **where, "part": _output_text("")}
+        for token in tokenize(part["text"]):
+            yield {"type": "response.output_text.delta", **where, "delta": token, "logprobs": []}
+        yield {"type": "response.output_text.done", **where, "text": part["text"], "logprobs": []}
+    yield {"type": "response.content_part.done", **where, "part": part}
+    yield {"type": "response.output_item.done", "output_index": index, "item": message}
+
+
+def _function_call_events(index: int, call: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    where = {"item_id": call["id"], "output_index": index}
+    yield {"type": "response.output_item.added", "output_index": index,
+           "item": dict(call, status="in_progress", arguments="")}
+    for token in tokenize(call["arguments"]):
+        yield {"type": "response.function_call_arguments.delta", **where, "delta": token}
+    yield {"type": "response.function_call_arguments.done", **where, "name": call["name"],
+           "arguments": call["arguments"]}
+    yield {"type": "response.output_item.done", "output_index": index, "item": call}
 
 
 # =============================================================================
@@ -2891,16 +3095,6 @@ class ModelHandler(BaseHandler):
                             "models this server answers for.", param="model", code="model_not_found")
 
 
-# What a Response echoes of its request, and the value it shows when the request has none.
-RESPONSE_ECHOED_FIELDS: dict[str, Any] = {
-    "instructions": None, "max_output_tokens": None, "max_tool_calls": None,
-    "parallel_tool_calls": True, "previous_response_id": None,
-    "reasoning": {"effort": None, "summary": None}, "temperature": 1.0, "tool_choice": "auto",
-    "tools": [], "top_logprobs": 0, "top_p": 1.0, "truncation": "disabled", "user": None,
-    "metadata": {}, "background": False, "prompt_cache_key": None, "safety_identifier": None,
-}
-
-
 def create_response(context: Context, body: dict[str, Any],
                     generation: Generation | None = None) -> dict[str, Any]:
     """Answer a CreateResponse body with `generation` (a fixture's) or the deterministic
@@ -2934,28 +3128,7 @@ def create_response(context: Context, body: dict[str, Any],
     if generation is None:
         generation = deterministic_reply(model, conversation, body.get("max_output_tokens"))
 
-    cut_short = generation.finish_reason == "length"
-    status = "incomplete" if cut_short else "completed"
-    now = unix_now()
-    response = {
-        "id": new_id("resp_"), "object": "response", "created_at": now,
-        "status": status, "completed_at": None if cut_short else now, "error": None,
-        "incomplete_details": {"reason": "max_output_tokens"} if cut_short else None,
-        "model": model,
-        "output": [_output_message(new_id("msg_"), generation.text, status)],
-        "service_tier": "default", "store": body.get("store") is not False,
-        "text": {"format": {"type": "text"}, "verbosity": "medium", **(body.get("text") or {})},
-        "usage": {
-            "input_tokens": generation.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": generation.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": generation.prompt_tokens + generation.completion_tokens,
-        },
-    }
-    for field, default in RESPONSE_ECHOED_FIELDS.items():
-        value = body.get(field)
-        response[field] = copy.deepcopy(default) if value is None else value
+    response = render_response(body, generation, model)
     if response["store"]:
         context.responses.save({"response": response, "input_items": input_items,
                                 "turns": turns + [["assistant", generation.text]]})
@@ -2978,40 +3151,6 @@ def _input_items(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
-def _output_message(item_id: str, text: str, status: str) -> dict[str, Any]:
-    return {"id": item_id, "type": "message", "role": "assistant", "status": status,
-            "content": [_output_text(text)]}
-
-
-def _output_text(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
-def response_events(response: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The semantic events that stream a finished `response`, in OpenAI's order.
-
-    A stream and a replay (GET ?stream=true) both come from here, so they are the same;
-    there is one text delta per token, and the deltas joined are the text.
-    """
-    message = response["output"][0]
-    part = message["content"][0]
-    started = dict(response, status="in_progress", completed_at=None, incomplete_details=None,
-                   output=[], usage=None)
-    where = {"item_id": message["id"], "output_index": 0, "content_index": 0}
-    yield {"type": "response.created", "response": started}
-    yield {"type": "response.in_progress", "response": started}
-    yield {"type": "response.output_item.added", "output_index": 0,
-           "item": dict(message, status="in_progress", content=[])}
-    yield {"type": "response.content_part.added", **where, "part": _output_text("")}
-    for token in tokenize(part["text"]):
-        yield {"type": "response.output_text.delta", **where, "delta": token, "logprobs": []}
-    yield {"type": "response.output_text.done", **where, "text": part["text"], "logprobs": []}
-    yield {"type": "response.content_part.done", **where, "part": part}
-    yield {"type": "response.output_item.done", "output_index": 0, "item": message}
-    finished = "response.completed" if response["status"] == "completed" else "response.incomplete"
-    yield {"type": finished, "response": response}
-
-
 async def _stream_response(handler: BaseHandler, response: dict[str, Any],
                            starting_after: int | None = None) -> None:
     """Send the events of `response` after `starting_after`, text deltas at the set pace."""
@@ -3022,7 +3161,7 @@ async def _stream_response(handler: BaseHandler, response: dict[str, Any],
         for number, event in enumerate(response_events(response)):
             if starting_after is not None and number <= starting_after:
                 continue
-            if event["type"] == "response.output_text.delta":
+            if event["type"].endswith(".delta"):
                 await pacer.tick()
             await stream.send({**event, "sequence_number": number}, event=event["type"])
     except tornado.iostream.StreamClosedError:
@@ -3179,56 +3318,24 @@ class ChatCompletionsHandler(BaseHandler):
             max_tokens = body.get("max_tokens")
         generations = [scripted or deterministic_reply(model, conversation, max_tokens, variant)
                        for variant in range(body.get("n") or 1)]
-        head = {"id": new_id("chatcmpl-"), "object": "chat.completion",
-                "created": unix_now(), "model": model}
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return await self._stream_offline(head, generations, include_usage)
-        choices = [{"index": index,
-                    "message": {"role": "assistant", "content": generation.text,
-                                "refusal": None, "annotations": []},
-                    "logprobs": None, "finish_reason": generation.finish_reason}
-                   for index, generation in enumerate(generations)]
-        usage = _completion_usage(generations)
-        await self.simulated_wait(usage["completion_tokens"])
-        self.write_json({**head, "choices": choices, "usage": usage})
-
-    async def _stream_offline(self, head: dict[str, Any], generations: list[Generation],
-                              include_usage: bool) -> None:
-        head = {**head, "object": "chat.completion.chunk"}
-        extra = {"usage": None} if include_usage else {}
-
-        def chunk(index: int, delta: dict[str, str], finish_reason: str | None = None) -> dict:
-            return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None,
-                                         "finish_reason": finish_reason}], **extra}
-
+        head = {"id": new_id("chatcmpl-"), "created": unix_now(), "model": model}
+        if not body.get("stream"):
+            reply = chat_completion(head, generations)
+            await self.simulated_wait(reply["usage"]["completion_tokens"])
+            return self.write_json(reply)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         stream = self.event_stream()
         try:
             await stream.open()
             pacer = self.pacer()
-            for index, generation in enumerate(generations):
-                await stream.send(chunk(index, {"role": "assistant", "content": ""}))
-                for token in generation.tokens:
+            for chunk in chat_completion_chunks(head, generations, include_usage):
+                if chunk_carries_a_token(chunk):
                     await pacer.tick()
-                    await stream.send(chunk(index, {"content": token}))
-                await stream.send(chunk(index, {}, generation.finish_reason))
-            if include_usage:
-                await stream.send({**head, "choices": [], "usage": _completion_usage(generations)})
-            await stream.send("[DONE]")
+                await stream.send(chunk)
         except tornado.iostream.StreamClosedError:
             pass  # the client left: nobody to finish for
         finally:
             stream.close()
-
-
-def _completion_usage(generations: Sequence[Generation]) -> dict[str, Any]:
-    """Usage of one request: the prompt counted once, the completions of all its choices."""
-    prompt = generations[0].prompt_tokens
-    completion = sum(generation.completion_tokens for generation in generations)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0}}
 
 
 class EmbeddingsHandler(BaseHandler):
