@@ -12,11 +12,12 @@ import pytest
 
 import ozwell
 from conftest import API_KEY
-from rigkit import RecordingUpstream, control, post_json
+from rigkit import RecordingUpstream, control, data_events, post_json
 
 MODEL = ozwell.OFFLINE_MODEL
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+HELLO = [{"role": "user", "content": "Hello"}]
 ORDER_SCHEMA = {"type": "object", "properties": {"status": {"type": "string"}},
                 "required": ["status"], "additionalProperties": False}
 
@@ -193,6 +194,72 @@ async def test_json_reply_parses_with_the_sdk(client):
     parsed = await client.chat.completions.parse(
         model=MODEL, messages=[{"role": "user", "content": "order 7"}], response_format=Order)
     assert parsed.choices[0].message.parsed == Order(status="shipped")
+
+
+@pytest.mark.gen_test
+async def test_a_tool_call_reply_on_chat_whole_and_streamed_in_fragments(client, http_client, base_url, registry):
+    ask = dict(model=MODEL, tools=[WEATHER_TOOL], messages=[{"role": "user", "content": "Weather in Oslo?"}])
+    reply = await client.chat.completions.create(**ask)
+    [call] = reply.choices[0].message.tool_calls
+    assert (call.id, call.function.name, json.loads(call.function.arguments)) == ("call_1", "get_weather", {"city": "Oslo"})
+    assert reply.choices[0].message.content is None and reply.choices[0].finish_reason == "tool_calls"
+    async with client.chat.completions.stream(**ask) as stream:
+        final = await stream.get_final_completion()
+    assert final.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
+    raw = await post_json(http_client, base_url, "chat/completions", {**ask, "stream": True})
+    chunks = [json.loads(event) for event in data_events(raw.body)[:-1]]
+    for chunk in chunks:
+        assert_valid(registry, "CreateChatCompletionStreamResponse", chunk)
+    deltas = [chunk["choices"][0]["delta"]["tool_calls"][0] for chunk in chunks
+              if chunk["choices"][0]["delta"].get("tool_calls")]
+    assert deltas[0] == {"index": 0, "id": "call_1", "type": "function",
+                         "function": {"name": "get_weather", "arguments": ""}}
+    assert len(deltas) > 2 and all(set(delta) == {"index", "function"} for delta in deltas[1:])
+    assert "".join(delta["function"]["arguments"] for delta in deltas) == call.function.arguments
+
+
+@pytest.mark.gen_test
+async def test_a_tool_call_reply_on_responses_whole_and_streamed(client, registry):
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}
+    answer = await client.responses.create(model=MODEL, input="Weather in Oslo?", tools=[tool])
+    [item] = answer.output
+    assert (item.type, item.call_id, item.name, json.loads(item.arguments)) == (
+        "function_call", "call_1", "get_weather", {"city": "Oslo"})
+    async with client.responses.stream(model=MODEL, input="Weather in Oslo?", tools=[tool]) as stream:
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_response()
+    assert "response.function_call_arguments.delta" in kinds
+    assert final.output[0].arguments == item.arguments
+
+
+@pytest.mark.gen_test
+async def test_a_refusal_reply_on_chat_and_responses(client):
+    refusing = {"extra_headers": {"x-test-case": "refuse"}}
+    reply = await client.chat.completions.create(model=MODEL, messages=HELLO, **refusing)
+    assert reply.choices[0].message.refusal == "I can't help with that."
+    assert reply.choices[0].message.content is None
+    async with client.chat.completions.stream(model=MODEL, messages=HELLO, **refusing) as stream:
+        final = await stream.get_final_completion()
+    assert final.choices[0].message.refusal == "I can't help with that."
+    answer = await client.responses.create(model=MODEL, input="Hello", **refusing)
+    assert answer.output[0].content[0].type == "refusal"
+    assert answer.output[0].content[0].refusal == "I can't help with that."
+    async with client.responses.stream(model=MODEL, input="Hello", **refusing) as stream:
+        deltas = [event.delta async for event in stream if event.type == "response.refusal.delta"]
+    assert "".join(deltas) == "I can't help with that."
+
+
+@pytest.mark.gen_test
+async def test_a_json_reply_streams_into_the_sdks_parse_helper(client):
+    class Order(pydantic.BaseModel):
+        status: str
+
+    async with client.chat.completions.stream(
+            model=MODEL, messages=[{"role": "user", "content": "order 9"}], response_format=Order) as stream:
+        final = await stream.get_final_completion()
+    assert final.choices[0].message.parsed == Order(status="shipped")
+    answer = await client.responses.create(model=MODEL, input="order 9")
+    assert answer.output_text != '{"status":"shipped"}'  # that fixture is for chat only
 
 
 @pytest.mark.gen_test
