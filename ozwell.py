@@ -87,6 +87,12 @@ __all__ = [
     "write_atomically",
     "FileStore",
     "MultipartParser",
+    "Latency",
+    "Mint",
+    "SimulatedPace",
+    "fixed_time",
+    "parse_fault",
+    "parse_fixture",
 ]
 
 log = logging.getLogger("ozwell")

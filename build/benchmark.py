@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "build"))
 
-AREAS = ("core", "chat", "responses", "embeddings", "files")
+AREAS = ("core", "chat", "responses", "embeddings", "files", "rigs")
 SECONDS = 5
 CONNECTIONS = 16
 
