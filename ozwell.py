@@ -1754,7 +1754,8 @@ class TextMatch:
         verb = {"exact": ("is", "is not"), "contains": ("holds", "does not hold"),
                 "regex": ("matches", "does not match")}[self.kind][negated]
         what = {"exact": "exactly", "contains": "the words", "regex": "the regex"}[self.kind]
-        return f"{verb} {what} {_quoted(self.value)}" + (" (ignoring case)" if self.ignore_case else "")
+        case = " (ignoring case)" if self.ignore_case else ""
+        return f"{verb} {what} {_quoted(self.value)}{case}"
 
     def whole_words(self) -> set[str]:
         """Words that any text this matcher accepts holds whole (as a run of \\w with no word
@@ -1985,8 +1986,9 @@ def _conditions(match: Mapping[str, Any], endpoints: frozenset[str], where: str)
         conditions.append(_header_condition(name, value))
     if "turn" in match:
         turn = match["turn"]
-        conditions.append(Condition(lambda view: view.turn == turn,
-                                    lambda view: f"it is for turn {turn}, this is turn {view.turn}"))
+        conditions.append(Condition(
+            lambda view: view.turn == turn,
+            lambda view: f"it is for turn {turn}, this is turn {view.turn}"))
     if "tool" in match:
         tool = match["tool"]
         conditions.append(Condition(
@@ -2050,7 +2052,8 @@ class Fixture:
 
     @property
     def label(self) -> str:
-        where = f"fixtures[{self.index}]" if self.source == "file" else f"session fixture {self.index}"
+        where = (f"fixtures[{self.index}]" if self.source == "file"
+                 else f"session fixture {self.index}")
         return where if self.name == where else f"{self.name!r} ({where})"
 
     def holds(self, view: RequestView) -> bool:
@@ -2086,8 +2089,9 @@ def parse_fixture(spec: Mapping[str, Any], source: str, index: int) -> Fixture:
     wanted = match.get("endpoint", list(RIG_ENDPOINTS))
     wanted = {wanted} if isinstance(wanted, str) else set(wanted)
     if "endpoint" in match and wanted - carried:
-        raise FixtureError(f"{where}: its reply cannot answer {' or '.join(sorted(wanted - carried))} "
-                           "(embeddings can only be answered with an error status)")
+        refused = " or ".join(sorted(wanted - carried))
+        raise FixtureError(f"{where}: its reply cannot answer {refused} (embeddings can only be "
+                           "answered with an error status)")
     endpoints = frozenset(wanted & carried)
     user = TextMatch.parse(match["user"], f"{where}.match.user") if "user" in match else None
     name = spec.get("name") or (where if source == "file" else f"session fixture {index}")
@@ -2347,7 +2351,8 @@ _ERROR_DEFAULTS = {429: ("requests", "rate_limit_exceeded"), 500: ("server_error
                    503: ("server_error", None)}
 
 
-def scripted_generation(fixture: Fixture, reply: Mapping[str, Any], view: RequestView) -> Generation:
+def scripted_generation(fixture: Fixture, reply: Mapping[str, Any],
+                        view: RequestView) -> Generation:
     """The fixture's reply as a Generation, which the endpoint renders as it renders the
     built-in model's; an error reply, or one that contradicts the request, raises."""
     if "status" in reply:
@@ -2607,7 +2612,8 @@ class Rig:
         if session is None:
             if len(self.sessions) >= MAX_SESSIONS:
                 self.sessions.popitem(last=False)
-            session = self.sessions[name] = Session(name, Mint(self.settings.seed, name, self.clock))
+            session = Session(name, Mint(self.settings.seed, name, self.clock))
+            self.sessions[name] = session
         else:
             self.sessions.move_to_end(name)
         return session
@@ -2644,9 +2650,9 @@ class Rig:
         reasons.sort(key=lambda reason: reason[:2])
         nearest = "; ".join(f"{fixture.label}: {', and '.join(why)}"
                             for _, _, fixture, why in reasons[:3])
+        said = f"The nearest: {nearest}." if nearest else "No fixtures are loaded."
         return APIError(400, "No fixture matches this request, and OZWELL_FIXTURES_STRICT is on. "
-                             + (f"The nearest: {nearest}." if nearest else "No fixtures are loaded."),
-                        code="no_fixture_matched")
+                             + said, code="no_fixture_matched")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3844,23 +3850,38 @@ def content_disposition(filename: str) -> str:
 RIG_TAG = "Test rig"
 
 
-def _listed_fixture(session: Session, fixture: Fixture) -> dict[str, Any]:
-    return {"object": "fixture", "name": fixture.name, "source": fixture.source,
-            "index": fixture.index, "used": session.uses.get(fixture, 0), "fixture": fixture.spec}
+class _RigPlanHandler(BaseHandler):
+    """Fixtures or faults of a session: its own (added here, tried first), then the file's."""
+
+    kind = ""  # the Session attribute holding the session's own: "fixtures" or "faults"
+
+    def parse(self, spec: dict[str, Any], index: int) -> Fixture | Fault:
+        raise NotImplementedError
+
+    def listed(self, item: Fixture | Fault) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def forget_counts(self) -> None:
+        raise NotImplementedError
+
+    def post(self) -> None:
+        own = getattr(self.session, self.kind)
+        try:
+            item = self.parse(self.payload, len(own))
+        except FixtureError as exc:
+            raise APIError(400, f"{exc}.", code="invalid_value") from None
+        own.append(item)
+        self.write_json(self.listed(item))
+
+    def delete(self) -> None:
+        own = getattr(self.session, self.kind)
+        deleted = len(own)
+        own.clear()
+        self.forget_counts()
+        self.write_json({"object": "list", "session": self.session.name, "deleted": deleted})
 
 
-def _listed_fault(session: Session, fault: Fault) -> dict[str, Any]:
-    return {"object": "fault", "name": fault.name, "source": fault.source, "index": fault.index,
-            "fired": session.fired.get(fault, []), "fault": fault.spec}
-
-
-def _cleared(session: Session, deleted: int) -> dict[str, Any]:
-    return {"object": "list", "session": session.name, "deleted": deleted}
-
-
-class RigFixturesHandler(BaseHandler):
-    """The session's fixtures: its own (added here) first, then the file's."""
-
+class RigFixturesHandler(_RigPlanHandler):
     api = {
         "get": Operation("List the fixtures a session's requests are tried against", RIG_TAG,
                          response="FixtureList"),
@@ -3869,30 +3890,26 @@ class RigFixturesHandler(BaseHandler):
         "delete": Operation("Remove the session's own fixtures and forget every use count",
                             RIG_TAG, response="RigCleared"),
     }
+    kind = "fixtures"
 
     def get(self) -> None:
         self.write_json({"object": "list", "session": self.session.name,
-                         "data": [_listed_fixture(self.session, fixture)
+                         "data": [self.listed(fixture)
                                   for fixture in self.context.rig.listed_fixtures(self.session)]})
 
-    def post(self) -> None:
-        try:
-            fixture = parse_fixture(self.payload, "session", len(self.session.fixtures))
-        except FixtureError as exc:
-            raise APIError(400, f"{exc}.", code="invalid_value") from None
-        self.session.fixtures.append(fixture)
-        self.write_json(_listed_fixture(self.session, fixture))
+    def parse(self, spec: dict[str, Any], index: int) -> Fixture:
+        return parse_fixture(spec, "session", index)
 
-    def delete(self) -> None:
-        deleted = len(self.session.fixtures)
-        self.session.fixtures.clear()
+    def listed(self, fixture: Fixture) -> dict[str, Any]:
+        return {"object": "fixture", "name": fixture.name, "source": fixture.source,
+                "index": fixture.index, "used": self.session.uses.get(fixture, 0),
+                "fixture": fixture.spec}
+
+    def forget_counts(self) -> None:
         self.session.uses.clear()
-        self.write_json(_cleared(self.session, deleted))
 
 
-class RigFaultsHandler(BaseHandler):
-    """The session's fault plan: its own faults (added here) first, then the file's."""
-
+class RigFaultsHandler(_RigPlanHandler):
     api = {
         "get": Operation("List a session's fault plan, what fired, and its calls so far", RIG_TAG,
                          response="FaultList"),
@@ -3901,28 +3918,26 @@ class RigFaultsHandler(BaseHandler):
         "delete": Operation("Remove the session's own faults and restart its call counts",
                             RIG_TAG, response="RigCleared"),
     }
+    kind = "faults"
 
     def get(self) -> None:
         session = self.session
+        faults = self.context.rig.listed_faults(session)
+        calls = {endpoint: session.calls[endpoint] for endpoint in RIG_ENDPOINTS}
         self.write_json({"object": "list", "session": session.name,
-                         "data": [_listed_fault(session, fault)
-                                  for fault in self.context.rig.listed_faults(session)],
-                         "calls": {endpoint: session.calls[endpoint] for endpoint in RIG_ENDPOINTS}})
+                         "data": [self.listed(fault) for fault in faults], "calls": calls})
 
-    def post(self) -> None:
-        try:
-            fault = parse_fault(self.payload, "session", len(self.session.faults))
-        except FixtureError as exc:
-            raise APIError(400, f"{exc}.", code="invalid_value") from None
-        self.session.faults.append(fault)
-        self.write_json(_listed_fault(self.session, fault))
+    def parse(self, spec: dict[str, Any], index: int) -> Fault:
+        return parse_fault(spec, "session", index)
 
-    def delete(self) -> None:
-        deleted = len(self.session.faults)
-        self.session.faults.clear()
+    def listed(self, fault: Fault) -> dict[str, Any]:
+        return {"object": "fault", "name": fault.name, "source": fault.source,
+                "index": fault.index, "fired": self.session.fired.get(fault, []),
+                "fault": fault.spec}
+
+    def forget_counts(self) -> None:
         self.session.calls.clear()
         self.session.fired.clear()
-        self.write_json(_cleared(self.session, deleted))
 
 
 class RigRequestsHandler(BaseHandler):
@@ -3936,7 +3951,8 @@ class RigRequestsHandler(BaseHandler):
                                         "session, or `default`)."),
                              QueryParam("endpoint", {"type": "string"},
                                         "Only these: chat, responses, embeddings, files, models."),
-                             QueryParam("model", {"type": "string"}, "Only requests for this model."))),
+                             QueryParam("model", {"type": "string"},
+                                        "Only requests for this model."))),
         "delete": Operation("Forget the requests of the session", RIG_TAG, response="RigCleared"),
     }
 
@@ -3948,7 +3964,8 @@ class RigRequestsHandler(BaseHandler):
                              session, query["endpoint"], query["model"])})
 
     def delete(self) -> None:
-        self.write_json(_cleared(self.session, self.context.rig.journal.clear(self.session.name)))
+        self.write_json({"object": "list", "session": self.session.name,
+                         "deleted": self.context.rig.journal.clear(self.session.name)})
 
 
 class RigResetHandler(BaseHandler):

@@ -3,6 +3,7 @@ import asyncio
 import json
 import time
 
+import pytest
 import tornado.httpserver
 import tornado.testing
 import tornado.web
@@ -76,3 +77,12 @@ class RecordingUpstream:
         server.add_sockets([sock])
         self.url = f"http://127.0.0.1:{port}/v1"
         return server
+
+
+@pytest.fixture
+def upstream(io_loop):
+    """A RecordingUpstream on a free port for the test (import this fixture to use it)."""
+    recorder = RecordingUpstream()
+    server = recorder.start()
+    yield recorder
+    server.stop()

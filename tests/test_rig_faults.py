@@ -9,7 +9,7 @@ import pytest
 
 import ozwell
 from conftest import API_KEY
-from rigkit import RecordingUpstream, control, data_events, post_json, raw_post
+from rigkit import control, data_events, post_json, raw_post, upstream  # noqa: F401 (a fixture)
 
 MODEL = ozwell.OFFLINE_MODEL
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -17,14 +17,6 @@ HELLO = [{"role": "user", "content": "Hello"}]
 FILE_FAULTS = {"faults": [
     {"name": "third-embedding-fails", "type": "error", "endpoint": "embeddings", "calls": 3, "status": 500},
 ]}
-
-
-@pytest.fixture
-def upstream(io_loop):
-    recorder = RecordingUpstream()
-    server = recorder.start()
-    yield recorder
-    server.stop()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 import ozwell
 from conftest import API_KEY
-from rigkit import RecordingUpstream, control, data_events, post_json
+from rigkit import control, data_events, post_json, upstream  # noqa: F401 (a fixture)
 
 MODEL = ozwell.OFFLINE_MODEL
 WEATHER_TOOL = {"type": "function", "function": {
@@ -77,14 +77,6 @@ def fixtures_file(tmp_path, rig):
     path = tmp_path / "fixtures.json"
     path.write_text(json.dumps(rig[0]))
     return path
-
-
-@pytest.fixture
-def upstream(io_loop):
-    recorder = RecordingUpstream()
-    server = recorder.start()
-    yield recorder
-    server.stop()
 
 
 @pytest.fixture
