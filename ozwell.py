@@ -525,11 +525,40 @@ class ResponseStore:
 
     def __init__(self, data_dir: str) -> None:
         self.directory = os.path.join(data_dir, "responses")
+        self._item_owners: dict[str, str] = {}  # item id -> id of a response that holds it
+        self._indexed: set[str] = set()         # file names already read for _item_owners
 
     def save(self, record: dict[str, Any]) -> None:
         os.makedirs(self.directory, exist_ok=True)
         path = self._path(record["response"]["id"])
         write_atomically(path, json.dumps(record, ensure_ascii=False).encode())
+        self._index(record)
+
+    def find_item(self, item_id: str) -> dict[str, Any] | None:
+        """An input or output item of a stored response, by its id (for `item_reference`).
+
+        Files written since the last look (by this process or another sharing the folder) are
+        read once each, on a miss.
+        """
+        if item_id not in self._item_owners:
+            with contextlib.suppress(FileNotFoundError):
+                for name in sorted(os.listdir(self.directory)):
+                    if name not in self._indexed and self._ID.fullmatch(name[:-len(".json")]):
+                        record = self.load(name[:-len(".json")])
+                        if record is not None:
+                            self._index(record)
+        owner = self._item_owners.get(item_id)
+        record = self.load(owner) if owner is not None else None
+        for item in record["input_items"] + record["response"]["output"] if record else ():
+            if item.get("id") == item_id:
+                return item
+        return None
+
+    def _index(self, record: dict[str, Any]) -> None:
+        response_id = record["response"]["id"]
+        self._indexed.add(f"{response_id}.json")
+        for item in record["input_items"] + record["response"]["output"]:
+            self._item_owners[item["id"]] = response_id
 
     def load(self, response_id: str) -> dict[str, Any] | None:
         path = self._path(response_id)
@@ -960,6 +989,41 @@ class Generation:
                 + sum(count_tokens(call.arguments) for call in self.tool_calls))
 
 
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    """One turn of a conversation as the offline model reads it. An assistant turn may carry
+    tool calls; a `tool` turn is the result of the call `call_id`."""
+
+    role: str
+    text: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    call_id: str | None = None
+
+    def stored(self) -> list | dict:
+        """The turn as a stored response keeps it: `[role, text]` for a plain turn."""
+        if not self.tool_calls and self.call_id is None:
+            return [self.role, self.text]
+        return {"role": self.role, "text": self.text, "call_id": self.call_id,
+                "tool_calls": [dataclasses.astuple(call) for call in self.tool_calls]}
+
+    @classmethod
+    def from_stored(cls, value: list | dict) -> Turn:
+        if isinstance(value, list):
+            return cls(value[0], value[1])
+        return cls(value["role"], value["text"],
+                   tuple(ToolCall(*call) for call in value["tool_calls"]), value["call_id"])
+
+    def seed_material(self) -> list:
+        """What of the turn decides the reply: call ids are left out, as they differ per run."""
+        if not self.tool_calls:
+            return [self.role, self.text]
+        return [self.role, self.text, [[call.name, call.arguments] for call in self.tool_calls]]
+
+
+def _as_turn(turn: Turn | tuple[str, str]) -> Turn:
+    return turn if isinstance(turn, Turn) else Turn(turn[0], turn[1])
+
+
 def _seed_words(seed: bytes, count: int) -> Iterator[str]:
     """Words picked by SHA-256 in counter mode: identical on every platform and Python."""
     for counter in range(count):
@@ -976,30 +1040,67 @@ def message_text(content: str | list[dict[str, Any]] | None) -> str:
                      if part.get("type") in ("text", "input_text", "output_text"))
 
 
-def deterministic_reply(model: str, conversation: Sequence[tuple[str, str]],
-                        max_tokens: int | None = None, variant: int = 0) -> Generation:
-    """The offline model: the same (model, conversation, max_tokens, variant) gives the same text.
+def conversation_seed(model: str, turns: Sequence[Turn], variant: int = 0) -> bytes:
+    return hashlib.sha256(json.dumps(
+        [model, [turn.seed_material() for turn in turns], variant]).encode()).digest()
 
-    `conversation` is (role, text) pairs, instructions included. The reply quotes the last user
-    turn, so different prompts give visibly different answers; `variant` tells apart the n
-    choices of one chat request.
+
+def prompt_token_count(turns: Sequence[Turn]) -> int:
+    """What the model read: every turn's text and the arguments of the calls it made."""
+    return sum(count_tokens(turn.text) + sum(count_tokens(call.arguments)
+                                             for call in turn.tool_calls) for turn in turns)
+
+
+def deterministic_reply(model: str, conversation: Sequence[Turn | tuple[str, str]],
+                        max_tokens: int | None = None, variant: int = 0) -> Generation:
+    """The offline model's text: the same (model, conversation, max_tokens, variant) gives the
+    same text.
+
+    `conversation` is (role, text) pairs or Turns, instructions included. The reply quotes the
+    last user turn, so different prompts give visibly different answers, and then the result of
+    each tool called since, so an agent loop ends with an answer built on its tools; `variant`
+    tells apart the n choices of one chat request.
     """
-    seed = hashlib.sha256(json.dumps([model, list(conversation), variant]).encode()).digest()
-    last_user = next((text for role, text in reversed(conversation) if role == "user"), "")
-    quoted = " ".join(last_user.split())
-    if len(quoted) > 160:
-        quoted = quoted[:157].rstrip() + "..."
+    turns = [_as_turn(turn) for turn in conversation]
+    seed = conversation_seed(model, turns, variant)
+    last_user = next((turn.text for turn in reversed(turns) if turn.role == "user"), "")
+    quoted = _shortened(last_user, 160)
     length = 12 + seed[0] % 13
     words = list(_seed_words(seed, length))
     sentence = " ".join(words).capitalize()
-    text = (f'You said: "{quoted}". ' if quoted else "") + (
-        f"Here is a deterministic answer from {model} (turn {len(conversation)}): {sentence}.")
-    tokens = tokenize(text)
-    finish_reason = "stop"
+    results = "".join(f'{name} returned "{_shortened(output, 300)}". '
+                      for name, output in tool_results(turns))
+    text = (f'You said: "{quoted}". ' if quoted else "") + results + (
+        f"Here is a deterministic answer from {model} (turn {len(turns)}): {sentence}.")
+    return _cut(tokenize(text), max_tokens, prompt_token_count(turns))
+
+
+def _shortened(text: str, limit: int) -> str:
+    """The text on one line, at most `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
+
+
+def _cut(tokens: list[str], max_tokens: int | None, prompt_tokens: int) -> Generation:
     if max_tokens is not None and len(tokens) > max_tokens:
-        tokens, finish_reason = tokens[:max_tokens], "length"
-    prompt_tokens = sum(count_tokens(text) for _, text in conversation)
-    return Generation(tuple(tokens), finish_reason, prompt_tokens)
+        return Generation(tuple(tokens[:max_tokens]), "length", prompt_tokens)
+    return Generation(tuple(tokens), "stop", prompt_tokens)
+
+
+def tool_results(turns: Sequence[Turn]) -> list[tuple[str, str]]:
+    """(tool name, result) of each call answered since the last user turn, in order."""
+    names = {}
+    results = []
+    for turn in turns[_last_user_index(turns) + 1:]:
+        for call in turn.tool_calls:
+            names[call.id] = call.name
+        if turn.call_id is not None:
+            results.append((names.get(turn.call_id, "the tool"), turn.text))
+    return results
+
+
+def _last_user_index(turns: Sequence[Turn]) -> int:
+    return next((i for i in range(len(turns) - 1, -1, -1) if turns[i].role == "user"), -1)
 
 
 class Pacer:
@@ -1121,6 +1222,592 @@ class HashedEmbedder:
             self._slots.clear()
         self._slots[feature] = result = tuple(slots)
         return result
+
+
+# =============================================================================
+# Tool calls and structured output
+# =============================================================================
+
+@dataclasses.dataclass(frozen=True)
+class FunctionTool:
+    """A function the offline model may call; `param` names its schema in the request."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    strict: bool
+    param: str
+
+
+@dataclasses.dataclass(frozen=True)
+class JSONFormat:
+    """Structured output asked for: JSON valid against `schema`, or any JSON object (None)."""
+
+    name: str
+    schema: dict[str, Any] | None
+    strict: bool
+    param: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplyOptions:
+    """What a request asks of the offline model beyond the conversation.
+
+    `tool_choice` is the mode, `none`, `auto` or `required`; `allowed_tools` narrows the tools
+    it picks from (a named tool choice is `required` with one allowed name).
+    """
+
+    tools: tuple[FunctionTool, ...] = ()
+    tool_choice: str = "auto"
+    allowed_tools: tuple[str, ...] | None = None
+    parallel_tool_calls: bool = True
+    max_tool_calls: int | None = None
+    json_format: JSONFormat | None = None
+    max_tokens: int | None = None
+
+
+def offline_reply(model: str, turns: Sequence[Turn], options: ReplyOptions,
+                  variant: int = 0) -> Generation:
+    """The offline model's answer to a conversation: tool calls when the tool choice says so
+    (see choose_tools), else text, or JSON when a format asks for it. Raises a 400 APIError for
+    a schema it cannot satisfy."""
+    prompt_tokens = prompt_token_count(turns)
+    seed = conversation_seed(model, turns, variant)
+    called = choose_tools(options, turns)
+    if called:
+        calls = tuple(ToolCall(new_id("call_"), tool.name, json_text(schema_instance(
+            tool.parameters, ValueSource(turns, seed), f"function '{tool.name}'", tool.param)))
+            for tool in called)
+        return _cut_calls(calls, options.max_tokens, prompt_tokens)
+    json_format = options.json_format
+    if json_format is None:
+        return deterministic_reply(model, turns, options.max_tokens, variant)
+    if json_format.schema is None:
+        value: Any = {"answer": deterministic_reply(model, turns, None, variant).text}
+    else:
+        value = schema_instance(json_format.schema, ValueSource(turns, seed),
+                                f"response_format '{json_format.name}'", json_format.param)
+    return _cut(tokenize(json_text(value)), options.max_tokens, prompt_tokens)
+
+
+def json_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _cut_calls(calls: tuple[ToolCall, ...], max_tokens: int | None,
+               prompt_tokens: int) -> Generation:
+    """The calls, the last ones' arguments cut off where `max_tokens` runs out (as OpenAI's are)."""
+    if max_tokens is None or sum(count_tokens(call.arguments) for call in calls) <= max_tokens:
+        return Generation((), "tool_calls", prompt_tokens, calls)
+    kept, left = [], max_tokens
+    for call in calls:
+        tokens = tokenize(call.arguments)
+        kept.append(dataclasses.replace(call, arguments="".join(tokens[:left])))
+        left -= min(left, len(tokens))
+        if left == 0:
+            break
+    return Generation((), "length", prompt_tokens, tuple(kept))
+
+
+# Words that tell nothing about which tool fits a message or which word a value should be.
+_STOP_WORDS = frozenset("""
+    a about after all also am an and any are as at be been before but by can could did do does
+    for from get give had has have he her here his how i if in into is it its let me my no not
+    now of on or our out please say set she should show so some tell than that the their them
+    then there these they this those to up us use was we were what when where which while who
+    why will with would you your
+""".split())
+
+_WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
+
+
+def topic_words(text: str) -> list[str]:
+    """The words of a text that can tell one tool from another: snake_case and camelCase split,
+    case-folded, a plural's final s dropped, stop words left out."""
+    words = []
+    for word in _WORD.findall(re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", text.replace("_", " "))):
+        word = word.casefold()
+        if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+            word = word[:-1]
+        if not _is_stop_word(word) and len(word) > 1:
+            words.append(word)
+    return words
+
+
+def _is_stop_word(word: str) -> bool:
+    """A stop word, also with an ending after an apostrophe ("what's")."""
+    return re.split(r"['\u2019]", word.casefold())[0] in _STOP_WORDS
+
+
+def choose_tools(options: ReplyOptions, turns: Sequence[Turn]) -> list[FunctionTool]:
+    """The tools the offline model calls now, in the order offered (empty: it answers in text).
+
+    A tool matches when its name or description shares a word with the last user message
+    (topic_words). `auto` calls the matching tools not yet called since that message, and
+    none once every match has its result, so a loop ends in a text answer; `required` calls
+    those, or else the first tool not yet called, or else the first tool. Without
+    `parallel_tool_calls` only the first is called; `max_tool_calls` caps how many.
+    """
+    if options.tool_choice == "none" or not options.tools:
+        return []
+    allowed = options.allowed_tools
+    offered = [tool for tool in options.tools if allowed is None or tool.name in allowed]
+    since = _last_user_index(turns) + 1
+    called = {call.name for turn in turns[since:] for call in turn.tool_calls}
+    fresh = [tool for tool in offered if tool.name not in called]
+    wanted = set(topic_words(turns[since - 1].text)) if since > 0 else set()
+    chosen = [tool for tool in fresh
+              if wanted.intersection(topic_words(f"{tool.name} {tool.description}"))]
+    if not chosen and options.tool_choice == "required":
+        chosen = (fresh or offered)[:1]
+    limit = 1 if not options.parallel_tool_calls else len(chosen)
+    if options.max_tool_calls is not None:
+        limit = min(limit, options.max_tool_calls)
+    return chosen[:limit]
+
+
+class SchemaProblem(ValueError):
+    """A schema the offline model cannot write a value for; the message says where and why."""
+
+
+# Property names whose value is free text: they get the whole message (or the tool results).
+_FREE_TEXT_NAMES = frozenset("""
+    answer body comment content description detail explanation input instruction message note
+    output prompt query question reason reasoning reply report request response result search
+    sentence statement story summary text
+""".split())
+
+# For each string format: the pattern of such a value in a message, and a value to use when
+# the message has none.
+_EMAIL = (r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+", "user@example.com")
+_HOSTNAME = (r"\b(?:[a-z0-9-]+\.)+[a-z]{2,}\b", "example.com")
+_URL = (r"\bhttps?://[^\s\"'<>]+", "https://example.com/")
+_FORMATS: dict[str, tuple[str, str]] = {
+    "date-time": (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)",
+                  "2026-01-01T12:00:00Z"),
+    "date": (r"\b\d{4}-\d\d-\d\d\b", "2026-01-01"),
+    "time": (r"\b\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)", "12:00:00Z"),
+    "duration": (r"\bP(?:\d+[YMWD])+(?:T(?:\d+[HMS])+)?\b", "P1D"),
+    "email": _EMAIL, "idn-email": _EMAIL,
+    "hostname": _HOSTNAME, "idn-hostname": _HOSTNAME,
+    "ipv4": (r"\b(?:\d{1,3}\.){3}\d{1,3}\b", "192.0.2.1"),
+    "ipv6": (r"\b[0-9a-fA-F]{1,4}(?::[0-9a-fA-F]{0,4}){2,7}\b", "2001:db8::1"),
+    "uri": _URL, "iri": _URL, "uri-reference": _URL, "url": _URL,
+}
+_UUID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.]*\d)")
+
+
+class ValueSource:
+    """Where the values of the offline model's JSON come from: the last user message, then the
+    results of the tools called since, in that order.
+
+    Strings take its words, names first (capitalised words inside a sentence, a run of them
+    joined: "New York"), then the other words, each string the next one; numbers take its
+    numbers in order. Nothing here is random: the same conversation gives the same values.
+    """
+
+    def __init__(self, turns: Sequence[Turn], seed: bytes) -> None:
+        since = _last_user_index(turns)
+        self.message = turns[since].text if since >= 0 else ""
+        self.results = [output for _name, output in tool_results(turns)]
+        self.text = "\n".join([self.message, *self.results])
+        self.seed = seed
+        self.words = _candidate_words(self.text[:4000])
+        self.numbers = [float(n) if "." in n else int(n) for n in _NUMBER.findall(self.text)]
+        self.topics = set(topic_words(self.text))
+        self._next_word = 0
+
+    def word(self) -> str:
+        if not self.words:
+            self.words = list(_seed_words(self.seed, 8))
+        word = self.words[self._next_word % len(self.words)]
+        self._next_word += 1
+        return word
+
+    def free_text(self) -> str:
+        return "\n".join(self.results) if self.results else (self.message or self.word())
+
+
+def _candidate_words(text: str) -> list[str]:
+    names: list[str] = []
+    others: list[str] = []
+    previous_end, joined = None, False
+    for match in _WORD.finditer(text):
+        word, gap = match.group(), text[previous_end or 0:match.start()]
+        starts_sentence = previous_end is None or bool(re.search(r"[.!?:;\n]", gap))
+        is_name = word[0].isupper() and not starts_sentence and not _is_stop_word(word)
+        if is_name and joined and gap == " ":
+            names[-1] += " " + word
+        elif is_name:
+            names.append(word)
+        joined = is_name
+        if not _is_stop_word(word) and len(word) > 1 and not word.isdigit():
+            others.append(word)
+        previous_end = match.end()
+    seen: set[str] = set()
+    ordered = []
+    for word in names + others:
+        if word.casefold() not in seen:
+            seen.add(word.casefold())
+            ordered.append(word)
+    return ordered[:64]
+
+
+def schema_instance(schema: dict[str, Any], source: ValueSource, subject: str, param: str) -> Any:
+    """A value valid against `schema`, drawn from `source`; a 400 saying why when there is none.
+
+    `subject` ("function 'get_weather'") and `param` name the schema in the error.
+    """
+    try:
+        maker = _InstanceMaker(schema, source)
+        value = maker.value(schema, "", 0, ())
+        error = jsonschema.exceptions.best_match(maker.validator.iter_errors(value))
+        if error is not None:
+            where = f" at '{param_path(list(error.absolute_path))}'" if error.absolute_path else ""
+            raise SchemaProblem(f"the value it wrote fails{where}: {error.message}")
+    except SchemaProblem as problem:
+        raise APIError(400, f"The built-in model cannot write JSON for {subject}: {problem}. "
+                            "Loosen the schema, or answer this request from a fixture.",
+                       param=param, code="unsatisfiable_schema") from None
+    except RecursionError:
+        raise APIError(400, f"The built-in model cannot write JSON for {subject}: the schema "
+                            "nests too deeply.", param=param, code="unsatisfiable_schema") from None
+    return value
+
+
+class _InstanceMaker:
+    """Walks a schema (objects, arrays, anyOf/oneOf/allOf, $ref/$defs, enums, string formats,
+    bounded numbers) and writes the plainest value it allows, with words from the source."""
+
+    SHALLOW = 2             # optional properties are filled in only this close to the root
+    DEEP = 8                # past this, recursion is cut short: null branches, fewest items
+    LIMIT = 48
+
+    def __init__(self, root: dict[str, Any], source: ValueSource) -> None:
+        self.root = root
+        self.source = source
+        self.validator = jsonschema.Draft202012Validator(root)
+
+    def value(self, schema: Any, key: str, depth: int, path: tuple) -> Any:
+        where = f"'{param_path(list(path))}'" if path else "the root"
+        if depth > self.LIMIT:
+            raise SchemaProblem(f"its $ref recursion at {where} never ends")
+        if schema is True or schema == {}:
+            return self._string({}, key, where)
+        if schema is False:
+            raise SchemaProblem(f"{where} allows no value at all")
+        schema = self._resolved(schema, where)
+        if "const" in schema:
+            return schema["const"]
+        if "enum" in schema:
+            return self._enum(schema["enum"], where)
+        for keyword in ("anyOf", "oneOf"):
+            if keyword in schema:
+                return self._one_of(schema, keyword, key, depth, path, where)
+        kind = self._type(schema, depth, where)
+        if kind == "object":
+            return self._object(schema, depth, path, where)
+        if kind == "array":
+            return self._array(schema, key, depth, path, where)
+        if kind in ("integer", "number"):
+            return self._number(schema, kind == "integer", where)
+        if kind == "boolean":
+            return bool(self.source.topics.intersection(topic_words(key)))
+        if kind == "null":
+            return None
+        return self._string(schema, key, where)
+
+    def _resolved(self, schema: dict[str, Any], where: str) -> dict[str, Any]:
+        """The schema with its $ref followed and its allOf merged in."""
+        for _ in range(self.LIMIT):
+            if "$ref" in schema:
+                rest = {k: v for k, v in schema.items() if k != "$ref"}
+                schema = {**self._target(schema["$ref"], where), **rest}
+            elif "allOf" in schema:
+                merged = {k: v for k, v in schema.items() if k != "allOf"}
+                for part in schema["allOf"]:
+                    part = self._resolved(part, where) if isinstance(part, dict) else {}
+                    merged["properties"] = {**merged.get("properties", {}),
+                                            **part.get("properties", {})}
+                    merged["required"] = list(dict.fromkeys(
+                        merged.get("required", []) + part.get("required", [])))
+                    merged.update({k: v for k, v in part.items()
+                                   if k not in ("properties", "required")})
+                schema = merged
+            else:
+                return schema
+        raise SchemaProblem(f"the $ref at {where} only leads to other $refs")
+
+    def _target(self, ref: str, where: str) -> dict[str, Any]:
+        if not ref.startswith("#"):
+            raise SchemaProblem(f"the $ref {ref!r} at {where} points outside the schema")
+        node: Any = self.root
+        for part in filter(None, ref[1:].split("/")):
+            part = part.replace("~1", "/").replace("~0", "~")
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                raise SchemaProblem(f"the $ref {ref!r} at {where} points to nothing")
+        if node is True:
+            return {}
+        if not isinstance(node, dict):
+            raise SchemaProblem(f"the $ref {ref!r} at {where} is not a schema")
+        return node
+
+    def _enum(self, values: list, where: str) -> Any:
+        if not values:
+            raise SchemaProblem(f"the enum at {where} is empty")
+        text = self.source.text.casefold()
+        for value in values:
+            shown = value if isinstance(value, str) else json.dumps(value)
+            if re.search(rf"(?<!\w){re.escape(shown.casefold())}(?!\w)", text):
+                return value
+        return values[0]
+
+    def _one_of(self, schema: dict, keyword: str, key: str, depth: int, path: tuple,
+                where: str) -> Any:
+        siblings = {k: v for k, v in schema.items() if k != keyword}
+        branches = [{**siblings, **branch} if isinstance(branch, dict) else branch
+                    for branch in schema[keyword]]
+        if depth >= self.DEEP:  # end the recursion: a null, then a branch with no $ref
+            branches.sort(key=lambda b: (not (isinstance(b, dict) and b.get("type") == "null"),
+                                         "$ref" in json.dumps(b)))
+        problems = []
+        for branch in branches:
+            try:
+                value = self.value(branch, key, depth + 1, path)
+            except SchemaProblem as problem:
+                problems.append(str(problem))
+                continue
+            if keyword == "oneOf" and not self.validator.evolve(schema=schema).is_valid(value):
+                continue  # it fits another branch too
+            return value
+        raise SchemaProblem(f"no branch of the {keyword} at {where} can be satisfied"
+                            + (f" ({problems[0]})" if problems else ""))
+
+    def _type(self, schema: dict, depth: int, where: str) -> str:
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            if not kind:
+                raise SchemaProblem(f"the type list at {where} is empty")
+            real = [k for k in kind if k != "null"]
+            return "null" if not real or (depth >= self.DEEP and "null" in kind) else real[0]
+        if kind is not None:
+            return kind
+        if any(k in schema for k in ("properties", "required", "additionalProperties")):
+            return "object"
+        if any(k in schema for k in ("items", "prefixItems", "minItems", "maxItems")):
+            return "array"
+        if any(k in schema for k in ("minimum", "maximum", "exclusiveMinimum",
+                                     "exclusiveMaximum", "multipleOf")):
+            return "number"
+        return "string"
+
+    def _object(self, schema: dict, depth: int, path: tuple, where: str) -> dict:
+        properties = schema.get("properties") or {}
+        required = schema.get("required") or []
+        result = {}
+        for name, subschema in properties.items():
+            if name in required:
+                result[name] = self.value(subschema, name, depth + 1, path + (name,))
+            elif depth < self.SHALLOW:
+                with contextlib.suppress(SchemaProblem):
+                    result[name] = self.value(subschema, name, depth + 1, path + (name,))
+        extra = schema.get("additionalProperties", True)
+        for name in required:
+            if name not in result:
+                if extra is False:
+                    raise SchemaProblem(f"'{name}' is required at {where} but is not among "
+                                        "its properties, and no other property is allowed")
+                result[name] = self.value(extra, name, depth + 1, path + (name,))
+        return result
+
+    def _array(self, schema: dict, key: str, depth: int, path: tuple, where: str) -> list:
+        prefix = schema.get("prefixItems") or []
+        items = schema.get("items", True)
+        low = schema.get("minItems", 0)
+        high = schema.get("maxItems")
+        count = max(low, 1 if depth < self.DEEP else 0, len(prefix) if depth < self.DEEP else 0)
+        if items is False:
+            count = min(count, len(prefix))
+        if high is not None:
+            count = min(count, high)
+        if count < low:
+            raise SchemaProblem(f"the array at {where} needs at least {low} items but allows "
+                                f"at most {min(high if high is not None else low, len(prefix))}")
+        result: list = []
+        attempts = 0
+        while len(result) < count:
+            index = len(result)
+            subschema = prefix[index] if index < len(prefix) else items
+            value = self.value(subschema, key, depth + 1, path + (index,))
+            attempts += 1
+            if schema.get("uniqueItems") and any(_same_json(value, seen) for seen in result):
+                if attempts > 4 * count + 8:
+                    raise SchemaProblem(f"the array at {where} needs {count} different items")
+                continue
+            result.append(value)
+        return result
+
+    def _number(self, schema: dict, integer: bool, where: str) -> int | float:
+        low, high = schema.get("minimum"), schema.get("maximum")
+        above, below = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
+        step = schema.get("multipleOf")
+
+        def fits(n: int | float) -> bool:
+            return ((low is None or n >= low) and (high is None or n <= high)
+                    and (above is None or n > above) and (below is None or n < below)
+                    and (not integer or float(n).is_integer())
+                    and (step is None or _is_multiple(n, step)))
+
+        # A number of the conversation, else 1, or the bound nearest to 1, or the first
+        # multiple (or whole number) at it, upwards and then downwards.
+        candidates: list[int | float] = list(self.source.numbers)
+        floor = max((b for b in (low, above) if b is not None), default=None)
+        ceiling = min((b for b in (high, below) if b is not None), default=None)
+        start = 1 if floor is None else max(1, floor)
+        start = start if ceiling is None else min(start, ceiling)
+        if step or integer:
+            unit = step or 1
+            first = math.ceil(start / unit)
+            candidates += [k * unit for k in range(first, first + 64)]
+            candidates += [k * unit for k in range(first - 1, first - 64, -1)]
+        else:
+            candidates.append(start)
+            if floor is not None and ceiling is not None:
+                candidates.append((floor + ceiling) / 2)
+            candidates += [start + 1, start - 1]
+        for candidate in candidates:
+            if fits(candidate):
+                if integer or (isinstance(candidate, float) and candidate.is_integer()):
+                    return int(candidate)
+                return candidate
+        bounds = ", ".join(f"{name} {value}" for name, value in (
+            ("minimum", low), ("exclusiveMinimum", above), ("maximum", high),
+            ("exclusiveMaximum", below), ("multipleOf", step)) if value is not None)
+        kind = "integer" if integer else "number"
+        raise SchemaProblem(f"no {kind} at {where} meets {bounds}")
+
+    def _string(self, schema: dict, key: str, where: str) -> str:
+        source = self.source
+        format_ = schema.get("format")
+        if format_ == "uuid":
+            found = _UUID.search(source.text)
+            digest = hashlib.sha256(source.seed + key.encode()).hexdigest()
+            text = found.group() if found else (
+                f"{digest[:8]}-{digest[8:12]}-4{digest[13:16]}-8{digest[17:20]}-{digest[20:32]}")
+        elif format_ in _FORMATS:
+            pattern, example = _FORMATS[format_]
+            found = re.search(pattern, source.text)
+            text = found.group() if found else example
+        elif _FREE_TEXT_NAMES.intersection(topic_words(key)):
+            text = source.free_text()
+        else:
+            text = source.word()
+        low, high = schema.get("minLength", 0), schema.get("maxLength")
+        if high is not None and high < low:
+            raise SchemaProblem(f"the string at {where} must be at least {low} and at most "
+                                f"{high} characters long")
+        while len(text) < low:
+            text += " " + source.word()
+        if high is not None:
+            text = text[:high]
+        pattern = schema.get("pattern")
+        if pattern is not None and not _matches(pattern, text):
+            tried = [text, *source.words, source.message]
+            text = next((t for t in tried if _matches(pattern, t)), None)
+            if text is None:
+                raise SchemaProblem(f"no word of the conversation matches the pattern "
+                                    f"{pattern!r} at {where}")
+        return text
+
+
+def _matches(pattern: str, text: str) -> bool:
+    try:
+        return re.search(pattern, text) is not None
+    except re.error:
+        raise SchemaProblem(f"the pattern {pattern!r} is not a regular expression "
+                            "this server can read") from None
+
+
+def _is_multiple(number: int | float, step: int | float) -> bool:
+    """multipleOf as jsonschema checks it, so a value made here is one it accepts."""
+    if isinstance(step, float):
+        quotient = number / step
+        try:
+            return int(quotient) == quotient
+        except OverflowError:
+            return False
+    return number % step == 0
+
+
+def _same_json(first: Any, second: Any) -> bool:
+    return json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
+
+
+class CheckedSchemas:
+    """The JSON Schemas of tools and formats already found valid, by their JSON text: an agent
+    sends the same ones on every turn, and checking one against the metaschema costs more than
+    answering the request."""
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self._texts: dict[str, None] = {}
+
+    def check(self, schema: Any) -> None:
+        """Raise jsonschema's SchemaError unless `schema` is a valid JSON Schema."""
+        text = json.dumps(schema, sort_keys=True)
+        if text not in self._texts:
+            jsonschema.Draft202012Validator.check_schema(schema)
+            if len(self._texts) >= self.LIMIT:
+                self._texts.clear()
+            self._texts[text] = None
+
+
+def check_tool_schema(schema: Any, subject: str, param: str, strict: bool,
+                      must_be_object: bool, code: str, checked: CheckedSchemas) -> None:
+    """OpenAI's checks of a function's parameters or a response format's schema: a valid JSON
+    Schema; an object at the root for functions (and strict formats); in strict mode, every
+    object closed (`additionalProperties: false`) with all its properties required."""
+    def invalid(message: str) -> APIError:
+        return APIError(400, f"Invalid schema for {subject}: {message}", param=param, code=code)
+
+    try:
+        checked.check(schema)
+    except jsonschema.exceptions.SchemaError as error:
+        where = param_path(list(error.absolute_path))
+        raise invalid(f"{error.message}" + (f" (at '{where}')." if where else ".")) from None
+    if (must_be_object or strict) and schema.get("type") != "object":
+        raise invalid(f"schema must be a JSON Schema of 'type: \"object\"', got "
+                      f"'type: \"{schema.get('type')}\"'.")
+    if strict:
+        _check_strict(schema, (), invalid)
+
+
+def _check_strict(schema: Any, context: tuple, invalid: Callable[[str], APIError]) -> None:
+    if isinstance(schema, list):
+        for index, item in enumerate(schema):
+            _check_strict(item, context + (str(index),), invalid)
+        return
+    if not isinstance(schema, dict):
+        return
+    kind = schema.get("type")
+    if kind == "object" or (isinstance(kind, list) and "object" in kind):
+        if schema.get("additionalProperties") is not False:
+            raise invalid(f"In context={context}, 'additionalProperties' is required to be "
+                          "supplied and to be false.")
+        required = schema.get("required") or []
+        missing = [name for name in schema.get("properties") or {} if name not in required]
+        if missing:
+            raise invalid(f"In context={context}, 'required' is required to be supplied and to "
+                          f"be an array including every key in properties. Missing '{missing[0]}'.")
+    for keyword in ("properties", "$defs", "definitions"):
+        for name, subschema in (schema.get(keyword) or {}).items():
+            _check_strict(subschema, context + (keyword, name), invalid)
+    for keyword in ("items", "anyOf", "allOf", "oneOf", "prefixItems", "additionalProperties"):
+        if keyword in schema:
+            _check_strict(schema[keyword], context + (keyword,), invalid)
 
 
 # =============================================================================
@@ -1887,7 +2574,8 @@ class RequestView:
         previous_id = self.body.get("previous_response_id")
         if self.endpoint == "responses" and previous_id:
             record = self.context.responses.load(previous_id)
-            earlier = [(role, text) for role, text in (record or {}).get("turns", ())]
+            earlier = [(turn.role, turn.text) for turn in
+                       map(Turn.from_stored, (record or {}).get("turns", ()))]
         return earlier + [(item["role"], message_text(item.get("content")))
                           for item in self._items
                           if item.get("type", "message") == "message" and "role" in item]
@@ -2770,6 +3458,7 @@ class Context:
             model: HashedEmbedder(model, size, resizable=model not in FIXED_SIZE_EMBEDDING_MODELS)
             for model, size in EMBEDDING_MODELS.items()}
         self.files = FileStore.open(os.path.join(settings.data_dir, "files"))
+        self.checked_schemas = CheckedSchemas()
         self.rig = Rig(settings, schemas)
 
     def models(self) -> list[dict[str, Any]]:
@@ -3109,12 +3798,12 @@ class ModelHandler(BaseHandler):
 
 def create_response(context: Context, body: dict[str, Any],
                     generation: Generation | None = None) -> dict[str, Any]:
-    """Answer a CreateResponse body with `generation` (a fixture's) or the deterministic
-    generator; store it unless told not to.
+    """Answer a CreateResponse body with `generation` (a fixture's) or the offline model;
+    store it unless told not to.
 
-    The generator reads the instructions (as a developer turn), the turns of the response
-    named by `previous_response_id` (whose own instructions are not carried over, as with
-    OpenAI), then this input.
+    The model reads the instructions (as a developer turn), the turns of the response named by
+    `previous_response_id` (whose own instructions are not carried over, as with OpenAI), then
+    this input.
     """
     model = body["model"]
     if generation is None and model not in {entry["id"] for entry in context.models()}:
@@ -3125,42 +3814,181 @@ def create_response(context: Context, body: dict[str, Any],
         raise APIError(400, "This server has no Conversations API: continue a conversation by "
                             "passing the last response's id as 'previous_response_id'.",
                        param="conversation")
-    turns: list[list[str]] = []
+    options = None
+    if generation is None:  # a fixture's reply is not bound by the built-in model's limits
+        options = response_reply_options(body, context.checked_schemas)
+    turns, input_items = response_turns(context, body)
+    if options is not None:
+        instructions = body.get("instructions")
+        conversation = ([Turn("developer", instructions)] if instructions else []) + turns
+        if options.json_format is not None and options.json_format.schema is None:
+            _require_the_word_json(conversation, "Response input messages must contain the word "
+                                   "'json' in some form to use 'text.format' of type "
+                                   "'json_object'.", "input")
+        generation = offline_reply(model, conversation, options)
+    response = render_response(body, generation, model)
+    if response["store"]:
+        reply = Turn("assistant", generation.text, generation.tool_calls)
+        context.responses.save({"response": response, "input_items": input_items,
+                                "turns": [turn.stored() for turn in turns + [reply]]})
+    return response
+
+
+def response_reply_options(body: dict[str, Any], checked: CheckedSchemas) -> ReplyOptions:
+    """The tools, tool choice and text format of a CreateResponse body, checked as OpenAI does."""
+    tools = []
+    for index, tool in enumerate(body.get("tools") or ()):
+        if tool["type"] != "function":
+            raise APIError(400, f"The tool '{tool['type']}' (tools[{index}]) is one OpenAI runs "
+                                "itself; this server runs no tools, so the built-in model cannot "
+                                "use it. Offer a function tool instead and answer its calls with "
+                                "function_call_output items.", param=f"tools[{index}].type",
+                           code="unsupported_tool")
+        tools.append(function_tool(tool, f"tools[{index}].parameters", checked))
+    mode, allowed = tool_choice_mode(body.get("tool_choice"), tools)
+    text_format = (body.get("text") or {}).get("format") or {"type": "text"}
+    json_format = None
+    if text_format["type"] == "json_object":
+        json_format = JSONFormat("json_object", None, False, "text.format")
+    elif text_format["type"] == "json_schema":
+        json_format = json_schema_format(text_format, "text.format.schema", checked)
+    return ReplyOptions(tuple(tools), mode, allowed, body.get("parallel_tool_calls") is not False,
+                        body.get("max_tool_calls"), json_format, body.get("max_output_tokens"))
+
+
+def function_tool(definition: dict[str, Any], param: str, checked: CheckedSchemas) -> FunctionTool:
+    """A function tool (chat's `function` object, or a Responses tool), its schema checked."""
+    name = definition["name"]
+    parameters = definition.get("parameters")
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}, "additionalProperties": False}
+    strict = bool(definition.get("strict"))
+    check_tool_schema(parameters, f"function '{name}'", param, strict, must_be_object=True,
+                      code="invalid_function_parameters", checked=checked)
+    return FunctionTool(name, definition.get("description") or "", parameters, strict, param)
+
+
+def json_schema_format(definition: dict[str, Any], param: str,
+                       checked: CheckedSchemas) -> JSONFormat:
+    """A `json_schema` format (chat's `json_schema` object, or Responses' `text.format`)."""
+    name = definition["name"]
+    schema = definition.get("schema")
+    strict = bool(definition.get("strict"))
+    if schema is not None:
+        check_tool_schema(schema, f"response_format '{name}'", param, strict,
+                          must_be_object=False, code="invalid_json_schema", checked=checked)
+    return JSONFormat(name, schema, strict, param)
+
+
+def tool_choice_mode(choice: str | dict[str, Any] | None,
+                     tools: Sequence[FunctionTool]) -> tuple[str, tuple[str, ...] | None]:
+    """`tool_choice` in any of its forms, as (mode, names of the tools it may pick or None)."""
+    if choice is None:
+        return "auto", None
+    if isinstance(choice, str):
+        if choice == "required" and not tools:
+            raise APIError(400, "Invalid value for 'tool_choice': 'required' needs at least one "
+                                "function in 'tools'.", param="tool_choice", code="invalid_value")
+        return choice, None
+    offered = [tool.name for tool in tools]
+    if choice["type"] == "function":
+        name = choice.get("name") or (choice.get("function") or {}).get("name")
+        if name not in offered:
+            raise APIError(400, f"Invalid value for 'tool_choice': it names the function "
+                                f"'{name}', which is not among the 'tools'.",
+                           param="tool_choice", code="invalid_value")
+        return "required", (name,)
+    if choice["type"] == "allowed_tools":
+        spec = choice.get("allowed_tools") or choice  # chat nests it; Responses does not
+        names = tuple((tool.get("function") or tool).get("name") for tool in spec["tools"])
+        if not set(names).intersection(offered):
+            raise APIError(400, "Invalid value for 'tool_choice': none of its allowed tools is "
+                                "a function among the 'tools'.", param="tool_choice",
+                           code="invalid_value")
+        return spec["mode"], names
+    raise APIError(400, f"Invalid value for 'tool_choice': a tool of type '{choice['type']}' "
+                        "is not one the built-in model can call; it calls function tools only.",
+                   param="tool_choice", code="invalid_value")
+
+
+def _require_the_word_json(turns: Sequence[Turn], message: str, param: str) -> None:
+    if not any("json" in turn.text.casefold() for turn in turns):
+        raise APIError(400, message, param=param)
+
+
+def response_turns(context: Context, body: dict[str, Any]) -> tuple[list[Turn], list[dict]]:
+    """The conversation a CreateResponse body continues (without its instructions), and its
+    input as input_items lists it.
+
+    Input items are messages, `function_call` and `function_call_output` items, and
+    `item_reference`s to an item of a stored response. Every call must have its output, and
+    every output its call, as OpenAI checks.
+    """
+    turns: list[Turn] = []
     previous_id = body.get("previous_response_id")
     if previous_id is not None:
         previous = context.responses.load(previous_id)
         if previous is None:
             raise not_found("previous response", previous_id, param="previous_response_id",
                             code="previous_response_not_found")
-        turns = previous["turns"]
-    input_items = _input_items(body["input"])
-    turns = turns + [[item["role"], message_text(item["content"])] for item in input_items]
-    instructions = body.get("instructions")
-    conversation = ([("developer", instructions)] if instructions else []) + [tuple(t) for t in turns]
-    if generation is None:
-        generation = deterministic_reply(model, conversation, body.get("max_output_tokens"))
-
-    response = render_response(body, generation, model)
-    if response["store"]:
-        context.responses.save({"response": response, "input_items": input_items,
-                                "turns": turns + [["assistant", generation.text]]})
-    return response
-
-
-def _input_items(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The input as input_items lists it: messages with ids, their text in parts."""
-    messages = [{"role": "user", "content": given}] if isinstance(given, str) else given
+        turns = [Turn.from_stored(turn) for turn in previous["turns"]]
+    given = body["input"]
     items = []
-    for message in messages:
-        content = message["content"]
-        texts = [content] if isinstance(content, str) else [part["text"] for part in content]
-        if message["role"] == "assistant":
-            items.append(_output_message(new_id("msg_"), "\n".join(texts), "completed"))
+    for item in [{"role": "user", "content": given}] if isinstance(given, str) else given:
+        if item.get("type") == "item_reference":
+            stored = context.responses.find_item(item["id"])
+            if stored is None:
+                raise not_found("item", item["id"], param="input")
+            item = stored
+        items.append(_input_item(item))
+        _add_turn(turns, items[-1])
+    called = {call.id for turn in turns for call in turn.tool_calls}
+    answered = {turn.call_id for turn in turns if turn.call_id is not None}
+    for call_id in answered - called:
+        raise APIError(400, f"No tool call found for function call output with call_id "
+                            f"{call_id}.", param="input")
+    for turn in turns:
+        for call in turn.tool_calls:
+            if call.id not in answered:
+                raise APIError(400, f"No tool output found for function call {call.id}.",
+                               param="input")
+    return turns, items
+
+
+def _input_item(item: dict[str, Any]) -> dict[str, Any]:
+    """An input item as input_items lists it: with an id, and its text in parts."""
+    kind = item.get("type", "message")
+    if kind == "function_call":
+        return {"id": item.get("id") or new_id("fc_"), "type": "function_call",
+                "status": "completed", "arguments": item["arguments"],
+                "call_id": item["call_id"], "name": item["name"]}
+    if kind == "function_call_output":
+        output = item["output"]
+        return {"id": item.get("id") or new_id("fco_"), "type": "function_call_output",
+                "status": "completed", "call_id": item["call_id"],
+                "output": output if isinstance(output, str) else message_text(output)}
+    content = item["content"]
+    texts = [content] if isinstance(content, str) else [
+        part.get("text", part.get("refusal", "")) for part in content]
+    if item["role"] == "assistant":
+        return _output_message(item.get("id") or new_id("msg_"), "\n".join(texts), "completed")
+    return {"id": item.get("id") or new_id("msg_"), "type": "message", "role": item["role"],
+            "status": "completed", "content": [{"type": "input_text", "text": text}
+                                               for text in texts]}
+
+
+def _add_turn(turns: list[Turn], item: dict[str, Any]) -> None:
+    if item["type"] == "function_call":
+        call = ToolCall(item["call_id"], item["name"], item["arguments"])
+        last = turns[-1] if turns else None
+        if last is not None and last.role == "assistant" and last.call_id is None:
+            turns[-1] = dataclasses.replace(last, tool_calls=last.tool_calls + (call,))
         else:
-            items.append({"id": new_id("msg_"), "type": "message",
-                          "role": message["role"], "status": "completed",
-                          "content": [{"type": "input_text", "text": text} for text in texts]})
-    return items
+            turns.append(Turn("assistant", "", (call,)))
+    elif item["type"] == "function_call_output":
+        turns.append(Turn("tool", item["output"], call_id=item["call_id"]))
+    else:
+        turns.append(Turn(item["role"], message_text(item["content"])))
 
 
 async def _stream_response(handler: BaseHandler, response: dict[str, Any],
@@ -3323,13 +4151,13 @@ class ChatCompletionsHandler(BaseHandler):
 
     async def _answer_offline(self, body: dict[str, Any], scripted: Generation | None) -> None:
         model = body["model"]
-        conversation = [(message["role"], message_text(message.get("content")))
-                        for message in body["messages"]]
-        max_tokens = body.get("max_completion_tokens")
-        if max_tokens is None:
-            max_tokens = body.get("max_tokens")
-        generations = [scripted or deterministic_reply(model, conversation, max_tokens, variant)
-                       for variant in range(body.get("n") or 1)]
+        turns = chat_turns(body["messages"])
+        if scripted is not None:
+            generations = [scripted] * (body.get("n") or 1)
+        else:
+            options = chat_reply_options(body, turns, self.context.checked_schemas)
+            generations = [offline_reply(model, turns, options, variant)
+                           for variant in range(body.get("n") or 1)]
         head = {"id": new_id("chatcmpl-"), "created": unix_now(), "model": model}
         if not body.get("stream"):
             reply = chat_completion(head, generations)
@@ -3348,6 +4176,76 @@ class ChatCompletionsHandler(BaseHandler):
             pass  # the client left: nobody to finish for
         finally:
             stream.close()
+
+
+def chat_turns(messages: Sequence[dict[str, Any]]) -> list[Turn]:
+    """The messages as the offline model reads them, with OpenAI's checks: each `tool` message
+    answers a call of the assistant message just before it (or of the tool messages between),
+    and every call is answered before any other message."""
+    turns: list[Turn] = []
+    pending: list[str] = []
+    asked_at = 0
+    for index, message in enumerate(messages):
+        if message["role"] == "tool":
+            if message["tool_call_id"] not in pending:
+                raise APIError(400, "Invalid parameter: messages with role 'tool' must be a "
+                                    "response to a preceeding message with 'tool_calls'.",
+                               param=f"messages.[{index}].role")
+            pending.remove(message["tool_call_id"])
+            turns.append(Turn("tool", message_text(message["content"]),
+                              call_id=message["tool_call_id"]))
+            continue
+        if pending:
+            raise _unanswered_calls(pending, asked_at)
+        calls = tuple(ToolCall(call["id"], *_called(call)) for call in message.get("tool_calls") or ())
+        turns.append(Turn(message["role"], message_text(message.get("content")), calls))
+        pending, asked_at = [call.id for call in calls], index
+    if pending:
+        raise _unanswered_calls(pending, asked_at)
+    return turns
+
+
+def _called(call: dict[str, Any]) -> tuple[str, str]:
+    """(name, arguments) of a function call, or of a custom tool's call (its input)."""
+    if "custom" in call:
+        return call["custom"]["name"], call["custom"].get("input", "")
+    return call["function"]["name"], call["function"]["arguments"]
+
+
+def _unanswered_calls(call_ids: Sequence[str], index: int) -> APIError:
+    return APIError(400, "An assistant message with 'tool_calls' must be followed by tool "
+                         "messages responding to each 'tool_call_id'. The following "
+                         f"tool_call_ids did not have response messages: {', '.join(call_ids)}",
+                    param=f"messages.[{index}].role")
+
+
+def chat_reply_options(body: dict[str, Any], turns: Sequence[Turn],
+                       checked: CheckedSchemas) -> ReplyOptions:
+    """The tools, tool choice and response format of a chat request, checked as OpenAI does."""
+    tools = []
+    for index, tool in enumerate(body.get("tools") or ()):
+        if tool["type"] != "function":
+            raise APIError(400, f"The built-in model calls function tools only; tools[{index}] "
+                                f"is a '{tool['type']}' tool.", param=f"tools[{index}].type",
+                           code="invalid_value")
+        tools.append(function_tool(tool["function"], f"tools[{index}].function.parameters",
+                                   checked))
+    if body.get("tool_choice") is not None and not tools:
+        raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
+                            "'tools' are specified.", param="tool_choice")
+    mode, allowed = tool_choice_mode(body.get("tool_choice"), tools)
+    response_format = body.get("response_format") or {"type": "text"}
+    json_format = None
+    if response_format["type"] == "json_object":
+        _require_the_word_json(turns, "'messages' must contain the word 'json' in some form, to "
+                               "use 'response_format' of type 'json_object'.", "messages")
+        json_format = JSONFormat("json_object", None, False, "response_format")
+    elif response_format["type"] == "json_schema":
+        json_format = json_schema_format(response_format["json_schema"], "response_format",
+                                         checked)
+    max_tokens = body.get("max_completion_tokens")
+    return ReplyOptions(tuple(tools), mode, allowed, body.get("parallel_tool_calls") is not False,
+                        None, json_format, body.get("max_tokens") if max_tokens is None else max_tokens)
 
 
 class EmbeddingsHandler(BaseHandler):

@@ -11,7 +11,7 @@ import statistics
 import tempfile
 import time
 
-from benchmark import ozwell_server
+from benchmark import ozwell_server, requests_per_second
 
 HEADERS = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
 BODY = {"model": "ozwell-deterministic", "input": "How fast can you answer this question?"}
@@ -37,17 +37,9 @@ def rows() -> list[tuple[str, str]]:
 
 
 def _requests_per_second(connection: http.client.HTTPConnection, body: dict) -> float:
-    payload = json.dumps(body)
-    count = 0
-    started = time.perf_counter()
-    while count < MAX_REQUESTS and time.perf_counter() - started < SECONDS_PER_ROW:
-        connection.request("POST", "/v1/responses", payload, HEADERS)
-        reply = connection.getresponse()
-        reply.read()
-        if reply.status != 200:
-            raise RuntimeError(f"POST /v1/responses answered {reply.status}")
-        count += 1
-    return count / (time.perf_counter() - started)
+    count, seconds = requests_per_second(connection, "/v1/responses", body, SECONDS_PER_ROW,
+                                         MAX_REQUESTS)
+    return count / seconds
 
 
 def _stream_events_per_second(connection: http.client.HTTPConnection) -> tuple[int, float]:

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "build"))
 
-AREAS = ("core", "chat", "responses", "embeddings", "files", "rigs")
+AREAS = ("core", "chat", "responses", "embeddings", "files", "tools", "rigs")
 SECONDS = 5
 CONNECTIONS = 16
 
@@ -105,6 +105,24 @@ def ozwell_server(data_dir: str, *extra: str, env: dict | None = None,
     inherited = {k: v for k, v in os.environ.items() if inherit_ozwell_env or not k.startswith("OZWELL_")}
     return Server([sys.executable, str(ROOT / "ozwell.py"), "--host", "127.0.0.1", "--port", "{port}",
                    "--data-dir", data_dir, *extra], env={**inherited, **(env or {})})
+
+
+def requests_per_second(connection, path: str, body: dict, seconds: float,
+                        limit: int = 5000) -> tuple[int, float]:
+    """POST `body` to `path` again and again on one keep-alive `http.client` connection, for
+    `seconds` or `limit` requests: (requests made, seconds taken)."""
+    payload = json.dumps(body)
+    headers = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
+    count = 0
+    started = time.perf_counter()
+    while count < limit and time.perf_counter() - started < seconds:
+        connection.request("POST", path, payload, headers)
+        reply = connection.getresponse()
+        reply.read()
+        if reply.status != 200:
+            raise RuntimeError(f"POST {path} answered {reply.status}")
+        count += 1
+    return count, time.perf_counter() - started
 
 
 def wrk(url: str, connections: int = CONNECTIONS, seconds: int = SECONDS, post: dict | None = None,
