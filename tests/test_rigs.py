@@ -5,6 +5,7 @@ The official SDK is the client; a fixtures file with every kind of match and rep
 by the app under test (and by a real server process for the sync SDK).
 """
 import json
+import socket
 
 import openai
 import pydantic
@@ -124,8 +125,14 @@ async def test_a_fixture_answers_chat_and_responses_streamed_and_not_with_the_sa
 
 @pytest.mark.gen_test
 @pytest.mark.parametrize("text", ["architecture", "this and that", "chi", "hit me"])
-async def test_contains_is_whole_words_only(client, text):
+async def test_contains_is_whole_words_only(client, http_client, base_url, text):
     assert not (await chat(client, text)).startswith("Hello from the greeting")
+    # The same through the control API (a session's own fixtures are tried one by one).
+    await control(http_client, base_url, "POST", "fixtures", session="words",
+                  body={"match": {"user": {"contains": "hi"}}, "reply": {"text": "matched"}})
+    words = client.with_options(default_headers={"x-ozwell-session": "words"})
+    assert await chat(words, text) != "matched"
+    assert await chat(words, "oh, hi!") == "matched"
 
 
 @pytest.mark.gen_test
@@ -222,6 +229,36 @@ async def test_a_tool_call_reply_on_responses_whole_and_streamed(client, registr
         final = await stream.get_final_response()
     assert "response.function_call_arguments.delta" in kinds
     assert final.output[0].arguments == item.arguments
+
+
+@pytest.mark.gen_test
+async def test_a_tool_result_on_responses_gets_the_fixtures_answer(client):
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}
+    first = await client.responses.create(model=MODEL, input="Weather in Oslo?", tools=[tool])
+    call = first.output[0]
+    second = await client.responses.create(model=MODEL, tools=[tool], previous_response_id=first.id, input=[
+        {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": "4 C"}'}])
+    assert second.output_text == "It is 4 C in Oslo."
+
+
+@pytest.mark.gen_test
+async def test_a_json_reply_parses_on_responses_and_a_schema_that_refuses_it_is_a_400(
+        client, http_client, base_url):
+    class Order(pydantic.BaseModel):
+        status: str
+
+    session = {"x-ozwell-session": "receipts"}
+    await control(http_client, base_url, "POST", "fixtures", session="receipts",
+                  body={"match": {"user": {"contains": "receipt"}}, "reply": {"json": {"status": "paid"}}})
+    parsed = await client.responses.parse(model=MODEL, input="my receipt", text_format=Order,
+                                          extra_headers=session)
+    assert parsed.output_parsed == Order(status="paid")
+    refusing = {"type": "json_schema", "name": "count", "schema": {
+        "type": "object", "properties": {"count": {"type": "integer"}}, "required": ["count"]}}
+    with pytest.raises(openai.BadRequestError) as raised:
+        await client.responses.create(model=MODEL, input="my receipt", text={"format": refusing},
+                                      extra_headers=session)
+    assert "json_schema refuses: the top level: 'count' is a required property" in raised.value.body["message"]
 
 
 @pytest.mark.gen_test
@@ -396,6 +433,16 @@ async def test_control_routes_need_the_api_key_and_are_documented(http_client, b
 
 # --- the fixtures file and strict mode ---------------------------------------------------------
 
+def start_main(tmp_path, *args):
+    """ozwell.main() on a port that is taken: a fixtures file it accepted could not make it
+    serve forever, it would fail to bind instead."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        return ozwell.main([*args, "--data-dir", str(tmp_path / "data"), "--host", "127.0.0.1",
+                            "--port", str(taken.getsockname()[1])])
+
+
 @pytest.mark.parametrize("document, message", [
     ({"fixtures": [{"reply": {"text": "ok"}}, {"reply": {"txt": "x"}}]},
      "fixtures[1].reply: unknown key 'txt' (the keys allowed here: text, tool_calls, json"),
@@ -416,7 +463,7 @@ async def test_control_routes_need_the_api_key_and_are_documented(http_client, b
 def test_a_bad_fixtures_file_stops_the_start_in_one_line(tmp_path, capsys, document, message):
     path = tmp_path / "rig.json"
     path.write_text(json.dumps(document))
-    assert ozwell.main(["--fixtures", str(path), "--data-dir", str(tmp_path / "data")]) == 2
+    assert start_main(tmp_path, "--fixtures", str(path)) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"ozwell: fixtures file {path}: {message}")
     assert error.count("\n") == 1
@@ -430,12 +477,12 @@ def test_a_bad_fixtures_file_stops_the_start_in_one_line(tmp_path, capsys, docum
 def test_a_fixtures_file_that_is_not_plain_json_is_refused(tmp_path, capsys, raw, message):
     path = tmp_path / "rig.json"
     path.write_text(raw)
-    assert ozwell.main(["--fixtures", str(path), "--data-dir", str(tmp_path / "data")]) == 2
+    assert start_main(tmp_path, "--fixtures", str(path)) == 2
     assert message in capsys.readouterr().err
 
 
 def test_a_missing_fixtures_file_is_named(tmp_path, capsys):
-    assert ozwell.main(["--fixtures", str(tmp_path / "nope.json"), "--data-dir", str(tmp_path)]) == 2
+    assert start_main(tmp_path, "--fixtures", str(tmp_path / "nope.json")) == 2
     assert capsys.readouterr().err == (
         f"ozwell: fixtures file {tmp_path / 'nope.json'}: cannot be read: No such file or directory\n")
 
