@@ -2566,19 +2566,22 @@ class RequestView:
         return [item for item in given or () if isinstance(item, dict)]
 
     @functools.cached_property
+    def _earlier(self) -> list[Turn]:
+        """The turns of the stored response a Responses request continues."""
+        previous_id = self.body.get("previous_response_id")
+        if self.endpoint != "responses" or not previous_id:
+            return []
+        record = self.context.responses.load(previous_id) or {}
+        return [Turn.from_stored(turn) for turn in record.get("turns", ())]
+
+    @functools.cached_property
     def messages(self) -> list[tuple[str, str]]:
         """(role, text) of each message, a stored response's turns first when continuing one."""
         if self.endpoint == "embeddings":
             return []
-        earlier: list[tuple[str, str]] = []
-        previous_id = self.body.get("previous_response_id")
-        if self.endpoint == "responses" and previous_id:
-            record = self.context.responses.load(previous_id)
-            earlier = [(turn.role, turn.text) for turn in
-                       map(Turn.from_stored, (record or {}).get("turns", ()))]
-        return earlier + [(item["role"], message_text(item.get("content")))
-                          for item in self._items
-                          if item.get("type", "message") == "message" and "role" in item]
+        return [(turn.role, turn.text) for turn in self._earlier] + [
+            (item["role"], message_text(item.get("content"))) for item in self._items
+            if item.get("type", "message") == "message" and "role" in item]
 
     @functools.cached_property
     def last_user(self) -> str:
@@ -2641,8 +2644,16 @@ class RequestView:
 
     @property
     def prompt_tokens(self) -> int:
-        return count_tokens(self.body.get("instructions") or "") + sum(
-            count_tokens(text) for _, text in self.messages)
+        """What the request gives the model to read, counted as the built-in model counts it."""
+        if self.endpoint == "chat":
+            return prompt_token_count(chat_turns(self.body["messages"]))
+        calls = [item.get("arguments", "") for item in self._items
+                 if item.get("type") == "function_call"]
+        return (count_tokens(self.body.get("instructions") or "")
+                + prompt_token_count(self._earlier)
+                + sum(count_tokens(text) for text in calls)
+                + sum(count_tokens(text) for _, text in self.messages[len(self._earlier):])
+                + sum(count_tokens(text) for _, text in self.tool_results))
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
@@ -2656,7 +2667,8 @@ class Condition:
     why_not: Callable[[RequestView], str]
 
 
-def _conditions(match: Mapping[str, Any], endpoints: frozenset[str], where: str) -> list[Condition]:
+def _conditions(match: Mapping[str, Any], endpoints: frozenset[str], user: TextMatch | None,
+                where: str) -> list[Condition]:
     """The fixture's tests, cheapest first, so a request that fails one costs little."""
     conditions = [Condition(lambda view: view.endpoint in endpoints,
                             lambda view: f"it answers {' and '.join(sorted(endpoints))}, "
@@ -2683,8 +2695,7 @@ def _conditions(match: Mapping[str, Any], endpoints: frozenset[str], where: str)
             lambda view: tool in view.tools,
             lambda view: f"it wants the tool {tool!r} offered; the request offers "
                          f"{', '.join(map(repr, view.tools)) or 'no tools'}"))
-    if "user" in match:
-        user = TextMatch.parse(match["user"], f"{where}.match.user")
+    if user is not None:
         conditions.append(Condition(
             lambda view: user.test(view.last_user),
             lambda view: f"the last user message {_quoted(view.last_user)} "
@@ -2784,7 +2795,7 @@ def parse_fixture(spec: Mapping[str, Any], source: str, index: int) -> Fixture:
     user = TextMatch.parse(match["user"], f"{where}.match.user") if "user" in match else None
     name = spec.get("name") or (where if source == "file" else f"session fixture {index}")
     return Fixture(name=name, source=source, index=index, spec=dict(spec),
-                   conditions=tuple(_conditions(match, endpoints, where)), user=user,
+                   conditions=tuple(_conditions(match, endpoints, user, where)), user=user,
                    replies=tuple(replies), repeat_last=reply.get("then") != "fall_through",
                    max_uses=spec.get("uses"), deliberate=bool(spec.get("deliberate")),
                    latency=Latency.parse(spec["latency"]) if "latency" in spec else None)
@@ -3048,13 +3059,10 @@ def scripted_generation(fixture: Fixture, reply: Mapping[str, Any],
                              {GENERATOR_HEADER: "fixture"})
     if not fixture.deliberate:
         _refuse_contradictions(fixture, reply, view)
-    text = reply.get("text", "")
-    if "json" in reply:
-        text = json.dumps(reply["json"], ensure_ascii=False, separators=(",", ":"))
-    tool_calls = tuple(
-        ToolCall(call.get("id") or new_id("call_"), call["name"],
-                 json.dumps(call.get("arguments", {}), ensure_ascii=False))
-        for call in reply.get("tool_calls", ()))
+    text = json_text(reply["json"]) if "json" in reply else reply.get("text", "")
+    tool_calls = tuple(ToolCall(call.get("id") or new_id("call_"), call["name"],
+                                json_text(call.get("arguments", {})))
+                       for call in reply.get("tool_calls", ()))
     tokens = tokenize(text)
     finish_reason = "tool_calls" if tool_calls else "stop"
     limit = view.max_tokens

@@ -170,6 +170,9 @@ async def test_tool_offered_tool_result_and_turn(http_client, base_url, client):
              "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": "4 C"}'}])
     assert second.choices[0].message.content == "It is 4 C in Oslo."
+    # The prompt is counted as the built-in model counts it: texts and the call's arguments.
+    assert second.usage.prompt_tokens == sum(map(ozwell.count_tokens, (
+        "Weather in Oslo?", '{"city": "Oslo"}', '{"temperature": "4 C"}')))
     again = await client.chat.completions.create(model=MODEL, messages=[
         {"role": "user", "content": "hello"}, {"role": "assistant", "content": "yes"},
         {"role": "user", "content": "again please"}])
@@ -239,6 +242,8 @@ async def test_a_tool_result_on_responses_gets_the_fixtures_answer(client):
     second = await client.responses.create(model=MODEL, tools=[tool], previous_response_id=first.id, input=[
         {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": "4 C"}'}])
     assert second.output_text == "It is 4 C in Oslo."
+    assert second.usage.input_tokens == sum(map(ozwell.count_tokens, (
+        "Weather in Oslo?", call.arguments, '{"temperature": "4 C"}')))
 
 
 @pytest.mark.gen_test
