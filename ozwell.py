@@ -2910,6 +2910,7 @@ class Fault:
         return scripted_error(self.spec, f"the planned fault {self.name!r} on {endpoint} call "
                                          f"{call} of session {session!r}")
 
+
 # How long a stream_stall fault sends nothing when it does not say.
 _STREAM_STALL_MS = 30_000.0
 
@@ -3181,6 +3182,9 @@ MAX_SESSIONS = 10_000
 # A journaled body larger than this is left out (its size is kept): the journal stays small.
 JOURNAL_BODY_LIMIT = 256 * 1024
 
+# The calls a fault fired on that a session remembers (the latest).
+FIRED_KEPT = 1000
+
 # Request headers whose values the journal never shows.
 _SECRET_HEADER = re.compile(r"authorization|cookie|api[-_]?key|token|secret|password", re.I)
 
@@ -3196,7 +3200,7 @@ class Session:
         self.faults: list[Fault] = []
         self.uses: dict[Fixture, int] = {}
         self.calls: collections.Counter[str] = collections.Counter()
-        self.fired: dict[Fault, list[dict[str, Any]]] = {}
+        self.fired: dict[Fault, collections.deque[dict[str, Any]]] = {}
 
     def count_call(self, endpoint: str) -> int:
         self.calls[endpoint] += 1
@@ -3378,7 +3382,8 @@ async def consult_rig(handler: BaseHandler, endpoint: str, body: Mapping[str, An
     local = False
     if fault is not None:
         handler.rig_outcome["fault"] = {"name": fault.name, "type": fault.type, "call": call}
-        session.fired.setdefault(fault, []).append({"endpoint": endpoint, "call": call})
+        session.fired.setdefault(fault, collections.deque(maxlen=FIRED_KEPT)).append(
+            {"endpoint": endpoint, "call": call})
         await _fire(handler, fault, endpoint, call, bool(body.get("stream")))
         local = fault.type in STREAM_FAULTS or fault.type == "slow"
     view = RequestView(endpoint, body, handler.request.headers, session.name, handler.context)
@@ -3520,8 +3525,8 @@ class BaseHandler(tornado.web.RequestHandler):
         self._limit_body()
         if self.requires_auth:
             self._authenticate()
-        self.session = self.context.rig.session(self.request.headers.get(SESSION_HEADER))
-        current_mint.set(self.session.mint)
+            self.session = self.context.rig.session(self.request.headers.get(SESSION_HEADER))
+            current_mint.set(self.session.mint)
 
     def on_finish(self) -> None:
         if self._counted:
@@ -4838,7 +4843,7 @@ class RigFaultsHandler(_RigPlanHandler):
 
     def listed(self, fault: Fault) -> dict[str, Any]:
         return {"object": "fault", "name": fault.name, "source": fault.source,
-                "index": fault.index, "fired": self.session.fired.get(fault, []),
+                "index": fault.index, "fired": list(self.session.fired.get(fault, ())),
                 "fault": fault.spec}
 
     def forget_counts(self) -> None:
@@ -5062,6 +5067,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers = _worker_count(settings)
         _log_banner(settings, sockets, workers)
         _log_upstream_reachability(settings)
+        if workers > 1 and (settings.fixtures or settings.seed):
+            log.warning("test rigs keep their counts, sessions and journal per worker: with %d "
+                        "workers, calls are counted apart; run test rigs with one", workers)
         if workers > 1:
             return _run_workers(settings, sockets, workers)  # each worker builds its own app
         return asyncio.run(serve(settings, sockets, app))
