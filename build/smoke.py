@@ -27,6 +27,14 @@ def _get(url: str) -> tuple[int, bytes]:
         return reply.status, reply.read()
 
 
+def _embedding(url: str, input) -> list[float]:
+    body = json.dumps({"model": "text-embedding-3-small", "input": input, "encoding_format": "float"})
+    request = urllib.request.Request(f"{url}/v1/embeddings", data=body.encode(), headers={
+        "Authorization": "Bearer smoke", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        return json.loads(reply.read())["data"][0]["embedding"]
+
+
 def check(pyz: Path, python: str, folder: Path, shiv_root: Path, timeout: float = 60.0) -> None:
     """Copy the pyz into `folder` (empty), run it there with `python`, check the public routes."""
     shutil.copy(pyz, folder / "ozwell.pyz")
@@ -54,6 +62,9 @@ def check(pyz: Path, python: str, folder: Path, shiv_root: Path, timeout: float 
         assert b"swagger-ui" in _get(f"{url}/docs")[1]
         assert _get(f"{url}/docs/assets/swagger-ui-bundle.js")[0] == 200
         assert (folder / "data").is_dir(), "the default data dir ./data was not made"
+        # Token ids are decoded with the cl100k_base vocabulary the pyz carries.
+        hello = [_embedding(url, input) for input in ("hello world", [[15339, 1917]])]
+        assert hello[0] == hello[1], "token ids did not embed as the text they spell"
     finally:
         process.terminate()
         code = process.wait(10)

@@ -1,4 +1,5 @@
 """Shared fixtures, in pytest-tornado's idiom: `app` is served at `base_url` for each test."""
+import json
 import os
 import shutil
 import socket
@@ -41,6 +42,21 @@ def base_url(http_port):
 def client(base_url, http_server):
     """The official SDK's async client, on the test's own event loop (no retries)."""
     return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def assert_valid(registry, name: str, instance) -> None:
+    """`instance` validates against the schema `name`; the errors show when it does not."""
+    assert [f"{list(e.absolute_path)}: {e.message}" for e in registry.errors(name, instance)] == []
+
+
+async def call_api(http_client, base_url: str, method: str, path: str, body=None):
+    """One request with the test key: (status, the body: parsed when it is JSON, else bytes)."""
+    reply = await http_client.fetch(f"{base_url}{path}", method=method, headers=AUTH,
+                                    body=None if body is None else json.dumps(body),
+                                    allow_nonstandard_methods=True, raise_error=False)
+    if reply.headers.get("Content-Type", "").startswith("application/json"):
+        return reply.code, json.loads(reply.body)
+    return reply.code, reply.body
 
 
 def free_port() -> int:
@@ -148,3 +164,32 @@ def node_sdk():
             script.unlink()
 
     return run
+
+
+OPENAI_AGENTS_VERSION = "0.24.0"
+
+
+@pytest.fixture(scope="session")
+def openai_agents_python():
+    """A Python with openai-agents, in a venv made once per machine in the cache folder
+    (staged, then renamed, so an interrupted install is never taken for a finished one).
+
+    openai-agents cannot share the test environment: its MCP dependency needs jsonschema 4.20
+    or newer, and the server keeps to 4.17, the last pure-Python line.
+    """
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = cache / "ozwell-tests" / f"openai-agents-{OPENAI_AGENTS_VERSION}-py{sys.version_info[0]}{sys.version_info[1]}"
+    python = folder / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    if not python.exists():
+        staging = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(staging)], check=True, timeout=120)
+        staged_python = staging / python.relative_to(folder)
+        result = subprocess.run([str(staged_python), "-m", "pip", "install", "-q",
+                                 f"openai-agents=={OPENAI_AGENTS_VERSION}"],
+                                capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            pytest.fail(f"pip install openai-agents=={OPENAI_AGENTS_VERSION} failed:\n{result.stderr}")
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)  # venvs keep absolute paths only in their scripts, not in python
+    return python

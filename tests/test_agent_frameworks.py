@@ -7,11 +7,7 @@ dependency needs a jsonschema newer than the server's), so its test makes a venv
 once per machine, and runs the agent there against a server process.
 """
 import json
-import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -107,8 +103,6 @@ async def test_a_langchain_bind_tools_loop_ends_with_an_answer_quoting_the_tool(
     await http_client.aclose()
 
 
-OPENAI_AGENTS_VERSION = "0.24.0"
-
 OPENAI_AGENTS_SCRIPT = r"""
 import asyncio, json, sys
 from typing import Literal
@@ -145,28 +139,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-@pytest.fixture(scope="session")
-def openai_agents_python():
-    """A Python with openai-agents, in a venv made once per machine in the cache folder
-    (staged, then renamed, so an interrupted install is never taken for a finished one)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = cache / "ozwell-tests" / f"openai-agents-{OPENAI_AGENTS_VERSION}-py{sys.version_info[0]}{sys.version_info[1]}"
-    python = folder / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    if not python.exists():
-        staging = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(staging)], check=True, timeout=120)
-        staged_python = staging / python.relative_to(folder)
-        result = subprocess.run([str(staged_python), "-m", "pip", "install", "-q",
-                                 f"openai-agents=={OPENAI_AGENTS_VERSION}"],
-                                capture_output=True, text=True, timeout=600)
-        if result.returncode != 0:
-            pytest.fail(f"pip install openai-agents=={OPENAI_AGENTS_VERSION} failed:\n{result.stderr}")
-        shutil.rmtree(folder, ignore_errors=True)
-        staging.rename(folder)  # venvs keep absolute paths only in their scripts, not in python
-    return python
 
 
 def test_an_openai_agents_runner_calls_its_tool_and_returns_its_output_type(

@@ -1,4 +1,5 @@
 """The command line: settings from flags and environment, `spec`, bad settings, graceful stop."""
+import dataclasses
 import json
 import os
 import signal
@@ -50,16 +51,52 @@ def test_spec_prints_the_openapi_document_without_network(tmp_path):
 
 
 @pytest.mark.parametrize("args, env, says", [
-    (("--port", "70000"), {}, "port 70000 is out of range"),
-    (("--port", "abc"), {}, "is not valid for port"),
-    ((), {"PORT": "-1"}, "port -1 is out of range"),
-    ((), {"OZWELL_MAX_REQUEST_BYTES": "0"}, "must be a positive"),
+    (("--port", "70000"), {}, "--port 70000 is out of range"),
+    (("--port", "abc"), {}, "--port abc is not a whole number"),
+    (("--max-request-bytes", "1.5"), {}, "--max-request-bytes 1.5 is not a whole number"),
+    (("--keepalive-seconds", "soon"), {}, "--keepalive-seconds soon is not a number"),
+    (("--workers", "-1"), {}, "--workers -1 must be 0 (one per CPU) or more"),
+    ((), {"PORT": "-1"}, "PORT=-1 is out of range"),
+    ((), {"PORT": "a b"}, "PORT='a b' is not a whole number"),
+    ((), {"OZWELL_WORKERS": "-2"}, "OZWELL_WORKERS=-2 must be 0"),
+    ((), {"OZWELL_MAX_REQUEST_BYTES": "0"}, "OZWELL_MAX_REQUEST_BYTES=0 must be a positive"),
+    (("--prot", "3000"), {}, "unknown option --prot (did you mean --port?)"),
+    (("--port=3000", "--datadir", "x"), {}, "unknown option --datadir (did you mean --data-dir?)"),
+    (("--po", "3000"), {}, "unknown option --po (did you mean --port?)"),
+    (("--frobnicate",), {}, "unknown option --frobnicate."),
+    (("--port",), {}, "argument --port: expected one argument"),
+    (("serv",), {}, "invalid choice: 'serv'"),
+    (("--host", "no-such-host.invalid", "--port", "0"), {}, "the host is unknown"),
 ])
 def test_bad_settings_end_in_one_line_and_nonzero_exit(args, env, says):
     result = run_cli(*args, env=env)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert says in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    if args and not env:  # a flag is named as a flag, never as its environment variable
+        assert "OZWELL_" not in result.stderr and "PORT=" not in result.stderr
+    assert "invalid choice: '3000'" not in result.stderr and "another --port" not in result.stderr
+
+
+def test_help_table_columns_line_up_whatever_the_names(monkeypatch):
+    long_name = dataclasses.field(default=1, metadata={
+        "env": "OZWELL_A_SETTING_WITH_A_VERY_LONG_NAME_INDEED", "help": "a long one",
+        "parse": int, "flag": True})
+    longer = dataclasses.make_dataclass(
+        "Longer", [("a_setting_with_a_very_long_name_indeed", int, long_name)],
+        bases=(ozwell.Settings,), frozen=True)
+    for settings in (ozwell.Settings, longer):
+        monkeypatch.setattr(ozwell, "Settings", settings)
+        table = ozwell._argument_parser().format_help().split("settings (environment variable")[1]
+        rows = {field.name: next(line for line in table.splitlines()
+                                 if line.startswith(f"  {field.metadata['env']} "))
+                for field in dataclasses.fields(settings)}
+        columns = set()
+        for field in dataclasses.fields(settings):
+            row, env = rows[field.name], field.metadata["env"]
+            default = ozwell._shown_default(field.default)
+            columns.add((row.index(default, len(env) + 2), row.index(field.metadata["help"])))
+        assert len(columns) == 1, columns
 
 
 def test_data_dir_that_is_a_file_is_one_line(tmp_path):

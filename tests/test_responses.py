@@ -122,7 +122,11 @@ async def test_every_documented_field_is_accepted_and_echoed(client):
     ({"model": MODEL, "input": "hi", "text": {"format": {"type": "yaml"}}}, "text.format.type", "invalid_value"),
     ({"model": MODEL, "input": "hi", "user": 9}, "user", "invalid_type"),
     ({"model": "gpt-nonexistent", "input": "hi"}, "model", "model_not_found"),
-    ({"model": MODEL, "input": "hi", "conversation": "conv_1"}, "conversation", None),
+    ({"model": MODEL, "input": "hi", "conversation": "conv_1", "previous_response_id": "resp_1"},
+     "conversation", "mutually_exclusive_parameters"),
+    ({"model": MODEL, "input": "hi", "conversation": 5}, "conversation", "invalid_value"),
+    ({"model": MODEL, "input": "hi", "background": True, "store": False}, "store", "invalid_value"),
+    ({"model": MODEL, "input": "hi", "reasoning": {"effort": "enormous"}}, "reasoning.effort", "invalid_value"),
 ])
 @pytest.mark.gen_test
 async def test_bad_input_gets_a_400_naming_the_field(http_client, base_url, registry, body, param, code):

@@ -187,7 +187,7 @@ async def test_clock_start_fixes_created_at_the_servers_start(client, settings):
 def test_clock_accepts_unix_seconds_or_iso_8601_and_refuses_the_rest():
     assert ozwell.fixed_time("2026-01-01T00:00:00Z") == ozwell.fixed_time(str(CLOCK)) == CLOCK
     assert ozwell.fixed_time("2026-01-01T01:00:00+01:00") == CLOCK
-    with pytest.raises(ozwell.SettingsError, match="OZWELL_CLOCK='yesterday'"):
+    with pytest.raises(ozwell.SettingsError, match="OZWELL_CLOCK=yesterday is not valid: use"):
         ozwell.Settings.from_environment({"OZWELL_CLOCK": "yesterday"})
 
 
@@ -245,9 +245,7 @@ def test_jitter_is_drawn_from_the_seed():
 
     def schedule(seed, session):
         pace = ozwell.SimulatedPace(latency, ozwell.Mint(seed, session, None).random("latency"))
-        for _ in range(20):
-            pace._advance()
-        return pace.due
+        return pace.due(20) - pace.started
 
     assert schedule("s", "a") == schedule("s", "a")
     assert schedule("s", "a") != schedule("s", "b") != schedule("t", "a")

@@ -37,7 +37,7 @@ def test_two_workers_share_the_port_and_stop_together_on_sigterm(server_process)
 def test_workers_zero_means_one_per_cpu(server_process):
     server = server_process(env={"OZWELL_WORKERS": "0"})
     assert server.stop() == 0
-    assert f"with {os.cpu_count()} worker" in server.process.stderr.read()
+    assert f" workers={os.cpu_count()} " in server.process.stdout.readline()
 
 
 def test_first_start_without_a_backend_says_so_once_and_serves(server_process, tmp_path):
@@ -49,10 +49,11 @@ def test_first_start_without_a_backend_says_so_once_and_serves(server_process, t
     warnings = [line for line in log.splitlines() if "is not reachable now" in line]
     assert len(warnings) == 1
     assert upstream in warnings[0] and "ozwell-deterministic works meanwhile" in warnings[0]
-    assert f"docs:     {server.url}/docs" in log
-    assert f"data dir: {tmp_path / 'data'}" in log
-    assert "ozwell-deterministic (built in)" in log and "llama3, qwen (upstream)" in log
-    assert f"upstream: {upstream}" in log
+    banner = server.process.stdout.read()
+    assert f"docs:     {server.url}/docs" in banner
+    assert f"data dir: {tmp_path / 'data'}" in banner
+    assert "ozwell-deterministic (built in)" in banner and "llama3, qwen (upstream)" in banner
+    assert f"upstream: {upstream}" in banner
 
 
 def test_uploads_through_any_worker_are_listed_and_served_by_every_worker(server_process):
