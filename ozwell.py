@@ -35,7 +35,9 @@ import functools
 import gzip
 import hashlib
 import heapq
+import hmac
 import importlib.resources
+import io
 import itertools
 import json
 import logging
@@ -47,6 +49,7 @@ import re
 import shlex
 import signal
 import socket
+import ssl
 import time
 import urllib.parse
 import uuid
@@ -61,6 +64,7 @@ import tornado.httputil
 import tornado.iostream
 import tornado.netutil
 import tornado.simple_httpclient
+import tornado.tcpclient
 import tornado.web
 
 if os.name == "nt":  # file locks for the files store
@@ -75,6 +79,7 @@ __all__ = [
     "BaseHandler",
     "EventStream",
     "HashedEmbedder",
+    "KeepAliveHTTPClient",
     "Settings",
     "SettingsError",
     "SchemaRegistry",
@@ -174,6 +179,10 @@ class Settings:
     upstream_header_timeout: float = _setting(
         300.0, "OZWELL_UPSTREAM_HEADER_TIMEOUT",
         "seconds to wait for the upstream's response headers (then 504)", float)
+    upstream_idle_timeout: float = _setting(
+        60.0, "OZWELL_UPSTREAM_IDLE_TIMEOUT",
+        "seconds the upstream may send nothing once it has answered (then 504, or an error "
+        "event in a stream)", float)
     keepalive_seconds: float = _setting(
         15.0, "OZWELL_KEEPALIVE_SECONDS", "idle seconds before a `: keep-alive` line on a stream",
         float)
@@ -240,6 +249,16 @@ class Settings:
             raise SettingsError("must be a positive number of bytes", setting="max_request_bytes")
         if self.journal_size < 0:
             raise SettingsError("must be 0 (no journal) or more", setting="journal_size")
+        try:
+            upstream = urllib.parse.urlsplit(self.llama_base_url)
+            usable = upstream.scheme in ("http", "https") and upstream.hostname and (
+                upstream.port or 0) >= 0
+        except ValueError:  # a bad port or a broken IPv6 address
+            usable = False
+        if not usable:  # said here, not by the generic naming, which would show credentials
+            raise SettingsError(
+                f"LLAMA_BASE_URL={shlex.quote(without_userinfo(self.llama_base_url))} is not an "
+                "http:// or https:// URL (for Ollama: http://localhost:11434/v1)")
 
 
 class SettingsError(Exception):
@@ -2319,36 +2338,511 @@ class EventStream:
 # Upstream client
 # =============================================================================
 
-# Tornado's client queues requests past `max_clients` (10 by default): for a proxy that would
-# make the eleventh concurrent stream wait for one of the first ten to end.
-UPSTREAM_MAX_CLIENTS = 10_000
+# Per upstream host. Past the first limit a request waits (within its connect timeout) for a
+# connection to free up; it is high so that long streams never hold up the next request.
+UPSTREAM_MAX_CONNECTIONS = 10_000
+UPSTREAM_IDLE_CONNECTIONS = 64
+# An idle connection older than this is closed rather than reused: a firewall or NAT on the way
+# may have dropped it without a word, and a request sent on it would wait for nothing.
+UPSTREAM_IDLE_KEEP_SECONDS = 30.0
+UPSTREAM_DNS_TTL_SECONDS = 30.0
+UPSTREAM_MAX_EVENT_BYTES = 16 * MiB     # one server-sent event of a relayed stream
+UPSTREAM_MAX_BODY_BYTES = 100 * MiB     # an answer read whole into memory
+UPSTREAM_MAX_HEADER_BYTES = 64 * 1024
+READ_PIECE_BYTES = 64 * 1024
+_CHUNK_SIZE = re.compile(rb"[0-9a-fA-F]{1,15}")
 
 UPSTREAM_UNAVAILABLE_FIX = ("Start it (for Ollama: `ollama serve`), or set LLAMA_BASE_URL to the "
                             "address of a running OpenAI-compatible server.")
+OUT_OF_DESCRIPTORS = ("this server has run out of file descriptors (too many open files). "
+                      "Raise its limit (`ulimit -n`), or send fewer requests at once.")
+
+
+def without_userinfo(url: str) -> str:
+    """`url` as it may be shown: a `user:password@` in it is a secret."""
+    return re.sub(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/?#]*@", r"\1", url, count=1)
+
+
+class CachingResolver(tornado.netutil.Resolver):
+    """Tornado's default resolver, each answer kept for `ttl` seconds; IP addresses skip it."""
+
+    def initialize(self, ttl: float) -> None:  # type: ignore[override]
+        self.ttl = ttl
+        self._resolver = tornado.netutil.DefaultLoopResolver()
+        self._answers: dict[tuple[str, int, int], tuple[float, asyncio.Future]] = {}
+
+    async def resolve(self, host: str, port: int,
+                      family: socket.AddressFamily = socket.AF_UNSPEC) -> list[tuple[int, Any]]:
+        if tornado.netutil.is_valid_ip(host):
+            return [(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port))]
+        key = (host, port, family)
+        now = time.monotonic()
+        cached = self._answers.get(key)
+        if cached is None or cached[0] <= now:
+            # Requests arriving together share one lookup.
+            lookup = asyncio.ensure_future(self._resolver.resolve(host, port, family))
+            cached = self._answers[key] = (now + self.ttl, lookup)
+        try:
+            return await asyncio.shield(cached[1])
+        except Exception:
+            if self._answers.get(key) is cached:
+                del self._answers[key]  # a failed lookup is tried again next time
+            raise
+
+    def close(self) -> None:
+        self._resolver.close()
+
+
+class KeepAliveHTTPClient(tornado.httpclient.AsyncHTTPClient):
+    """Tornado's AsyncHTTPClient interface over HTTP/1.1 connections kept alive, pooled per host.
+
+    Tornado's simple client opens a connection per request, and its pooling client needs pycurl,
+    which is compiled. Here a connection goes back to its host's pool once a whole response has
+    been read and both sides allow keep-alive; an error, a timeout or a cancelled fetch closes
+    it instead. A request's headers and body go out in one write; host names are resolved once
+    per `dns_ttl` seconds. A request that fails on a reused connection before any answer (the
+    server had closed it meanwhile) is sent once more on a new one.
+
+    Cancelling the future fetch() returns ends the request and closes its connection at once.
+    Redirects are not followed, nor answers decompressed; credentials go in the headers (a URL's
+    userinfo is ignored); TLS takes `ssl_options` or `validate_cert`; no body_producer, proxy or
+    100-continue.
+    """
+
+    def initialize(self, max_connections: int = UPSTREAM_MAX_CONNECTIONS,  # type: ignore[override]
+                   max_idle: int = UPSTREAM_IDLE_CONNECTIONS,
+                   idle_seconds: float = UPSTREAM_IDLE_KEEP_SECONDS,
+                   dns_ttl: float = UPSTREAM_DNS_TTL_SECONDS,
+                   defaults: dict[str, Any] | None = None) -> None:
+        super().initialize(defaults={"follow_redirects": False, "decompress_response": False,
+                                     **(defaults or {})})
+        self.max_connections = max_connections
+        self.max_idle = max_idle
+        self.idle_seconds = idle_seconds
+        self.resolver = CachingResolver(ttl=dns_ttl)
+        self.tcp = tornado.tcpclient.TCPClient(resolver=self.resolver)
+        self._pools: dict[tuple[str, str, int], _HostPool] = {}
+        self._tls: dict[bool, ssl.SSLContext] = {}
+        self._started: _Exchange | None = None
+
+    def fetch(self, request: str | tornado.httpclient.HTTPRequest, raise_error: bool = True,
+              **kwargs: Any) -> asyncio.Future[tornado.httpclient.HTTPResponse]:
+        """As AsyncHTTPClient.fetch; cancelling the future it returns ends the request."""
+        future = super().fetch(request, raise_error=raise_error, **kwargs)
+        # fetch_impl has just started the exchange (the base class hands it no future).
+        exchange, self._started = self._started, None
+        assert exchange is not None
+        future.add_done_callback(exchange.on_fetch_done)
+        return future
+
+    def fetch_impl(self, request: tornado.httpclient.HTTPRequest,
+                   callback: Callable[[tornado.httpclient.HTTPResponse], None]) -> None:
+        for option in ("follow_redirects", "decompress_response", "body_producer",
+                       "proxy_host", "expect_100_continue"):
+            if getattr(request, option):
+                raise ValueError(f"KeepAliveHTTPClient does not support {option}")
+        self._started = _Exchange(self, request, callback)
+
+    def pool(self, scheme: str, host: str, port: int) -> _HostPool:
+        key = (scheme, host, port)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = _HostPool(self)
+        return pool
+
+    def tls(self, request: tornado.httpclient.HTTPRequest) -> ssl.SSLContext | dict[str, Any]:
+        if request.ssl_options is not None:
+            return request.ssl_options
+        verify = bool(request.validate_cert)
+        if verify not in self._tls:
+            context = ssl.create_default_context()
+            if not verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._tls[verify] = context
+        return self._tls[verify]
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close_idle()
+        self.tcp.close()
+        self.resolver.close()
+        super().close()
+
+
+class _HostPool:
+    """One host's connections: the idle ones (newest last) and a cap on those in use."""
+
+    def __init__(self, client: KeepAliveHTTPClient) -> None:
+        self.client = client
+        self.idle: list[tuple[tornado.iostream.IOStream, float]] = []
+        self.in_use = asyncio.Semaphore(client.max_connections)
+
+    def take(self) -> tornado.iostream.IOStream | None:
+        while self.idle:
+            stream, since = self.idle.pop()
+            stream.set_close_callback(None)
+            if not stream.closed() and time.monotonic() - since < self.client.idle_seconds:
+                return stream
+            stream.close()
+        return None
+
+    def give_back(self, stream: tornado.iostream.IOStream) -> None:
+        if len(self.idle) >= self.client.max_idle:
+            stream.close()
+            return
+        entry = (stream, time.monotonic())
+        # Watching for the close also reads: a server that drops an idle connection is seen.
+        stream.set_close_callback(functools.partial(self._closed_while_idle, entry))
+        self.idle.append(entry)
+
+    def _closed_while_idle(self, entry: tuple[tornado.iostream.IOStream, float]) -> None:
+        with contextlib.suppress(ValueError):
+            self.idle.remove(entry)
+
+    def close_idle(self) -> None:
+        for stream, _ in self.idle:
+            stream.set_close_callback(None)
+            stream.close()
+        self.idle.clear()
+
+
+class _Exchange:
+    """One request of a KeepAliveHTTPClient: a connection taken or made, the request written in
+    one piece, the response read.
+
+    The body is read here rather than by Tornado's HTTP1Connection, which drops the bytes it has
+    gathered for delivery when the connection closes (a reset mid-stream would lose the events
+    just before it). Small pieces that arrive together are handed on together, before any read
+    that must wait for the network and before an error is reported.
+    """
+
+    def __init__(self, client: KeepAliveHTTPClient, request: tornado.httpclient.HTTPRequest,
+                 callback: Callable[[tornado.httpclient.HTTPResponse], None]) -> None:
+        self.client = client
+        self.request = request
+        self.callback = callback
+        # Read once: each look-up on Tornado's request proxy is a Python call.
+        self.header_callback = request.header_callback
+        self.streaming_callback = request.streaming_callback
+        self.started = time.monotonic()
+        self.start_line: tornado.httputil.ResponseStartLine | None = None
+        self.headers: tornado.httputil.HTTPHeaders | None = None
+        self.body = bytearray()
+        self.cancelled = False
+        self.failure: BaseException | None = None  # a timeout
+        self.stream: tornado.iostream.IOStream | None = None
+        self._held: list[bytes] = []
+        self._held_size = 0
+        self._in_callback = False
+        self.task = asyncio.ensure_future(self._run())
+
+    def on_fetch_done(self, future: asyncio.Future) -> None:
+        if not future.cancelled() or self.task.done():
+            return
+        self.cancelled = True
+        if self.stream is not None:
+            self.stream.close()  # the server sees the disconnect now
+        if not self._in_callback:  # a callback of the caller's is left to return by itself
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        timer = None
+        if self.request.request_timeout:
+            timer = asyncio.get_running_loop().call_later(
+                self.request.request_timeout, self._time_out)
+        try:
+            response = await self._exchange()
+        except (Exception, asyncio.CancelledError) as error:
+            if isinstance(error, asyncio.CancelledError) and self.failure is None:
+                return  # the fetch was cancelled: nobody waits for an answer
+            if isinstance(error, tornado.iostream.StreamClosedError):
+                error = error.real_error or tornado.simple_httpclient.HTTPStreamClosedError(
+                    "Connection closed")
+            response = self._response(599, error=self.failure or error)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        self.callback(response)
+
+    def _time_out(self) -> None:
+        self.failure = tornado.simple_httpclient.HTTPTimeoutError("Timeout during request")
+        if self.stream is not None:
+            self.stream.close()
+        elif not self._in_callback:
+            self.task.cancel()
+
+    async def _exchange(self) -> tornado.httpclient.HTTPResponse:
+        url = urllib.parse.urlsplit(self.request.url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("not an http:// or https:// URL with a host")
+        port = url.port or (443 if url.scheme == "https" else 80)
+        pool = self.client.pool(url.scheme, url.hostname, port)
+        if pool.in_use.locked():
+            try:
+                await asyncio.wait_for(pool.in_use.acquire(), self.request.connect_timeout or None)
+            except TimeoutError:
+                raise tornado.simple_httpclient.HTTPTimeoutError(
+                    "Timeout waiting for a free connection") from None
+        else:
+            await pool.in_use.acquire()
+        try:
+            request = self._request_bytes(url)
+            stream = pool.take()
+            if stream is not None:
+                try:
+                    return await self._send(pool, stream, request)
+                except tornado.iostream.StreamClosedError:
+                    if self.start_line is not None or self.failure or self.cancelled:
+                        raise
+                    pool.close_idle()  # closed while idle: the others likely were too
+            return await self._send(pool, await self._connect(url, port), request)
+        finally:
+            pool.in_use.release()
+
+    def _request_bytes(self, url: urllib.parse.SplitResult) -> bytes:
+        request = self.request
+        headers = request.headers
+        headers["Host"] = url.netloc.rpartition("@")[2]
+        if request.user_agent:
+            headers["User-Agent"] = request.user_agent
+        if request.body is not None:
+            headers["Content-Length"] = str(len(request.body))
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        lines = [f"{request.method} {path} HTTP/1.1"]
+        lines.extend(f"{name}: {value}" for name, value in headers.get_all())
+        if any("\r" in line or "\n" in line for line in lines):
+            raise ValueError("A header or the URL holds a line break")
+        return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + (request.body or b"")
+
+    async def _connect(self, url: urllib.parse.SplitResult, port: int) -> tornado.iostream.IOStream:
+        try:
+            stream = await self.client.tcp.connect(
+                url.hostname or "", port,
+                ssl_options=self.client.tls(self.request) if url.scheme == "https" else None,
+                timeout=self.request.connect_timeout or None)
+        except TimeoutError as error:
+            raise tornado.simple_httpclient.HTTPTimeoutError(
+                str(error) or "Timeout while connecting") from None
+        stream.set_nodelay(True)
+        return stream
+
+    async def _send(self, pool: _HostPool, stream: tornado.iostream.IOStream,
+                    request: bytes) -> tornado.httpclient.HTTPResponse:
+        self.stream = stream
+        try:
+            if self.cancelled:
+                raise asyncio.CancelledError
+            # Not awaited: a server may answer (and close) before it has read the whole body.
+            stream.write(request).add_done_callback(lambda written: written.exception())
+            reusable = await self._read_response(stream)
+            if self.failure is not None:  # timed out: the close looked like a body's end
+                raise self.failure
+        except BaseException:
+            stream.close()
+            raise
+        if reusable and self._keeps_alive(stream):
+            pool.give_back(stream)
+        else:
+            stream.close()
+        assert self.start_line is not None
+        return self._response(self.start_line.code)
+
+    def _keeps_alive(self, stream: tornado.iostream.IOStream) -> bool:
+        assert self.start_line is not None and self.headers is not None
+        if stream.closed() or self.cancelled or self.failure:
+            return False
+        if self.request.headers.get("Connection", "").lower() == "close":
+            return False
+        said = self.headers.get("Connection", "").lower()
+        if self.start_line.version == "HTTP/1.1":
+            return said != "close"
+        return said == "keep-alive"
+
+    def _response(self, code: int, error: BaseException | None = None) -> tornado.httpclient.HTTPResponse:
+        return tornado.httpclient.HTTPResponse(
+            self.request, code, reason=self.start_line.reason if self.start_line else None,
+            headers=self.headers, buffer=io.BytesIO(self.body), error=error,
+            effective_url=self.request.url, request_time=time.monotonic() - self.started)
+
+    async def _read_response(self, stream: tornado.iostream.IOStream) -> bool:
+        """Read the answer; True when it ended where the connection can carry another."""
+        while True:
+            head = (await stream.read_until_regex(b"\r?\n\r?\n", max_bytes=UPSTREAM_MAX_HEADER_BYTES)
+                    ).decode("latin-1").lstrip("\r\n")
+            first_line, _, fields = head.partition("\n")
+            start_line = tornado.httputil.parse_response_start_line(first_line.rstrip("\r"))
+            if start_line.code >= 200:
+                break  # past interim answers (100 Continue)
+        self.start_line = start_line
+        self.headers = headers = tornado.httputil.HTTPHeaders.parse(fields)
+        if self.header_callback is not None:
+            self.header_callback("%s %s %s\r\n" % start_line)
+            for name, value in headers.get_all():
+                self.header_callback(f"{name}: {value}\r\n")
+            self.header_callback("\r\n")
+        if start_line.code in (204, 304) or self.request.method == "HEAD":
+            return True
+        limit = UPSTREAM_MAX_BODY_BYTES if self.streaming_callback is None else sys.maxsize
+        coding = headers.get("Transfer-Encoding", "").lower().rsplit(",", 1)[-1].strip()
+        if coding == "chunked":
+            reusable = await self._read_chunked(stream, limit)
+        elif "Content-Length" in headers and not coding:
+            # Repeated by some proxies ("12, 12"): fine as long as every copy agrees.
+            lengths = {value.strip() for value in headers["Content-Length"].split(",")}
+            length = lengths.pop() if len(lengths) == 1 else ""
+            if not re.fullmatch(r"[0-9]{1,18}", length):
+                raise tornado.httputil.HTTPInputError(
+                    f"Bad Content-Length: {headers['Content-Length']!r}")
+            await self._read_fixed(stream, int(length), limit)
+            reusable = True
+        else:  # the body ends where the connection does
+            await self._read_until_close(stream, limit)
+            reusable = False
+        await self._hand_on_held()
+        return reusable
+
+    async def _read_fixed(self, stream: tornado.iostream.IOStream, length: int, limit: int) -> None:
+        if length > limit:
+            raise tornado.httputil.HTTPInputError("Content-Length too long")
+        while length:
+            data = await self._read(stream.read_bytes, min(length, READ_PIECE_BYTES), True)
+            length -= len(data)
+            await self._take(data)
+
+    async def _read_chunked(self, stream: tornado.iostream.IOStream, limit: int) -> bool:
+        # Decoded from whole reads of what has arrived, not a read per chunk: a stream of small
+        # events is many chunks, and each IOStream read has a cost of its own.
+        data, at, total = b"", 0, 0
+
+        async def more() -> None:
+            nonlocal data, at
+            data = data[at:] + await self._read(stream.read_bytes, READ_PIECE_BYTES, True)
+            at = 0
+
+        while True:
+            line_end = data.find(b"\r\n", at)
+            if line_end < 0:
+                if len(data) - at > 64:
+                    raise tornado.httputil.HTTPInputError("Chunk size line too long")
+                await more()
+                continue
+            size_text = data[at:line_end].split(b";", 1)[0].strip()  # extensions are ignored
+            if not _CHUNK_SIZE.fullmatch(size_text):
+                raise tornado.httputil.HTTPInputError(f"Bad chunk size: {size_text[:64]!r}")
+            size = int(size_text, 16)
+            at = line_end + 2
+            if not size:
+                break
+            total += size
+            if total > limit:
+                raise tornado.httputil.HTTPInputError("Chunked body too large")
+            while len(data) - at < size + 2:
+                piece = data[at:at + size]  # handed on as it comes: a chunk may be huge
+                if piece:
+                    await self._take(piece)
+                    size -= len(piece)
+                    at += len(piece)
+                await more()
+            if data[at + size:at + size + 2] != b"\r\n":
+                raise tornado.httputil.HTTPInputError("Chunk not ended by CRLF")
+            if size:
+                await self._take(data[at:at + size])
+            at += size + 2
+        while True:  # trailer fields, up to an empty line
+            line_end = data.find(b"\r\n", at)
+            if line_end < 0:
+                if len(data) - at > UPSTREAM_MAX_HEADER_BYTES:
+                    raise tornado.httputil.HTTPInputError("Trailer too long")
+                await more()
+                continue
+            empty, at = line_end == at, line_end + 2
+            if empty:
+                return at == len(data)  # bytes past the answer: the connection is not reused
+
+    async def _read_until_close(self, stream: tornado.iostream.IOStream, limit: int) -> None:
+        total = 0
+        while True:
+            try:
+                data = await self._read(stream.read_bytes, READ_PIECE_BYTES, True)
+            except tornado.iostream.StreamClosedError as closed:
+                if closed.real_error is not None:
+                    raise
+                return
+            total += len(data)
+            if total > limit:
+                raise tornado.httputil.HTTPInputError("Body too large")
+            await self._take(data)
+
+    async def _read(self, read: Callable[..., asyncio.Future], *args: Any) -> bytes:
+        try:
+            future = read(*args)
+            if self._held and not future.done():
+                await self._hand_on_held()
+            return await future
+        except tornado.iostream.StreamClosedError:
+            await self._hand_on_held()  # what came before the close still reaches the caller
+            raise
+
+    async def _take(self, data: bytes) -> None:
+        if self.streaming_callback is None:
+            self.body += data
+            return
+        self._held.append(data)
+        self._held_size += len(data)
+        if self._held_size >= READ_PIECE_BYTES:
+            await self._hand_on_held()
+
+    async def _hand_on_held(self) -> None:
+        if not self._held:
+            return
+        data = b"".join(self._held)
+        self._held.clear()
+        self._held_size = 0
+        pending = self.streaming_callback(data)
+        if pending is not None:
+            self._in_callback = True
+            try:
+                await pending
+            finally:
+                self._in_callback = False
 
 
 class Upstream:
-    """The Llama backend, reached through one HTTP client per application.
-
-    Tornado's simple client opens a new connection per request (it has no keep-alive pool).
-    """
+    """The Llama backend, reached through one pooled HTTP client per application."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.base_url = settings.llama_base_url.rstrip("/")
-        self._client: tornado.simple_httpclient.SimpleAsyncHTTPClient | None = None
+        url = urllib.parse.urlsplit(settings.llama_base_url)
+        self.base_url = without_userinfo(settings.llama_base_url).rstrip("/")
+        self.headers = {"Content-Type": "application/json"}
+        if settings.llama_api_key:
+            self.headers["Authorization"] = f"Bearer {settings.llama_api_key}"
+        elif url.username is not None:  # a reverse proxy's basic auth, written into the URL
+            credentials = ":".join(urllib.parse.unquote(part or "")
+                                   for part in (url.username, url.password))
+            self.headers["Authorization"] = "Basic " + base64.b64encode(
+                credentials.encode()).decode()
+        self.calls: set[UpstreamCall] = set()
+        self.quiet_limit = math.inf  # set when the server stops: see stop()
+        self._client: KeepAliveHTTPClient | None = None
 
     @property
-    def client(self) -> tornado.simple_httpclient.SimpleAsyncHTTPClient:
+    def client(self) -> KeepAliveHTTPClient:
         # Made on first use: a client belongs to the event loop running when it is made, and
         # make_app() may run before the loop does.
         if self._client is None:
-            self._client = tornado.simple_httpclient.SimpleAsyncHTTPClient(
-                force_instance=True, max_clients=UPSTREAM_MAX_CLIENTS)
+            self._client = KeepAliveHTTPClient(force_instance=True)
         return self._client
 
     def call(self, path: str, body: bytes) -> UpstreamCall:
         return UpstreamCall(self, path, body)
+
+    def stop(self, quiet_seconds: float) -> None:
+        """The server is stopping: a call on which the backend stays silent this long ends now."""
+        self.quiet_limit = quiet_seconds
+        for call in list(self.calls):
+            call.watch_silence()
 
 
 Sink = Callable[[bytes], Awaitable[None] | None]
@@ -2358,10 +2852,13 @@ class UpstreamCall:
     """One POST to the upstream, read as it arrives.
 
     `open()` returns once the status and headers are in, or raises the failure as an APIError
-    (502: unreachable; 504: no headers within the header timeout). Then `read()` gives the whole
-    body, or `relay(sink)` hands the body to `sink` piece by piece and awaits each, so a slow
-    reader slows the upstream read. `abort()` closes the connection at any point, and the
-    upstream sees the disconnect at once.
+    (502: unreachable, refused this server's key, redirected; 504: no headers within the header
+    timeout). Then `read()` gives the whole body, or `relay(sink)` hands the body to `sink` piece
+    by piece and awaits each, so a slow reader slows the upstream read; both raise an APIError
+    when the upstream breaks off (502) or sends nothing for the idle timeout (504; time spent
+    waiting on the reader does not count). `abort()` closes the connection at any point, and the
+    upstream sees the disconnect at once. Messages name "the Llama backend"; its URL goes to the
+    log only.
     """
 
     def __init__(self, upstream: Upstream, path: str, body: bytes) -> None:
@@ -2371,20 +2868,20 @@ class UpstreamCall:
         self.status = 0
         self.headers = tornado.httputil.HTTPHeaders()
         self.aborted = False
-        loop = asyncio.get_running_loop()
-        self._headers_in: asyncio.Future[None] = loop.create_future()
-        self._sink_chosen: asyncio.Future[Sink | None] = loop.create_future()
+        self._loop = asyncio.get_running_loop()
+        self._headers_in: asyncio.Future[None] = self._loop.create_future()
+        self._sink_chosen: asyncio.Future[Sink | None] = self._loop.create_future()
         self._sink: Sink | None = None
-        self._connection: Any = None
         self._response: asyncio.Future[tornado.httpclient.HTTPResponse] | None = None
+        self._failure: APIError | None = None
+        self._heard_at = 0.0   # when the upstream last sent something (or was sent the request)
+        self._reader_busy = False
+        self._silence_timer: asyncio.TimerHandle | None = None
 
     async def open(self) -> None:
         settings = self.upstream.settings
-        headers = {"Content-Type": "application/json", "Content-Length": str(len(self.body))}
-        if settings.llama_api_key:
-            headers["Authorization"] = f"Bearer {settings.llama_api_key}"
         request = tornado.httpclient.HTTPRequest(
-            self.url, method="POST", headers=headers, body_producer=self._send_body,
+            self.url, method="POST", headers=self.upstream.headers, body=self.body,
             header_callback=self._on_header_line, streaming_callback=self._on_body_chunk,
             connect_timeout=settings.upstream_connect_timeout,
             request_timeout=0,  # none: it would count the whole of a live stream
@@ -2392,22 +2889,30 @@ class UpstreamCall:
             user_agent=f"ozwell/{__version__}")
         self._response = self.upstream.client.fetch(request, raise_error=False)
         self._response.add_done_callback(self._on_response_done)
-        timer = asyncio.get_running_loop().call_later(
-            settings.upstream_header_timeout, self._stop_waiting_for_headers)
-        try:
-            await self._headers_in
-        finally:
-            timer.cancel()
-        if self.status:
-            return
-        if not self._response.done():
+        self.upstream.calls.add(self)
+        self._heard_at = self._loop.time()
+        self.watch_silence()
+        await self._headers_in
+        if self._failure is not None:
+            raise self._failure
+        if not self.status:
+            raise self._failure_before_headers()
+        if 300 <= self.status < 400:
             self.abort()
-            raise APIError(504, f"The Llama backend at {self.url} sent no answer within "
-                                f"{settings.upstream_header_timeout:g} s "
-                                "(OZWELL_UPSTREAM_HEADER_TIMEOUT). It may still be loading the "
-                                "model, or be overloaded: try again, or raise the timeout.",
-                           type="server_error", code="upstream_timeout")
-        raise self._failure_before_headers(self._response.exception())
+            raise self.upstream_error(
+                502, f"The Llama backend answered with a redirect (HTTP {self.status}), which this "
+                     "server does not follow: set LLAMA_BASE_URL to the address it redirects to "
+                     "(the server's log names it).", "upstream_redirected",
+                f"redirects to {without_userinfo(self.headers.get('Location', '(no Location)'))}")
+        if self.status in (401, 403):
+            said = _upstream_said(await self.read())
+            key = ("refused the key this server sends (LLAMA_API_KEY)"
+                   if self.upstream.settings.llama_api_key else
+                   "wants a key, and this server sends none (LLAMA_API_KEY is empty)")
+            raise self.upstream_error(
+                502, f"The Llama backend {key}: HTTP {self.status}"
+                     f"{': ' + said if said else ''}. Set LLAMA_API_KEY to a key it accepts.",
+                "upstream_auth_failed", f"HTTP {self.status}")
 
     @property
     def is_event_stream(self) -> bool:
@@ -2415,38 +2920,120 @@ class UpstreamCall:
 
     async def read(self) -> bytes:
         received = bytearray()
-        await self.relay(received.extend)
+
+        def keep(chunk: bytes) -> None:
+            received.extend(chunk)
+            if len(received) > UPSTREAM_MAX_BODY_BYTES:
+                raise self.upstream_error(
+                    502, f"The Llama backend's answer is over {UPSTREAM_MAX_BODY_BYTES // MiB} MiB.",
+                    "upstream_invalid_response", "answer too large")
+
+        await self.relay(keep)
         return bytes(received)
 
+    def json(self, body: bytes) -> Any:
+        """A successful answer's body as JSON, or a 502 saying what came instead."""
+        content_type = self.headers.get("Content-Type", "")
+        problem = None
+        if "json" not in content_type:
+            problem = f"with {content_type or 'no content type'}, not JSON"
+        else:
+            try:
+                return json.loads(body)
+            except ValueError as error:
+                problem = f"with a body that is not JSON ({error})"
+        raise self.upstream_error(
+            502, f"The Llama backend answered {problem}: "
+                 f"{body[:200].decode('utf-8', 'replace')!r}.", "upstream_invalid_response", problem)
+
     async def relay(self, sink: Sink) -> None:
-        """Hand the body to `sink` as it arrives; raise a 502 APIError if the upstream breaks off."""
+        """Hand the body to `sink` as it arrives; raise an APIError if the upstream fails."""
         self._sink = sink
         self._sink_chosen.set_result(sink)
         assert self._response is not None
         try:
             await self._response
-        except Exception as error:  # Tornado raises every failure but an error status
+        except asyncio.CancelledError:
+            if self._failure is not None:
+                raise self._failure from None
             if not self.aborted:
-                raise APIError(502, f"The Llama backend at {self.url} broke off its answer: "
-                                    f"{_error_reason(error)}.",
-                               type="server_error", code="upstream_interrupted") from None
+                raise
+        except APIError:
+            raise  # the sink's own verdict (an event over the limit)
+        except Exception as error:
+            if self._failure is not None:
+                raise self._failure from None
+            raise self.upstream_error(
+                502, f"The Llama backend broke off its answer: {_error_reason(error)}.",
+                "upstream_interrupted", repr(error)) from None
 
     def abort(self) -> None:
         self.aborted = True
-        if self._connection is not None:
-            self._connection.close()
+        if self._response is not None:
+            self._response.cancel()  # the client closes the connection
         if not self._sink_chosen.done():
             self._sink_chosen.set_result(None)  # a read waiting for its sink drops its piece
 
-    async def _send_body(self, write: Callable[[bytes], Awaitable[None]]) -> None:
-        # Tornado hands a body producer the connection's own write method; holding on to that
-        # connection is what lets abort() close it while no callback of ours is running.
-        self._connection = getattr(write, "__self__", None)
-        if self.aborted:
-            raise tornado.iostream.StreamClosedError()
-        await write(self.body)
+    def error_body(self, body: bytes) -> dict[str, Any]:
+        """The upstream's error reply in OpenAI's shape, keeping what it said."""
+        error = _error_member(body)
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            shaped = dict(error)  # fields beyond OpenAI's four are kept: they may help
+            for key in ("param", "code"):
+                if not isinstance(shaped.get(key), str):
+                    shaped[key] = None
+            if not isinstance(shaped.get("type"), str):
+                shaped["type"] = _error_type(self.status)
+            if shaped["code"] is None:
+                shaped["code"] = _OPENAI_ERROR_CODES.get(shaped["type"])
+            return {"error": shaped}
+        log.warning("Llama backend %s answered HTTP %d", self.url, self.status)
+        message = f"The Llama backend answered HTTP {self.status}: " + (
+            _upstream_said(body) or tornado.httputil.responses.get(self.status, "no details")) + "."
+        if self.status == 404 and not isinstance(error, str):
+            message += (" Check that LLAMA_BASE_URL is the base of its OpenAI-compatible API "
+                        "(for Ollama: http://localhost:11434/v1).")
+        return {"error": {"message": message, "type": _error_type(self.status), "param": None,
+                          "code": "upstream_error"}}
+
+    def watch_silence(self) -> None:
+        """End the call once the upstream has sent nothing for too long (the timer re-arms itself)."""
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+            self._silence_timer = None
+        if self._response is None or self._response.done():
+            return
+        settings = self.upstream.settings
+        limit = settings.upstream_idle_timeout if self.status else settings.upstream_header_timeout
+        limit = min(limit, self.upstream.quiet_limit)
+        now = self._loop.time()
+        if self._reader_busy:
+            self._heard_at = now
+        if now - self._heard_at < limit:
+            # Looked at again within an idle timeout at most: the limit shrinks once headers
+            # are in, and this saves re-arming the timer for each answer.
+            self._silence_timer = self._loop.call_at(
+                min(self._heard_at + limit, now + settings.upstream_idle_timeout),
+                self.watch_silence)
+            return
+        if limit == self.upstream.quiet_limit:
+            self._failure = self.upstream_error(
+                504, f"This server is stopping, and the Llama backend has sent nothing for "
+                     f"{limit:g} s.", "upstream_timeout", "silent while stopping")
+        elif not self.status:
+            self._failure = self.upstream_error(
+                504, f"The Llama backend sent no answer within {limit:g} s "
+                     "(OZWELL_UPSTREAM_HEADER_TIMEOUT). It may still be loading the model, or be "
+                     "overloaded: try again, or raise the timeout.", "upstream_timeout",
+                "no headers in time")
+        else:
+            self._failure = self.upstream_error(
+                504, f"The Llama backend stopped sending: nothing arrived for {limit:g} s "
+                     "(OZWELL_UPSTREAM_IDLE_TIMEOUT).", "upstream_timeout", "silent too long")
+        self._response.cancel()
 
     def _on_header_line(self, line: str) -> None:
+        self._heard_at = self._loop.time()
         if not self.status:
             self.status = tornado.httputil.parse_response_start_line(line.strip()).code
         elif line == "\r\n":
@@ -2458,16 +3045,31 @@ class UpstreamCall:
         if not response.cancelled():
             response.exception()  # seen: relay() reports it when someone still listens
         self._stop_waiting_for_headers()
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+            self._silence_timer = None
+        self.upstream.calls.discard(self)
 
-    def _stop_waiting_for_headers(self, *_: Any) -> None:
+    def _stop_waiting_for_headers(self) -> None:
         if not self._headers_in.done():
             self._headers_in.set_result(None)
 
     def _on_body_chunk(self, chunk: bytes) -> Awaitable[None] | None:
+        self._heard_at = self._loop.time()
+        if self._sink is None:
+            return self._hold_read(self._deliver_once_chosen(chunk))
+        pending = self._sink(chunk)
         # Whatever the sink returns is awaited before the next read: that is the backpressure.
-        if self._sink is not None:
-            return self._sink(chunk)
-        return self._deliver_once_chosen(chunk)
+        return None if pending is None else self._hold_read(pending)
+
+    async def _hold_read(self, pending: Awaitable[None]) -> None:
+        # While our reader holds the read, the upstream's silence is not its own.
+        self._reader_busy = True
+        try:
+            await pending
+        finally:
+            self._reader_busy = False
+            self._heard_at = self._loop.time()
 
     async def _deliver_once_chosen(self, chunk: bytes) -> None:
         # Body bytes that came with the headers wait here (holding back the read) until the
@@ -2478,41 +3080,28 @@ class UpstreamCall:
             if pending is not None:
                 await pending
 
-    def _failure_before_headers(self, error: BaseException | None) -> APIError:
+    def _failure_before_headers(self) -> APIError:
+        assert self._response is not None
+        if self.aborted:  # our own client left: nobody to tell, nothing to log
+            return APIError(502, "The request was abandoned.", type="server_error")
+        error = self._response.exception()
         if isinstance(error, tornado.simple_httpclient.HTTPTimeoutError):
-            return APIError(504, f"Could not connect to the Llama backend at {self.url} within "
-                                 f"{self.upstream.settings.upstream_connect_timeout:g} s "
-                                 f"(OZWELL_UPSTREAM_CONNECT_TIMEOUT). {UPSTREAM_UNAVAILABLE_FIX}",
-                            type="server_error", code="upstream_timeout")
-        return APIError(502, f"Could not reach the Llama backend at {self.url}: "
-                             f"{_error_reason(error)}. {UPSTREAM_UNAVAILABLE_FIX}",
-                        type="server_error", code="upstream_unavailable")
+            return self.upstream_error(
+                504, "Could not connect to the Llama backend within "
+                     f"{self.upstream.settings.upstream_connect_timeout:g} s "
+                     f"(OZWELL_UPSTREAM_CONNECT_TIMEOUT). {UPSTREAM_UNAVAILABLE_FIX}",
+                "upstream_timeout", str(error))
+        if getattr(error, "errno", None) in (errno.EMFILE, errno.ENFILE):
+            message = f"Could not open a connection to the Llama backend: {OUT_OF_DESCRIPTORS}"
+        else:
+            message = (f"Could not reach the Llama backend: {_error_reason(error)}. "
+                       f"{UPSTREAM_UNAVAILABLE_FIX}")
+        return self.upstream_error(502, message, "upstream_unavailable", repr(error))
 
-    def error_body(self, body: bytes) -> dict[str, Any]:
-        """The upstream's error reply in OpenAI's shape, keeping what it said."""
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            parsed = None
-        error = parsed.get("error") if isinstance(parsed, dict) else None
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            shaped = dict(error)  # fields beyond OpenAI's four are kept: they may help
-            for key in ("param", "code"):
-                if not isinstance(shaped.get(key), str):
-                    shaped[key] = None
-            if not isinstance(shaped.get("type"), str):
-                shaped["type"] = _error_type(self.status)
-            if shaped["code"] is None:
-                shaped["code"] = _OPENAI_ERROR_CODES.get(shaped["type"])
-            return {"error": shaped}
-        said = error if isinstance(error, str) else body.decode("utf-8", "replace").strip()[:500]
-        message = f"The Llama backend at {self.url} answered HTTP {self.status}: " + (
-            said or tornado.httputil.responses.get(self.status, "no details")) + "."
-        if self.status == 404 and not isinstance(error, str):
-            message += (" Check that LLAMA_BASE_URL is the base of its OpenAI-compatible API "
-                        "(for Ollama: http://localhost:11434/v1).")
-        return {"error": {"message": message, "type": _error_type(self.status), "param": None,
-                          "code": "upstream_error"}}
+    def upstream_error(self, status: int, message: str, code: str, detail: str) -> APIError:
+        """An APIError for the client; the log gets the URL, which the client never sees."""
+        log.warning("Llama backend %s: %s (answered %d %s)", self.url, detail, status, code)
+        return APIError(status, message, type="server_error", code=code)
 
 
 # Upstream error types that OpenAI reports under a code of its own, which clients check for.
@@ -2524,9 +3113,32 @@ def _error_type(status: int) -> str:
 
 
 def _error_reason(error: BaseException | None) -> str:
-    if isinstance(error, tornado.iostream.StreamClosedError):
+    if isinstance(error, ConnectionResetError):
+        return "it reset the connection"
+    if isinstance(error, (tornado.iostream.StreamClosedError,
+                          tornado.simple_httpclient.HTTPStreamClosedError)):
         return "it closed the connection"
-    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+    reason = getattr(error, "strerror", None) or str(error or "") or type(error).__name__
+    return reason[:1].lower() + reason[1:]
+
+
+def _error_member(body: bytes) -> Any:
+    """The `error` of an upstream's JSON error body (None if there is none)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    return parsed.get("error") if isinstance(parsed, dict) else None
+
+
+def _upstream_said(body: bytes) -> str:
+    """The message in an upstream's error body, whatever its shape (at most 500 characters)."""
+    error = _error_member(body)
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"][:500]
+    if isinstance(error, str):
+        return error[:500]
+    return body.decode("utf-8", "replace").strip()[:500]
 
 
 class EventRelay:
@@ -2534,43 +3146,72 @@ class EventRelay:
 
     Bytes arrive cut anywhere; only complete events (ended by a blank line) are written, so a
     keep-alive comment or a closing error event never lands inside one. What arrived together
-    is written together, and flushed before the upstream is read again.
+    is written together, and flushed before the upstream is read again. An unfinished event is
+    kept and searched only where it grew (linear time however large), up to
+    UPSTREAM_MAX_EVENT_BYTES; an unfinished last event is passed on only if it is whole.
     """
 
     def __init__(self, call: UpstreamCall, stream: EventStream) -> None:
         self.call = call
         self.stream = stream
         self.done_sent = False
-        self._partial = b""
+        self._unfinished = bytearray()
 
     async def run(self) -> None:
         """Relay until the upstream ends, then make sure the stream ends with `[DONE]`."""
         await self.call.relay(self._feed)
         if self.call.aborted:
             return
-        if self._partial.strip():
-            await self.stream.send_raw(self._partial + b"\n\n")
+        if self._unfinished.strip():
+            await self._send_last(bytes(self._unfinished))
         if not self.done_sent:
             await self.stream.send("[DONE]")
 
     async def _feed(self, chunk: bytes) -> None:
-        data = self._partial + chunk if self._partial else chunk
-        end = _events_end(data)
-        self._partial = data[end:]
-        if not end:
-            return
-        events = data[:end]
+        if self._unfinished:
+            searched_from = max(0, len(self._unfinished) - 3)  # an end may straddle the pieces
+            self._unfinished += chunk
+            end = _events_end(self._unfinished, searched_from)
+            events = bytes(self._unfinished[:end])
+            del self._unfinished[:end]
+        else:
+            end = _events_end(chunk)
+            events = chunk[:end] if end < len(chunk) else chunk
+            self._unfinished += chunk[end:]
+        if events:
+            await self._send(events)
+        if len(self._unfinished) > UPSTREAM_MAX_EVENT_BYTES:
+            raise self.call.upstream_error(
+                502, f"The Llama backend sent an event over {UPSTREAM_MAX_EVENT_BYTES // MiB} MiB; "
+                     "the stream was ended there.", "upstream_invalid_response", "event too large")
+
+    async def _send(self, events: bytes) -> None:
         self.done_sent = events.rstrip().endswith(b"[DONE]")  # a chunk's JSON ends with "}"
         try:
             await self.stream.send_raw(events)
         except tornado.iostream.StreamClosedError:
             self.call.abort()  # the client left: the upstream should stop generating now
 
+    async def _send_last(self, event: bytes) -> None:
+        # The upstream ended without the blank line after its last event: pass it on if whole.
+        data = "\n".join(line[5:].removeprefix(" ") for line in
+                         event.decode("utf-8", "replace").splitlines() if line.startswith("data:"))
+        if not data:
+            return  # a comment or a bare field: nothing a client would act on
+        if data != "[DONE]":
+            try:
+                json.loads(data)
+            except ValueError:
+                raise self.call.upstream_error(
+                    502, "The Llama backend broke off its answer in the middle of an event.",
+                    "upstream_interrupted", "unfinished last event") from None
+        await self._send(event.rstrip(b"\r\n") + b"\n\n")
 
-def _events_end(data: bytes) -> int:
-    """Where the last complete event in `data` ends (0: none has ended yet)."""
-    lf = data.rfind(b"\n\n")
-    crlf = data.rfind(b"\r\n\r\n")
+
+def _events_end(data: bytes | bytearray, start: int = 0) -> int:
+    """Where the last complete event in `data[start:]` ends (0: none has ended there)."""
+    lf = data.rfind(b"\n\n", start)
+    crlf = data.rfind(b"\r\n\r\n", start)
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
@@ -3769,7 +4410,7 @@ class BaseHandler(tornado.web.RequestHandler):
                                 "in an Authorization header using Bearer auth "
                                 "(i.e. Authorization: Bearer YOUR_KEY).")
         allowed = self.context.settings.api_keys
-        if allowed and token not in allowed:
+        if allowed and not _is_listed(token, allowed):
             shown = token[:3] + "*" * 4 + token[-4:] if len(token) > 8 else "*" * len(token)
             raise APIError(401, f"Incorrect API key provided: {shown}. The server accepts only "
                                 "the keys listed in OZWELL_API_KEYS.", code="invalid_api_key")
@@ -3874,6 +4515,16 @@ class BaseHandler(tornado.web.RequestHandler):
                             type="server_error")
         reason = getattr(exc, "log_message", None) or tornado.httputil.responses.get(status_code, "")
         return APIError(status_code, f"{reason}.")
+
+
+def _is_listed(token: str, keys: Sequence[str]) -> bool:
+    """Whether `token` is one of `keys`, in time that does not tell how much of it matched."""
+    # Tornado decodes header bytes as Latin-1; encoding back gives the bytes the client sent.
+    sent = token.encode("latin-1")
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(sent, key.encode())
+    return found
 
 
 def read_query(handler: tornado.web.RequestHandler, parameters: Sequence[QueryParam]) -> dict[str, Any]:
@@ -4568,16 +5219,11 @@ class ChatCompletionsHandler(BaseHandler):
         if call.status >= 300:
             self.write_json(call.error_body(answer), call.status)
             return
-        content_type = call.headers.get("Content-Type", "")
-        if "json" not in content_type:
-            raise APIError(502, f"The Llama backend at {call.url} answered with "
-                                f"{content_type or 'no content type'}, not JSON: "
-                                f"{answer[:200].decode('utf-8', 'replace')!r}.",
-                           type="server_error", code="upstream_invalid_response")
+        call.json(answer)  # checked, then passed on as it came
         if body.get("store") and call.status < 300:
             answer = _keep_proxied_completion(self.context, body, answer)
         self.set_status(call.status)
-        self.set_header("Content-Type", content_type)
+        self.set_header("Content-Type", call.headers["Content-Type"])
         self.finish(answer)
 
     async def _relay_stream(self, call: UpstreamCall, body: dict[str, Any]) -> None:
@@ -5882,7 +6528,8 @@ def _print_banner(settings: Settings, ready: dict[str, Any], workers: int) -> No
           f"  docs:     {ready['base_url'].removesuffix('/v1')}/docs",
           f"  data dir: {os.path.abspath(settings.data_dir)}",
           f"  models:   {local}" + (f", {upstream} (upstream)" if upstream else ""),
-          f"  upstream: {settings.llama_base_url} (chat completions for any other model)",
+          f"  upstream: {without_userinfo(settings.llama_base_url)} (chat completions for any "
+          "other model)",
           sep="\n", flush=True)
 
 
@@ -5919,7 +6566,7 @@ def _log_upstream_reachability(settings: Settings) -> None:
         reason = exc.strerror or type(exc).__name__
         log.warning("upstream %s is not reachable now (%s): chat completions for %s answer 502 "
                     "until it is (start Ollama, or set LLAMA_BASE_URL). The built-in model %s "
-                    "works meanwhile.", settings.llama_base_url, reason.lower(),
+                    "works meanwhile.", without_userinfo(settings.llama_base_url), reason.lower(),
                     ", ".join(settings.llama_models) or "upstream models", OFFLINE_MODEL)
 
 
@@ -5999,6 +6646,8 @@ async def serve(settings: Settings, sockets: list[socket.socket],
 
     log.info("stopping: no new connections; waiting for %d in-flight request(s)", context.in_flight)
     server.stop()
+    # A stream whose backend has gone silent would hold the stop for the whole grace period.
+    context.upstream.stop(settings.shutdown_grace_seconds / 4)
     deadline = time.monotonic() + settings.shutdown_grace_seconds
     while context.in_flight > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)

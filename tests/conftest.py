@@ -1,4 +1,6 @@
 """Shared fixtures, in pytest-tornado's idiom: `app` is served at `base_url` for each test."""
+import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +14,8 @@ from pathlib import Path
 
 import openai
 import pytest
+import tornado.httpserver
+import tornado.testing
 
 import ozwell
 
@@ -42,6 +46,52 @@ def base_url(http_port):
 def client(base_url, http_server):
     """The official SDK's async client, on the test's own event loop (no retries)."""
     return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture
+def ozwell_with(io_loop, settings):
+    """Serve another app: `settings` with the test's overrides; returns its base URL."""
+    servers = []
+
+    def serve(**overrides) -> str:
+        sock, port = tornado.testing.bind_unused_port()
+        server = tornado.httpserver.HTTPServer(
+            ozwell.make_app(dataclasses.replace(settings, **overrides)))
+        server.add_sockets([sock])
+        servers.append(server)
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def sdk(io_loop):
+    """Make an async SDK client for another server; all are closed at the end."""
+    made = []
+
+    def make(base_url: str) -> openai.AsyncOpenAI:
+        made.append(openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0))
+        return made[-1]
+
+    yield make
+    for client in made:
+        io_loop.run_sync(client.close)
+
+
+async def raw_chat_post(base_url: str, body: bytes, receive_buffer: int = 64 * 1024):
+    """POST a chat completion over a bare connection with a small receive buffer (a slow
+    reader's), read the response headers, and return the (reader, writer) pair."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", int(base_url.rsplit(":", 1)[1])))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    await reader.readuntil(b"\r\n\r\n")
+    return reader, writer
 
 
 def assert_valid(registry, name: str, instance) -> None:

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 import threading
 import time
 
@@ -22,7 +21,7 @@ import tornado.testing
 import tornado.web
 
 import ozwell
-from conftest import API_KEY, AUTH, free_port
+from conftest import API_KEY, AUTH, free_port, raw_chat_post
 
 UPSTREAM_KEY = "upstream-secret"
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -149,41 +148,9 @@ def settings(tmp_path, llama):
                            llama_api_key=UPSTREAM_KEY)
 
 
-@pytest.fixture
-def ozwell_with(io_loop, tmp_path, llama):
-    """Serve another Ozwell app with settings of the test's choosing; returns its base URL."""
-    servers = []
-
-    def serve(**overrides) -> str:
-        values = {"data_dir": str(tmp_path / "data"), "llama_base_url": llama.url, **overrides}
-        sock, port = tornado.testing.bind_unused_port()
-        server = tornado.httpserver.HTTPServer(ozwell.make_app(ozwell.Settings(**values)))
-        server.add_sockets([sock])
-        servers.append(server)
-        return f"http://127.0.0.1:{port}"
-
-    yield serve
-    for server in servers:
-        server.stop()
-
-
 @pytest.fixture(scope="module")
 def registry():
     return ozwell.SchemaRegistry.load()
-
-
-@pytest.fixture
-def sdk(io_loop):
-    """Make an async SDK client for another server; all are closed at the end."""
-    made = []
-
-    def make(base_url: str) -> openai.AsyncOpenAI:
-        made.append(openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0))
-        return made[-1]
-
-    yield make
-    for client in made:
-        io_loop.run_sync(client.close)
 
 
 def sse_events(raw: bytes) -> list:
@@ -390,7 +357,7 @@ async def test_proxy_passes_the_raw_bytes_through(http_client, base_url, llama):
 
 @pytest.mark.gen_test
 async def test_without_an_upstream_key_no_authorization_is_sent(ozwell_with, llama, sdk):
-    await sdk(ozwell_with()).chat.completions.create(model="llama3", messages=HELLO)
+    await sdk(ozwell_with(llama_api_key="")).chat.completions.create(model="llama3", messages=HELLO)
     assert "Authorization" not in llama.requests[0][0]
 
 
@@ -482,7 +449,8 @@ async def test_upstream_error_in_another_shape_is_wrapped_into_openais(client, l
                                              extra_body={"fake": {"status": 503, "error": "overloaded, come back later"}})
     assert caught.value.status_code == 503
     assert_valid(registry, "Error", caught.value.body)
-    assert "overloaded, come back later" in caught.value.body["message"] and llama.url in caught.value.body["message"]
+    assert "overloaded, come back later" in caught.value.body["message"]
+    assert "Llama backend" in caught.value.body["message"] and llama.url not in caught.value.body["message"]
     assert caught.value.body["type"] == "server_error"
     llama_cpp = {"code": 400, "message": "request (2024 tokens) exceeds the available context size (512 tokens)",
                  "type": "exceed_context_size_error", "n_ctx": 512}
@@ -519,15 +487,17 @@ async def test_a_stream_the_upstream_ends_without_done_still_ends_with_done(http
 
 
 @pytest.mark.gen_test
-async def test_connection_refused_is_a_502_naming_the_url_and_the_fix(ozwell_with, sdk):
+async def test_connection_refused_is_a_502_naming_the_fix_and_logging_the_url(ozwell_with, sdk, caplog):
     dead = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(openai.InternalServerError) as caught:
         await sdk(ozwell_with(llama_base_url=dead)).chat.completions.create(model="llama3", messages=HELLO)
     assert caught.value.status_code == 502
     body = caught.value.body
     assert body["code"] == "upstream_unavailable" and body["type"] == "server_error"
-    assert dead in body["message"] and "Connection refused" in body["message"]
+    assert "Llama backend" in body["message"] and "connection refused" in body["message"]
     assert "ollama serve" in body["message"] and "LLAMA_BASE_URL" in body["message"]
+    assert dead not in body["message"] and "127.0.0.1" not in body["message"]
+    assert any(f"{dead}/chat/completions" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.gen_test
@@ -619,14 +589,7 @@ async def test_a_slow_client_slows_the_upstream_read(http_server, base_url, llam
     count, pad = 3000, 8000
     body = json.dumps({"model": "llama3", "messages": HELLO, "stream": True,
                        "fake": {"chunks": count, "pad": pad}}).encode()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", int(base_url.rsplit(":", 1)[1])))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    await reader.readuntil(b"\r\n\r\n")
+    reader, writer = await raw_chat_post(base_url, body)
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(llama.finished.wait(), 1.0)
     stalled_at = llama.sent_bytes
