@@ -11,7 +11,7 @@ import openai
 import pytest
 
 import ozwell
-from conftest import API_KEY, AUTH
+from conftest import API_KEY, AUTH, assert_valid
 from rigkit import control
 
 MODEL = ozwell.OFFLINE_MODEL
@@ -97,7 +97,7 @@ async def test_reset_puts_a_session_back_to_its_start(http_client, base_url, cli
     assert first.choices[0].message.content == "scripted"
     status, reset = await control(http_client, base_url, "POST", "reset")
     assert reset == {"object": "session", "session": "default", "reset": True}
-    assert [error.message for error in registry.errors("RigReset", reset)] == []
+    assert_valid(registry, "RigReset", reset)
     again = await client.chat.completions.create(model=MODEL, messages=HELLO)
     assert again.id == first.id  # the id counter starts over
     assert again.choices[0].message.content.startswith("You said")
@@ -124,7 +124,7 @@ async def test_the_journal_lists_what_arrived_redacted_and_filterable(http_clien
     with pytest.raises(openai.BadRequestError):
         await client.chat.completions.create(model=MODEL, messages=[])
     status, listed = await control(http_client, base_url, "GET", "requests")
-    assert [error.message for error in registry.errors("JournalList", listed)] == []
+    assert_valid(registry, "JournalList", listed)
     entries = listed["data"]
     assert [(entry["method"], entry["endpoint"], entry["status"]) for entry in entries] == [
         ("POST", "chat", 200), ("POST", "embeddings", 200), ("POST", "files", 200), ("POST", "chat", 400)]

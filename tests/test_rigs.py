@@ -12,7 +12,7 @@ import pydantic
 import pytest
 
 import ozwell
-from conftest import API_KEY
+from conftest import API_KEY, assert_valid
 from rigkit import control, data_events, post_json, upstream  # noqa: F401 (a fixture)
 
 MODEL = ozwell.OFFLINE_MODEL
@@ -89,10 +89,6 @@ def settings(tmp_path, fixtures_file, upstream, rig):
 @pytest.fixture(scope="module")
 def registry():
     return ozwell.SchemaRegistry.load()
-
-
-def assert_valid(registry, name, instance):
-    assert [f"{list(e.absolute_path)}: {e.message}" for e in registry.errors(name, instance)] == []
 
 
 async def chat(client, text, **kwargs):
