@@ -97,6 +97,7 @@ __all__ = [
     "write_atomically",
     "FileStore",
     "MultipartParser",
+    "FixtureIndex",
     "Latency",
     "Mint",
     "SimulatedPace",
@@ -3305,36 +3306,54 @@ class TextMatch:
 
     def whole_words(self) -> set[str]:
         """Words that any text this matcher accepts holds whole (as a run of \\w with no word
-        character either side); case-folded when it ignores case."""
+        character either side)."""
+        words = set()
+        for run, left_edge, right_edge in self._literal_runs():
+            for word in _WORD.finditer(run):
+                if (word.start() > 0 or left_edge) and (word.end() < len(run) or right_edge):
+                    words.add(word.group())
+        return self._folded(words)
+
+    def trigrams(self) -> set[str]:
+        """Three-character pieces that any text this matcher accepts holds."""
+        return self._folded({run[start:start + 3] for run, _, _ in self._literal_runs()
+                             for start in range(len(run) - 2)})
+
+    def _literal_runs(self) -> list[tuple[str, bool, bool]]:
         if self.kind == "contains":
-            words = set(_WORD.findall(self.value))
-        elif self.kind == "regex":
-            words = _whole_words_of_every_match(self.pattern)
-        else:
-            return set()
-        if self.ignore_case:
-            # Only ASCII words: ignoring case, a regex takes some other letters for ASCII ones
+            return [(self.value, True, True)]
+        return _top_level_literals(self.pattern) if self.kind == "regex" else []
+
+    @property
+    def folds_case(self) -> bool:
+        """Whether case is ignored: asked for, or by the regex's own (?i)."""
+        return bool(self.pattern.flags & re.IGNORECASE) if self.pattern else self.ignore_case
+
+    def _folded(self, keys: set[str]) -> set[str]:
+        if self.folds_case:
+            # Only ASCII keys: ignoring case, a regex takes some other letters for ASCII ones
             # (the dotless i for i) where casefold() does not.
-            return {word.casefold() for word in words if word.isascii()}
-        return words
+            return {key.casefold() for key in keys if key.isascii()}
+        return keys
 
 
-def _whole_words_of_every_match(pattern: re.Pattern) -> set[str]:
-    """Words every match of `pattern` holds whole, read from its top-level runs of literal
-    characters and the anchors around them (`\\bticket 12\\b` gives ticket and 12).
+def _top_level_literals(pattern: re.Pattern) -> list[tuple[str, bool, bool]]:
+    """The runs of literal characters at the top level of `pattern`, which every match holds,
+    each with whether a word edge (an anchor or \\b) stands before it and after it:
+    `\\bticket 12\\b` gives ("ticket 12", True, True).
 
-    Only ever a shortcut for finding candidates: when Python's parser cannot be read, or the
-    pattern has no such run, the answer is empty and the fixture is simply always tried.
+    Only ever a shortcut for finding candidates: when Python's parser cannot be read, the
+    answer is empty and the fixture is simply always tried.
     """
     try:
         from re import _constants as sre, _parser
         items = list(_parser.parse(pattern.pattern, pattern.flags))
     except Exception:
-        return set()
+        return []
     edges = {sre.AT_BEGINNING, sre.AT_BEGINNING_STRING, sre.AT_END, sre.AT_END_STRING}
     if not pattern.flags & re.ASCII:  # an ASCII \b disagrees with \w on other letters
         edges.add(sre.AT_BOUNDARY)
-    words: set[str] = set()
+    runs = []
     run: list[str] = []
     left_edge = False
     for op, argument in items + [(None, None)]:
@@ -3342,12 +3361,10 @@ def _whole_words_of_every_match(pattern: re.Pattern) -> set[str]:
             run.append(chr(argument))
             continue
         right_edge = op == sre.AT and argument in edges
-        text = "".join(run)
-        for word in _WORD.finditer(text):
-            if (word.start() > 0 or left_edge) and (word.end() < len(text) or right_edge):
-                words.add(word.group())
+        if run:
+            runs.append(("".join(run), left_edge, right_edge))
         run, left_edge = [], right_edge
-    return words
+    return runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3669,9 +3686,10 @@ def _reply_kind(reply: Mapping[str, Any], where: str) -> str:
 class FixtureIndex:
     """Fixtures in file order, and where to look first.
 
-    A fixture whose last-user-message test needs an exact text, or some word as a whole word,
-    is filed under that text or under the rarest such word; a request is tried only against
-    those filed under its own text or one of its words, and against the rest, still in file
+    A fixture whose last-user-message test needs an exact text, some word as a whole word, or
+    some three characters in a row, is filed under that text, or under the rarest such word,
+    or else the rarest such three characters; a request is tried only against those filed
+    under its own text, its words and its pieces of three, and against the rest, still in file
     order. With a thousand fixtures a request is tried against a handful.
     """
 
@@ -3681,24 +3699,26 @@ class FixtureIndex:
         self._folded_always: list[int] = []  # tried as well for a text that is not ASCII
         self._by_text: dict[tuple[bool, str], list[int]] = {}
         self._by_word: dict[tuple[bool, str], list[int]] = {}
-        words_of = {position: fixture.user.whole_words() if fixture.user else set()
-                    for position, fixture in enumerate(self.fixtures)}
-        frequency = collections.Counter(word for words in words_of.values() for word in words)
-        for position, fixture in enumerate(self.fixtures):
-            user = fixture.user
-            if user is None:
+        self._by_trigram: dict[tuple[bool, str], list[int]] = {}
+        users = [fixture.user for fixture in self.fixtures]
+        words_of = [user.whole_words() if user else set() for user in users]
+        trigrams_of = [user.trigrams() if user and not words else set()
+                       for user, words in zip(users, words_of)]
+        frequency = collections.Counter(key for keys in words_of + trigrams_of for key in keys)
+        for position, user in enumerate(users):
+            keys, table = ((words_of[position], self._by_word) if words_of[position]
+                           else (trigrams_of[position], self._by_trigram))
+            if user is None or (user.kind != "exact" and not keys):
                 self._always.append(position)
             elif user.kind == "exact":
                 key = user.value.casefold() if user.ignore_case else user.value
                 self._by_text.setdefault((user.ignore_case, key), []).append(position)
-            elif words_of[position]:
-                rarest = min(words_of[position], key=lambda word: (frequency[word], -len(word)))
-                self._by_word.setdefault((user.ignore_case, rarest), []).append(position)
-                if user.ignore_case:
-                    self._folded_always.append(position)
             else:
-                self._always.append(position)
-        self._indexed = bool(self._by_text or self._by_word)
+                rarest = min(keys, key=lambda key: (frequency[key], -len(key), key))
+                table.setdefault((user.folds_case, rarest), []).append(position)
+                if user.folds_case:
+                    self._folded_always.append(position)
+        self._indexed = bool(self._by_text or self._by_word or self._by_trigram)
 
     def candidates(self, text: str) -> Iterator[Fixture]:
         """The fixtures that may match a request whose last user message is `text`, in order."""
@@ -3712,9 +3732,13 @@ class FixtureIndex:
             found += self._by_word.get((False, word), ())
         folded = text.casefold()
         found += self._by_text.get((True, folded), ())
+        if self._by_trigram:
+            found += self._pieces_found(text, False)
         if text.isascii():
             for word in words if folded == text else set(_WORD.findall(folded)):
                 found += self._by_word.get((True, word), ())
+            if self._by_trigram:
+                found += self._pieces_found(folded, True)
         else:
             # Case-insensitive regexes treat some letters outside ASCII (the long s, the
             # Kelvin sign) as others that casefold() does not: those fixtures are all tried.
@@ -3722,6 +3746,16 @@ class FixtureIndex:
         found = sorted(set(found))
         for position in heapq.merge(self._always, found):
             yield self.fixtures[position]
+
+    def _pieces_found(self, text: str, folded: bool) -> list[int]:
+        """The fixtures filed under a piece of three that `text` holds."""
+        if len(text) > 4 * len(self._by_trigram):  # a long text: look for each piece in it
+            return [position for (piece_folded, piece), positions in self._by_trigram.items()
+                    if piece_folded == folded and piece in text for position in positions]
+        found: list[int] = []
+        for piece in {text[start:start + 3] for start in range(len(text) - 2)}:
+            found += self._by_trigram.get((folded, piece), ())
+        return found
 
 
 @dataclasses.dataclass(eq=False)

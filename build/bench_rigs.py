@@ -34,8 +34,11 @@ FILES = {
     "one": [fixture({"contains": "ticket 7"}, 7)],
     "contains": [fixture({"contains": f"ticket {n}"}, n) for n in range(FIXTURES)],
     "regex": [fixture({"regex": rf"^ticket {n} (status|state)\b"}, n) for n in range(FIXTURES)],
-    # No whole word can be read from these, so each is tried in turn.
+    # No whole word can be read from these: they are filed under three characters in a row.
     "regex-no-word": [fixture({"regex": rf"^t\w+ {n:03d}(?!\d)"}, n) for n in range(FIXTURES)],
+    # Nor three characters in a row: each of these is tried on every request.
+    "regex-nothing": [fixture({"regex": "^t\\w+ " + "".join(f"(?:{digit}|x)" for digit in f"{n:03d}")
+                                        + r"\b"}, n) for n in range(FIXTURES)],
 }
 
 NO_MATCH = "ticket 5000 status please"
@@ -51,6 +54,7 @@ MEASURES = {
     "contains, the last matches": ("contains", LAST),
     "regex, the last matches": ("regex", LAST),
     "regex without a word, the last matches": ("regex-no-word", LAST),
+    "regex without a literal, the last matches": ("regex-nothing", LAST),
 }
 
 # Each row: a measure and its baseline. A request no fixture matches is answered by the
@@ -62,8 +66,10 @@ ROWS = [
     ("the first of 1,000 contains fixtures matches", "contains, the first matches", "one fixture"),
     ("the last of 1,000 contains fixtures matches", "contains, the last matches", "one fixture"),
     ("the last of 1,000 regex fixtures matches", "regex, the last matches", "one fixture"),
-    ("the last of 1,000 regexes with no whole word to file them under matches",
+    ("the last of 1,000 regexes with no whole word (filed by 3 characters) matches",
      "regex without a word, the last matches", "one fixture"),
+    ("the last of 1,000 regexes with no literal to file them under matches",
+     "regex without a literal, the last matches", "one fixture"),
 ]
 ROUNDS = 3
 REQUESTS_PER_ROUND = 1500

@@ -5,6 +5,7 @@ The official SDK is the client; a fixtures file with every kind of match and rep
 by the app under test (and by a real server process for the sync SDK).
 """
 import json
+import random
 import socket
 
 import openai
@@ -537,3 +538,33 @@ async def test_strict_mode_without_fixtures_says_so(client, rig):
     with pytest.raises(openai.BadRequestError) as raised:
         await client.responses.create(model=MODEL, input="hello")
     assert raised.value.body["message"].endswith("No fixtures are loaded.")
+
+
+def test_the_index_finds_what_trying_every_fixture_in_order_finds():
+    """Random fixtures of every text test against random texts: the first fixture found through
+    the index is the first that trying them all in order finds."""
+    draw = random.Random(7)
+    # With some letters that case-insensitive regexes take for others: ſ for s, ı for i.
+    words = ["order", "ticket", "Weather", "in", "oslo", "12", "hi", "ſtatus", "status", "İstanbul",
+             "ping", "pıng"]
+
+    def text_test():
+        word, other = draw.choice(words), draw.choice(words)
+        kind = draw.choice(["exact", "contains", "regex", "regex", "regex"])
+        value = {"exact": f"{word} {other}", "contains": f"{word} {other}",
+                 "regex": draw.choice([rf"\b{word} {other}", rf"^{word}\W+\d*", rf"(?i){word} (\w+)",
+                                       rf"{word}{other}", rf"[a-z]+ {word}", rf"(?a)\b{other}\b"])}[kind]
+        return {kind: value, "ignore_case": draw.random() < 0.3}
+
+    tests = [{"contains": "pıng", "ignore_case": True}, {"regex": r"(?i)\bſtatus\b"},
+             {"regex": r"(?i)\bweather in\b"}] + [text_test() for _ in range(300)]
+    fixtures = [ozwell.parse_fixture({"match": {"user": test}, "reply": {"text": "x"}}, "file", n)
+                for n, test in enumerate(tests)]
+    index = ozwell.FixtureIndex(fixtures)
+    texts = ["PING", "Status", "WEATHER IN oslo"] + [
+        draw.choice(["", " ", "!", "-"]).join(
+            draw.choice([str.lower, str.upper, str.title, str])(draw.choice(words))
+            for _ in range(draw.randint(1, 4))) for _ in range(2000)]
+    for text in texts:
+        first = next((f.index for f in fixtures if f.user.test(text)), None)
+        assert next((f.index for f in index.candidates(text) if f.user.test(text)), None) == first, text
