@@ -169,6 +169,9 @@ async def test_ids_are_seeded_and_created_is_the_fixed_clock(client):
     assert reply.id == mint.new_id("chatcmpl-") and reply.created == CLOCK
     answer = await client.responses.create(model=MODEL, input="x")
     assert answer.id == mint.new_id("resp_") and answer.created_at == CLOCK
+    # A large body is answered on a worker thread: the ids made there are seeded as well.
+    large = await client.responses.create(model=MODEL, input="word " * 20_000)
+    assert large.id == mint.new_id("resp_") and large.created_at == CLOCK
     uploaded = await client.files.create(file=("a.txt", io.BytesIO(b"a")), purpose="assistants")
     assert uploaded.id == mint.new_id("file-") and uploaded.created_at == CLOCK
     assert (await client.files.retrieve(uploaded.id)).filename == "a.txt"
