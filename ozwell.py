@@ -3362,16 +3362,6 @@ class FixtureError(ValueError):
     """A fixture or fault that cannot work; the message says where it is wrong and why."""
 
 
-def _plain_json(value: Any, where: str) -> None:
-    """Refuse what Python's json reads but cannot write back: NaN, Infinity, lone surrogates."""
-    try:
-        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
-    except ValueError as exc:
-        problem = ("holds a lone surrogate (\\ud800 to \\udfff)"
-                   if isinstance(exc, UnicodeEncodeError) else "holds NaN or Infinity")
-        raise FixtureError(f"{where} {problem}, which no JSON reply can carry") from None
-
-
 def _check_headers(headers: Mapping[str, str], where: str) -> None:
     framing = sorted(name for name in headers if name.lower() in _FRAMING_HEADERS)
     if framing:
@@ -3756,7 +3746,6 @@ def parse_fixture(spec: Mapping[str, Any], source: str, index: int) -> Fixture:
     """A Fixture from its JSON (already valid against Fixture.json); FixtureError if it
     cannot work."""
     where = f"fixtures[{index}]" if source == "file" else "Fixture"
-    _plain_json(spec, where)
     reply = spec["reply"]
     replies = reply["sequence"] if "sequence" in reply else [reply]
     if "sequence" in reply and set(reply) - {"sequence", "then"}:
@@ -3931,7 +3920,6 @@ def parse_fault(spec: Mapping[str, Any], source: str, index: int) -> Fault:
     """
     where = {"file": f"faults[{index}]", "session": "Fault",
              "header": f"The {FAULT_HEADER} header"}[source]
-    _plain_json(spec, where)
     kind = spec["type"]
     stray = set(spec) - {"name", "type", "calls", "endpoint", "model"} - _FAULT_FIELDS[kind]
     if stray:
@@ -3971,7 +3959,7 @@ def fault_from_header(value: str, schemas: SchemaRegistry) -> Fault:
     request that carries it, whatever its calls, endpoint and model say."""
     where = f"The {FAULT_HEADER} header"
     try:
-        spec = json.loads(value, parse_constant=_refuse_constant)
+        spec = parse_json(value)
     except ValueError as exc:
         raise FixtureError(f"{where} is not JSON ({exc}); send a fault object such as "
                            '{"type": "error", "status": 429}') from None
@@ -4000,7 +3988,7 @@ def load_fixtures_file(path: str, schemas: SchemaRegistry) -> Script:
     except OSError as exc:
         raise refused(f"cannot be read: {exc.strerror or exc}") from None
     try:
-        document = json.loads(raw, parse_constant=_refuse_constant)
+        document = parse_json(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise refused(f"is not valid JSON: {exc}") from None
     error = jsonschema.exceptions.best_match(schemas.errors("FixturesFile", document))
@@ -4016,10 +4004,6 @@ def load_fixtures_file(path: str, schemas: SchemaRegistry) -> Script:
                      for model, spec in (document.get("latency") or {}).items()})
     except FixtureError as exc:
         raise refused(str(exc)) from None
-
-
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
 
 
 def schema_problem(error: jsonschema.exceptions.ValidationError) -> str:

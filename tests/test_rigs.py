@@ -472,13 +472,13 @@ def test_a_bad_fixtures_file_stops_the_start_in_one_line(tmp_path, capsys, docum
 
 
 @pytest.mark.parametrize("raw, message", [
-    ("{", "is not valid JSON"),
-    ('{"fixtures": [{"reply": {"json": NaN}}]}', "is not valid JSON: NaN is not JSON"),
-    ('{"fixtures": [{"reply": {"text": "\\ud800"}}]}', "fixtures[0] holds a lone surrogate"),
+    (b"{", "is not valid JSON"),
+    (b'{"fixtures": [{"reply": {"json": NaN}}]}', "is not valid JSON: NaN is not a JSON value"),
+    (b'{"fixtures": [{"reply": {"text": "\xff"}}]}', "is not valid JSON: 'utf-8' codec can't decode"),
 ])
 def test_a_fixtures_file_that_is_not_plain_json_is_refused(tmp_path, capsys, raw, message):
     path = tmp_path / "rig.json"
-    path.write_text(raw)
+    path.write_bytes(raw)
     assert start_main(tmp_path, "--fixtures", str(path)) == 2
     assert message in capsys.readouterr().err
 
