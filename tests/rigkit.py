@@ -1,12 +1,8 @@
-"""What the test-rig tests share: the control API, raw HTTP on a socket, a recording upstream."""
+"""What the test-rig tests share: the control API, and raw HTTP on a socket."""
 import asyncio
 import json
 import time
 
-import pytest
-import tornado.httpserver
-import tornado.testing
-import tornado.web
 
 from conftest import AUTH
 
@@ -52,37 +48,3 @@ def data_events(raw: bytes) -> list[str]:
     """The `data:` payloads of a stream on the wire (chunked framing and all), as text."""
     return [line[len("data: "):] for line in raw.decode("utf-8", "replace").split("\n")
             if line.startswith("data: ")]
-
-
-class RecordingUpstream:
-    """An OpenAI-compatible chat upstream that records each request and answers "upstream"."""
-
-    def __init__(self):
-        self.requests = []
-        self.url = ""
-
-    def start(self) -> tornado.httpserver.HTTPServer:
-        upstream = self
-
-        class Chat(tornado.web.RequestHandler):
-            def post(self):
-                upstream.requests.append(json.loads(self.request.body))
-                self.finish({"id": "chatcmpl-up", "object": "chat.completion",
-                             "created": 1767225600, "model": "llama3", "choices": [
-                                 {"index": 0, "message": {"role": "assistant", "content": "upstream"},
-                                  "logprobs": None, "finish_reason": "stop"}]})
-
-        sock, port = tornado.testing.bind_unused_port()
-        server = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/v1/chat/completions", Chat)]))
-        server.add_sockets([sock])
-        self.url = f"http://127.0.0.1:{port}/v1"
-        return server
-
-
-@pytest.fixture
-def upstream(io_loop):
-    """A RecordingUpstream on a free port for the test (import this fixture to use it)."""
-    recorder = RecordingUpstream()
-    server = recorder.start()
-    yield recorder
-    server.stop()

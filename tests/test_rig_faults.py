@@ -9,7 +9,7 @@ import pytest
 
 import ozwell
 from conftest import API_KEY
-from rigkit import control, data_events, post_json, raw_post, upstream  # noqa: F401 (a fixture)
+from rigkit import control, data_events, post_json, raw_post
 
 MODEL = ozwell.OFFLINE_MODEL
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -20,11 +20,11 @@ FILE_FAULTS = {"faults": [
 
 
 @pytest.fixture
-def settings(tmp_path, upstream):
+def settings(tmp_path, backend):
     path = tmp_path / "rig.json"
     path.write_text(json.dumps(FILE_FAULTS))
     return ozwell.Settings(data_dir=str(tmp_path / "data"), fixtures=str(path),
-                           llama_base_url=upstream.url, keepalive_seconds=0.05)
+                           llama_base_url=backend.url, keepalive_seconds=0.05)
 
 
 def retrying_client(base_url, retries=2):
@@ -111,13 +111,13 @@ async def test_calls_are_counted_per_endpoint_and_the_first_fault_that_applies_f
 
 
 @pytest.mark.gen_test
-async def test_a_fault_answers_before_the_upstream_is_called(http_client, base_url, client, upstream):
+async def test_a_fault_answers_before_the_upstream_is_called(http_client, base_url, client, backend):
     await plan(http_client, base_url, {"type": "error", "calls": 1, "status": 429})
     with pytest.raises(openai.RateLimitError):
         await client.chat.completions.create(model="llama3", messages=HELLO)
-    assert upstream.requests == []
+    assert backend.requests == []
     reply = await client.chat.completions.create(model="llama3", messages=HELLO)
-    assert reply.choices[0].message.content == "upstream" and len(upstream.requests) == 1
+    assert reply.choices[0].message.content == "echo: Hello" and len(backend.requests) == 1
 
 
 @pytest.mark.gen_test

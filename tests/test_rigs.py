@@ -14,7 +14,7 @@ import pytest
 
 import ozwell
 from conftest import API_KEY, assert_valid
-from rigkit import control, data_events, post_json, upstream  # noqa: F401 (a fixture)
+from rigkit import control, data_events, post_json
 
 MODEL = ozwell.OFFLINE_MODEL
 WEATHER_TOOL = {"type": "function", "function": {
@@ -82,9 +82,9 @@ def fixtures_file(tmp_path, rig):
 
 
 @pytest.fixture
-def settings(tmp_path, fixtures_file, upstream, rig):
+def settings(tmp_path, fixtures_file, backend, rig):
     return ozwell.Settings(data_dir=str(tmp_path / "data"), fixtures=str(fixtures_file),
-                           llama_base_url=upstream.url, fixtures_strict=rig[1])
+                           llama_base_url=backend.url, fixtures_strict=rig[1])
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +141,9 @@ async def test_exact_and_regex_match_as_written(client):
 
 
 @pytest.mark.gen_test
-async def test_model_system_header_and_session_matches(client, upstream):
+async def test_model_system_header_and_session_matches(client, backend):
     assert await chat(client, "which model?", model="gpt-4o") == "I am the gpt-4o fixture."
-    assert upstream.requests == []  # a fixture answers before the upstream is called
+    assert backend.requests == []  # a fixture answers before the upstream is called
     assert (await chat(client, "which model?")).startswith("You said")
     pirate = await client.chat.completions.create(model=MODEL, messages=[
         {"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Ahoy"}])
@@ -152,6 +152,19 @@ async def test_model_system_header_and_session_matches(client, upstream):
     assert answer.output_text == "Arr."
     assert (await chat(client, "where am I?")).startswith("You said")
     assert await chat(client, "where am I?", extra_headers={"x-ozwell-session": "ci"}) == "In CI."
+
+
+@pytest.mark.gen_test
+async def test_fixtures_answer_before_a_responses_or_embeddings_backend(ozwell_with, sdk, backend):
+    api = sdk(ozwell_with(responses_backend="upstream", embeddings_backend="upstream"))
+    reply = await api.responses.with_raw_response.create(model="llama3", input="ping")
+    assert reply.parse().output_text == "pong" and reply.headers["x-ozwell-generator"] == "fixture"
+    with pytest.raises(openai.InternalServerError):
+        await api.embeddings.create(model="my-embedder", input="an outage")
+    assert backend.requests == []
+    reply = await api.responses.with_raw_response.create(model="llama3", input="Hello")
+    assert reply.parse().output_text == "echo: Hello" and reply.headers["x-ozwell-generator"] == "upstream"
+    assert len(backend.requests) == 1
 
 
 @pytest.mark.gen_test
