@@ -37,8 +37,9 @@ FILES = {
     # No whole word can be read from these: they are filed under three characters in a row.
     "regex-no-word": [fixture({"regex": rf"^t\w+ {n:03d}(?!\d)"}, n) for n in range(FIXTURES)],
     # Nor three characters in a row: each of these is tried on every request.
-    "regex-nothing": [fixture({"regex": "^t\\w+ " + "".join(f"(?:{digit}|x)" for digit in f"{n:03d}")
-                                        + r"\b"}, n) for n in range(FIXTURES)],
+    "regex-nothing": [
+        fixture({"regex": "^t\\w+ " + "".join(f"(?:{digit}|x)" for digit in f"{n:03d}") + r"\b"}, n)
+        for n in range(FIXTURES)],
 }
 
 NO_MATCH = "ticket 5000 status please"
@@ -86,8 +87,9 @@ def rows() -> list[tuple[str, str]]:
             path = os.path.join(scratch, f"{name}.json")
             with open(path, "w") as out_file:
                 json.dump({"fixtures": fixtures}, out_file)
-            servers[name] = stack.enter_context(ozwell_server(
-                os.path.join(scratch, f"data-{name}"), "--fixtures", path, inherit_ozwell_env=False))
+            data_dir = os.path.join(scratch, f"data-{name}")
+            servers[name] = stack.enter_context(
+                ozwell_server(data_dir, "--fixtures", path, inherit_ozwell_env=False))
         figures: dict[str, list[float]] = {measure: [] for measure in MEASURES}
         for round_number in range(ROUNDS + 1):
             for measure, (name, text) in MEASURES.items():
@@ -95,8 +97,9 @@ def rows() -> list[tuple[str, str]]:
                 if round_number:  # the first round warms up
                     figures[measure].append(rate)
     median = {measure: statistics.median(rates) for measure, rates in figures.items()}
-    return [(f"rigs: {what}", f"{median[measure]:,.0f} req per CPU s, {median[measure] / median[baseline]:.2f} "
-                              f"of {baseline} ({median[baseline]:,.0f})")
+    return [(f"rigs: {what}", f"{median[measure]:,.0f} req per CPU s, "
+                              f"{median[measure] / median[baseline]:.2f} of {baseline} "
+                              f"({median[baseline]:,.0f})")
             for what, measure, baseline in ROWS]
 
 
