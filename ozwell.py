@@ -24,6 +24,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import difflib
@@ -47,7 +48,7 @@ import ssl
 import time
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jsonschema
@@ -158,6 +159,18 @@ class Settings:
     ready_file: str = _setting(
         "", "OZWELL_READY_FILE",
         "once listening, write host, port, base_url and pid here as JSON (removed at exit)")
+    record: str = _setting(
+        "", "OZWELL_RECORD",
+        "append each exchange with the Llama backend to this cassette (JSON Lines, keys redacted)")
+    replay: str = _setting(
+        "", "OZWELL_REPLAY", "answer calls to the Llama backend from this cassette, offline")
+    replay_miss: str = _setting(
+        "error", "OZWELL_REPLAY_MISS",
+        "a call the cassette does not hold: error (a 400 naming the nearest recording) or "
+        "upstream (sent to the Llama backend)")
+    replay_timing: str = _setting(
+        "fast", "OZWELL_REPLAY_TIMING",
+        "replayed answers come fast (at once) or recorded (with the timing they were recorded with)")
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -192,6 +205,9 @@ class Settings:
             raise SettingsError("must be 0 (one per CPU) or more", setting="workers")
         if self.max_request_bytes < 1:
             raise SettingsError("must be a positive number of bytes", setting="max_request_bytes")
+        for name, choices in REPLAY_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise SettingsError(f"is not {' or '.join(choices)}", setting=name)
         try:
             upstream = urllib.parse.urlsplit(self.llama_base_url)
             usable = upstream.scheme in ("http", "https") and upstream.hostname and (
@@ -202,6 +218,9 @@ class Settings:
             raise SettingsError(
                 f"LLAMA_BASE_URL={shlex.quote(without_userinfo(self.llama_base_url))} is not an "
                 "http:// or https:// URL (for Ollama: http://localhost:11434/v1)")
+
+
+REPLAY_CHOICES = {"replay_miss": ("error", "upstream"), "replay_timing": ("fast", "recorded")}
 
 
 class SettingsError(Exception):
@@ -2690,13 +2709,16 @@ class _Exchange:
 
 
 class Upstream:
-    """The Llama backend, reached through one pooled HTTP client per application."""
+    """The Llama backend, reached through one pooled HTTP client per application; with
+    --record each exchange is kept in a cassette, with --replay calls are answered from one."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, schemas: SchemaRegistry) -> None:
         self.settings = settings
         url = urllib.parse.urlsplit(settings.llama_base_url)
         self.base_url = without_userinfo(settings.llama_base_url).rstrip("/")
         self.headers = {"Content-Type": "application/json"}
+        # What a cassette never holds: the key sent to the backend, in every form it is sent.
+        self.secrets = [settings.llama_api_key]
         if settings.llama_api_key:
             self.headers["Authorization"] = f"Bearer {settings.llama_api_key}"
         elif url.username is not None:  # a reverse proxy's basic auth, written into the URL
@@ -2704,9 +2726,15 @@ class Upstream:
                                    for part in (url.username, url.password))
             self.headers["Authorization"] = "Basic " + base64.b64encode(
                 credentials.encode()).decode()
+            self.secrets += [credentials, self.headers["Authorization"].removeprefix("Basic "),
+                             urllib.parse.unquote(url.password or "")]
         self.calls: set[UpstreamCall] = set()
         self.quiet_limit = math.inf  # set when the server stops: see stop()
         self._client: KeepAliveHTTPClient | None = None
+        # Loaded now: a damaged cassette ends the start in one line.
+        self.recorder = Recorder(settings.record, schemas) if settings.record else None
+        self.replay = Replay(settings, schemas) if settings.replay else None
+        self.redacts_client_keys = self.recorder is not None or self.replay is not None
 
     @property
     def client(self) -> KeepAliveHTTPClient:
@@ -2725,6 +2753,18 @@ class Upstream:
         for call in list(self.calls):
             call.watch_silence()
 
+    def close(self) -> None:
+        """The server has stopped: the cassette recorded is synced to disk, and the log names
+        the recordings that were never replayed."""
+        if self.recorder is not None:
+            self.recorder.close()
+        if self.replay is not None:
+            self.replay.report()
+
+    def redactor(self) -> Redactor:
+        """What to hide in a recorded or replayed call: the backend's key and the client's."""
+        return Redactor(self.secrets + [_client_key.get()])
+
 
 Sink = Callable[[bytes], Awaitable[None] | None]
 
@@ -2740,15 +2780,25 @@ class UpstreamCall:
     waiting on the reader does not count). `abort()` closes the connection at any point, and the
     upstream sees the disconnect at once. Messages name "the Llama backend"; its URL goes to the
     log only.
+
+    Recording, a call that has been read to its end is appended to the cassette; replaying, a
+    call the cassette holds is answered from it (`generator` is then "replay"), the same way.
     """
 
     def __init__(self, upstream: Upstream, path: str, body: bytes) -> None:
         self.upstream = upstream
+        self.path = path
         self.url = upstream.base_url + path
         self.body = body
         self.status = 0
         self.headers = tornado.httputil.HTTPHeaders()
         self.aborted = False
+        self.generator = "upstream"  # or "replay"
+        self.sent_at = 0.0
+        self.headers_after = 0.0  # seconds from sending the request to the end of the headers
+        self.pieces: list[tuple[float, bytes]] | None = None  # (seconds after sending, bytes)
+        self._replayed: RecordedExchange | None = None
+        self._pause: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._headers_in: asyncio.Future[None] = self._loop.create_future()
         self._sink_chosen: asyncio.Future[Sink | None] = self._loop.create_future()
@@ -2760,24 +2810,12 @@ class UpstreamCall:
         self._silence_timer: asyncio.TimerHandle | None = None
 
     async def open(self) -> None:
-        settings = self.upstream.settings
-        request = tornado.httpclient.HTTPRequest(
-            self.url, method="POST", headers=self.upstream.headers, body=self.body,
-            header_callback=self._on_header_line, streaming_callback=self._on_body_chunk,
-            connect_timeout=settings.upstream_connect_timeout,
-            request_timeout=0,  # none: it would count the whole of a live stream
-            follow_redirects=False, decompress_response=False,
-            user_agent=f"ozwell/{__version__}")
-        self._response = self.upstream.client.fetch(request, raise_error=False)
-        self._response.add_done_callback(self._on_response_done)
-        self.upstream.calls.add(self)
-        self._heard_at = self._loop.time()
-        self.watch_silence()
-        await self._headers_in
-        if self._failure is not None:
-            raise self._failure
-        if not self.status:
-            raise self._failure_before_headers()
+        if self.upstream.replay is not None:
+            self._replayed = self.upstream.replay.take(self)
+        if self._replayed is not None:
+            await self._open_replayed()
+        else:
+            await self._open()
         if 300 <= self.status < 400:
             self.abort()
             raise self.upstream_error(
@@ -2794,6 +2832,39 @@ class UpstreamCall:
                 502, f"The Llama backend {key}: HTTP {self.status}"
                      f"{': ' + said if said else ''}. Set LLAMA_API_KEY to a key it accepts.",
                 "upstream_auth_failed", f"HTTP {self.status}")
+
+    async def _open(self) -> None:
+        settings = self.upstream.settings
+        request = tornado.httpclient.HTTPRequest(
+            self.url, method="POST", headers=self.upstream.headers, body=self.body,
+            header_callback=self._on_header_line, streaming_callback=self._on_body_chunk,
+            connect_timeout=settings.upstream_connect_timeout,
+            request_timeout=0,  # none: it would count the whole of a live stream
+            follow_redirects=False, decompress_response=False,
+            user_agent=f"ozwell/{__version__}")
+        self._response = self.upstream.client.fetch(request, raise_error=False)
+        self._response.add_done_callback(self._on_response_done)
+        self.upstream.calls.add(self)
+        self._heard_at = self.sent_at = self._loop.time()
+        if self.upstream.recorder is not None:
+            self.pieces = []
+        self.watch_silence()
+        await self._headers_in
+        if self._failure is not None:
+            raise self._failure
+        if not self.status:
+            raise self._failure_before_headers()
+
+    async def _open_replayed(self) -> None:
+        self.generator = "replay"
+        self.sent_at = self._loop.time()
+        exchange = self._replayed
+        assert exchange is not None
+        await self._pause_until(exchange.headers_after)
+        self.status = exchange.status
+        self.headers = tornado.httputil.HTTPHeaders()
+        for name, value in exchange.headers:
+            self.headers.add(name, value)
 
     @property
     def is_event_stream(self) -> bool:
@@ -2829,6 +2900,48 @@ class UpstreamCall:
 
     async def relay(self, sink: Sink) -> None:
         """Hand the body to `sink` as it arrives; raise an APIError if the upstream fails."""
+        if self._replayed is not None:
+            await self._relay_replayed(sink)
+            return
+        try:
+            await self._relay(sink)
+        except APIError as failure:
+            self._keep_recording(failure)
+            raise
+        self._keep_recording(None)
+
+    def _keep_recording(self, failure: APIError | None) -> None:
+        if self.pieces is not None and self.upstream.recorder is not None and not self.aborted:
+            self.upstream.recorder.keep(self, failure)
+        self.pieces = None
+
+    async def _relay_replayed(self, sink: Sink) -> None:
+        exchange = self._replayed
+        assert exchange is not None
+        for after, data in exchange.chunks:
+            await self._pause_until(after)
+            if self.aborted:
+                return
+            pending = sink(data)
+            if pending is not None:
+                await pending
+        if exchange.failure is not None and not self.aborted:
+            raise exchange.failure.error()
+
+    async def _pause_until(self, after: float) -> None:
+        """With the recorded timing, wait until `after` seconds past sending (or an abort)."""
+        delay = self.sent_at + after - self._loop.time()
+        if self.upstream.settings.replay_timing != "recorded" or delay <= 0 or self.aborted:
+            return
+        self._pause = self._loop.create_future()
+        timer = self._loop.call_later(delay, _resolve, self._pause)
+        try:
+            await self._pause
+        finally:
+            timer.cancel()
+            self._pause = None
+
+    async def _relay(self, sink: Sink) -> None:
         self._sink = sink
         self._sink_chosen.set_result(sink)
         assert self._response is not None
@@ -2850,6 +2963,8 @@ class UpstreamCall:
 
     def abort(self) -> None:
         self.aborted = True
+        if self._pause is not None:
+            _resolve(self._pause)
         if self._response is not None:
             self._response.cancel()  # the client closes the connection
         if not self._sink_chosen.done():
@@ -2918,6 +3033,7 @@ class UpstreamCall:
         if not self.status:
             self.status = tornado.httputil.parse_response_start_line(line.strip()).code
         elif line == "\r\n":
+            self.headers_after = self._heard_at - self.sent_at
             self._stop_waiting_for_headers()
         else:
             self.headers.parse_line(line)
@@ -2937,6 +3053,8 @@ class UpstreamCall:
 
     def _on_body_chunk(self, chunk: bytes) -> Awaitable[None] | None:
         self._heard_at = self._loop.time()
+        if self.pieces is not None:
+            self.pieces.append((self._heard_at - self.sent_at, chunk))
         if self._sink is None:
             return self._hold_read(self._deliver_once_chosen(chunk))
         pending = self._sink(chunk)
@@ -2983,6 +3101,11 @@ class UpstreamCall:
         """An APIError for the client; the log gets the URL, which the client never sees."""
         log.warning("Llama backend %s: %s (answered %d %s)", self.url, detail, status, code)
         return APIError(status, message, type="server_error", code=code)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 # Upstream error types that OpenAI reports under a code of its own, which clients check for.
@@ -3097,6 +3220,377 @@ def _events_end(data: bytes | bytearray, start: int = 0) -> int:
 
 
 # =============================================================================
+# Record and replay
+# =============================================================================
+# A cassette is a JSON Lines file, one exchange with the Llama backend per line (the schema
+# CassetteExchange): what was sent, and what came back piece by piece with its timing.
+# --record appends an exchange once it has been read to its end, in one write under the file's
+# lock, so concurrent calls (or workers) never interleave and a crash can cut only the line being
+# written, which the next recording drops. --replay answers calls from a cassette, offline.
+
+REDACTED = "[redacted]"
+# Keys shorter than this are placeholders (`test`, `x`), not secrets; replacing them everywhere
+# would rewrite ordinary text.
+SECRET_MIN_LENGTH = 8
+CASSETTE_SCHEMA = "CassetteExchange"
+
+# The key the client sent with the request being served, for the cassette to hide. A context
+# variable, not a global: each request's task has its own.
+_client_key: contextvars.ContextVar[str] = contextvars.ContextVar("ozwell_client_key", default="")
+
+
+class Redactor:
+    """Replaces every secret in recorded text with REDACTED, wherever it sits."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        kept = sorted({s for s in secrets if len(s) >= SECRET_MIN_LENGTH}, key=len, reverse=True)
+        self._text = re.compile("|".join(map(re.escape, kept))) if kept else None
+        self._bytes = re.compile(b"|".join(re.escape(s.encode()) for s in kept)) if kept else None
+
+    def text(self, text: str) -> str:
+        return self._text.sub(REDACTED, text) if self._text else text
+
+    def bytes(self, data: bytes) -> bytes:
+        return self._bytes.sub(REDACTED.encode(), data) if self._bytes else data
+
+    def pieces(self, pieces: list[tuple[float, bytes]]) -> list[tuple[float, bytes]]:
+        """The pieces of a body, redacted; a secret split between pieces is found too (the cut
+        moves to its end)."""
+        if self._bytes is None:
+            return pieces
+        data = b"".join(piece for _, piece in pieces)
+        spans = [found.span() for found in self._bytes.finditer(data)]
+        if not spans:
+            return pieces
+        redacted, start, end = [], 0, 0
+        for after, piece in pieces:
+            end += len(piece)
+            cut = next((stop for begin, stop in spans if begin < end < stop), end)
+            if cut > start:
+                redacted.append((after, self.bytes(data[start:cut])))
+                start = cut
+        return redacted
+
+
+@dataclasses.dataclass
+class RecordedFailure:
+    """How a recorded answer broke off, said again when it is replayed."""
+
+    status: int
+    code: str
+    message: str
+
+    def error(self) -> APIError:
+        return APIError(self.status, self.message, type="server_error", code=self.code)
+
+
+@dataclasses.dataclass
+class RecordedExchange:
+    """One line of a cassette, ready to replay."""
+
+    line: int
+    method: str
+    path: str
+    body: Any
+    status: int
+    headers: list[tuple[str, str]]
+    headers_after: float
+    chunks: list[tuple[float, bytes]]
+    failure: RecordedFailure | None
+    plays: int = 0
+
+    @functools.cached_property
+    def key(self) -> str:
+        return _match_key(self.method, self.path, self.body)
+
+    def described(self) -> str:
+        model = self.body.get("model") if isinstance(self.body, dict) else None
+        return f"line {self.line} ({self.method} {self.path}" + (
+            f", model {model})" if isinstance(model, str) else ")")
+
+
+class Recorder:
+    """Appends each exchange with the backend to a cassette, its secrets redacted."""
+
+    def __init__(self, path: str, schemas: SchemaRegistry) -> None:
+        self.path = path
+        self.recorded = 0
+        read_cassette(path, schemas, must_exist=False)  # a damaged one is not added to
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+        except OSError as exc:
+            raise SettingsError(f"cannot write the cassette {path!r}: {exc.strerror or exc}. "
+                                "Point --record at a writable place.") from None
+        self._descriptor: int | None = None
+        self._opened_by = 0  # the process the descriptor belongs to: workers open their own
+
+    def keep(self, call: UpstreamCall, failure: APIError | None) -> None:
+        redactor = call.upstream.redactor()
+        body: Any = redactor.bytes(call.body).decode("utf-8", "replace")
+        with contextlib.suppress(ValueError):
+            body = json.loads(body)
+        response: dict[str, Any] = {
+            "status": call.status,
+            "headers": [[name, redactor.text(value)] for name, value in call.headers.get_all()],
+            "after": round(call.headers_after, 6),
+            "chunks": [_chunk_entry(after, piece)
+                       for after, piece in redactor.pieces(call.pieces or [])]}
+        exchange: dict[str, Any] = {
+            "request": {"method": "POST", "path": call.path, "body": body},
+            "response": response,
+            "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if failure is not None:
+            exchange["failure"] = {"status": failure.status_code, "code": failure.code,
+                                   "message": redactor.text(failure.message)}
+        line = json.dumps(exchange, ensure_ascii=False, separators=(",", ":")) + "\n"
+        try:
+            self._append(line.encode("utf-8", "surrogatepass"))
+        except OSError as exc:  # the answer has gone out already: the log says what was lost
+            log.error("could not record an exchange in the cassette %s: %s", self.path,
+                      exc.strerror or exc)
+            return
+        self.recorded += 1
+
+    def _append(self, line: bytes) -> None:
+        if self._opened_by != os.getpid():
+            self._descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            self._opened_by = os.getpid()
+        descriptor = self._descriptor
+        assert descriptor is not None
+        _lock(descriptor)
+        try:
+            _drop_cut_line(descriptor, self.path)
+            view = memoryview(line)
+            while view:  # one write, unless the disk takes it in parts
+                view = view[os.write(descriptor, view):]
+        finally:
+            _unlock(descriptor)
+
+    def close(self) -> None:
+        if self._descriptor is not None and self._opened_by == os.getpid():
+            with contextlib.suppress(OSError):
+                os.fsync(self._descriptor)
+            os.close(self._descriptor)
+        self._descriptor, self._opened_by = None, 0
+
+
+def _chunk_entry(after: float, piece: bytes) -> dict[str, Any]:
+    try:
+        return {"after": round(after, 6), "text": piece.decode("utf-8")}
+    except UnicodeDecodeError:  # cut inside a character, or not text at all
+        return {"after": round(after, 6), "base64": base64.b64encode(piece).decode()}
+
+
+def _drop_cut_line(descriptor: int, path: str) -> None:
+    """A line an earlier process was writing when it died has no newline: cut it off, so the
+    next line starts on a line of its own."""
+    size = os.fstat(descriptor).st_size
+    if not size or os.pread(descriptor, 1, size - 1) == b"\n":
+        return
+    end = size
+    while end > 0:
+        start = max(0, end - READ_PIECE_BYTES)
+        newline = os.pread(descriptor, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            end = start + newline + 1
+            break
+        end = start
+    os.truncate(descriptor, end)
+    log.warning("the cassette %s ended in a line cut off mid-write (%d bytes): dropped it",
+                path, size - end)
+
+
+def read_cassette(path: str, schemas: SchemaRegistry, must_exist: bool = True) -> list[RecordedExchange]:
+    """The exchanges of a cassette; anything wrong with it is a SettingsError naming the line.
+
+    A last line cut off mid-write (no newline, not JSON) is skipped with a warning: the lines
+    before it are whole.
+    """
+    try:
+        with open(path, "rb") as cassette:
+            data = cassette.read()
+    except FileNotFoundError:
+        if must_exist:
+            raise SettingsError(f"the cassette {path!r} does not exist. Record one with --record "
+                                f"{shlex.quote(path)}, against a running Llama backend.") from None
+        return []
+    except OSError as exc:
+        raise SettingsError(f"cannot read the cassette {path!r}: {exc.strerror or exc}.") from None
+    exchanges = []
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as exc:
+            if number == len(lines):
+                log.warning("the cassette %s ends in a line cut off mid-write (line %d): it is "
+                            "left out", path, number)
+                continue
+            raise SettingsError(f"the cassette {path!r} is damaged: line {number} is not JSON "
+                                f"({exc}). Each line is one exchange; fix or remove it.") from None
+        error = jsonschema.exceptions.best_match(schemas.errors(CASSETTE_SCHEMA, entry))
+        if error is not None:
+            where = param_path(list(error.absolute_path)) or "the line"
+            raise SettingsError(f"the cassette {path!r} is damaged: line {number}, {where}: "
+                                f"{_shortened(error.message, 200)}. Each line is one exchange "
+                                f"(schemas/{CASSETTE_SCHEMA}.json); fix or remove it.")
+        exchanges.append(_recorded_exchange(number, entry))
+    return exchanges
+
+
+def _recorded_exchange(line: int, entry: dict[str, Any]) -> RecordedExchange:
+    request, response, failure = entry["request"], entry["response"], entry.get("failure")
+    return RecordedExchange(
+        line=line, method=request["method"], path=request["path"], body=request["body"],
+        status=response["status"], headers=[(name, value) for name, value in response["headers"]],
+        headers_after=response["after"],
+        chunks=[(chunk["after"], chunk["text"].encode("utf-8", "surrogatepass") if "text" in chunk
+                 else base64.b64decode(chunk["base64"])) for chunk in response["chunks"]],
+        failure=RecordedFailure(**failure) if failure else None)
+
+
+def _shortened(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+class Replay:
+    """Answers calls to the backend from a cassette, each recording once, in the order recorded.
+
+    A call is matched on method, path and body, the body normalised (key order, spacing,
+    `1.0` against `1`, secrets redacted). Calls alike take their recordings in turn; once all
+    are played, the last answers again. A call no recording matches is a 400 naming the
+    nearest one, or with replay_miss "upstream" goes to the backend.
+    """
+
+    def __init__(self, settings: Settings, schemas: SchemaRegistry) -> None:
+        self.settings = settings
+        self.path = settings.replay
+        self.exchanges = read_cassette(settings.replay, schemas)
+        self.misses = 0
+        self._by_key: dict[str, list[RecordedExchange]] = {}
+        for exchange in self.exchanges:
+            self._by_key.setdefault(exchange.key, []).append(exchange)
+
+    def take(self, call: UpstreamCall) -> RecordedExchange | None:
+        """The recording that answers `call`; None if it goes to the backend instead."""
+        body = _sent_body(call.body, call.upstream.redactor())
+        alike = self._by_key.get(_match_key("POST", call.path, body))
+        if alike:
+            exchange = next((e for e in alike if not e.plays), alike[-1])
+            exchange.plays += 1
+            return exchange
+        self.misses += 1
+        if self.settings.replay_miss == "upstream":
+            return None
+        raise self._miss("POST", call.path, body)
+
+    def _miss(self, method: str, path: str, body: Any) -> APIError:
+        asked = f"{method} {path}"
+        if not self.exchanges:
+            return APIError(400, f"The cassette {self.path} holds no recordings, so nothing "
+                                 f"answers {asked} (replaying with --replay-miss error).",
+                            code="replay_miss")
+        nearest = _nearest(self.exchanges, method, path, body)
+        param = None
+        if (nearest.method, nearest.path) != (method, path):
+            difference = f"it is {nearest.method} {nearest.path}"
+        else:
+            where, recorded, sent = _first_difference(nearest.body, body, [])
+            param = param_path(where) or None
+            difference = (f"its body differs at {param or 'the top'}: recorded {recorded}, "
+                          f"this request has {sent}")
+        return APIError(400, f"No recording in the cassette {self.path} matches this request "
+                             f"({asked}), and with --replay-miss error it is not sent to the Llama "
+                             f"backend. The nearest recording is {nearest.described()}: "
+                             f"{difference}.", param=param, code="replay_miss")
+
+    def unplayed(self) -> list[RecordedExchange]:
+        return [exchange for exchange in self.exchanges if not exchange.plays]
+
+    def report(self) -> None:
+        unplayed = self.unplayed()
+        if unplayed:
+            log.warning("replay: %d of %d recordings in %s were never played: %s", len(unplayed),
+                        len(self.exchanges), self.path,
+                        "; ".join(exchange.described() for exchange in unplayed))
+        else:
+            log.info("replay: all %d recordings in %s were played (%d calls matched none)",
+                     len(self.exchanges), self.path, self.misses)
+
+
+def _sent_body(body: bytes, redactor: Redactor) -> Any:
+    """A request body as a cassette holds it: JSON if it parses, its secrets redacted."""
+    text = redactor.bytes(body).decode("utf-8", "replace")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _match_key(method: str, path: str, body: Any) -> str:
+    return json.dumps([method, path, _normalised(body)], sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False)
+
+
+def _normalised(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _normalised(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_normalised(item) for item in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _nearest(exchanges: Sequence[RecordedExchange], method: str, path: str,
+             body: Any) -> RecordedExchange:
+    """The recording most like the request: same method and path first, then the most alike
+    body (a quick measure picks ten, a finer one the best of those)."""
+    wanted = _match_key(method, path, body)[:4000]
+    same_route = [e for e in exchanges if (e.method, e.path) == (method, path)] or exchanges
+
+    def likeness(exchange: RecordedExchange, quick: bool) -> float:
+        matcher = difflib.SequenceMatcher(None, exchange.key[:4000], wanted, autojunk=False)
+        return matcher.quick_ratio() if quick else matcher.ratio()
+
+    shortlist = sorted(same_route, key=lambda e: -likeness(e, True))[:10]
+    return max(shortlist, key=lambda e: likeness(e, False))
+
+
+def _first_difference(recorded: Any, sent: Any, where: list) -> tuple[list, str, str]:
+    """Where two bodies first differ, and what each has there (shortened)."""
+    if isinstance(recorded, dict) and isinstance(sent, dict):
+        for key in [*sent, *(key for key in recorded if key not in sent)]:
+            if key not in recorded:
+                return where + [key], "nothing", _shown_json(sent[key])
+            if key not in sent:
+                return where + [key], _shown_json(recorded[key]), "nothing"
+            if not _alike(recorded[key], sent[key]):
+                return _first_difference(recorded[key], sent[key], where + [key])
+    elif isinstance(recorded, list) and isinstance(sent, list):
+        for index in range(max(len(recorded), len(sent))):
+            if index >= len(recorded):
+                return where + [index], "nothing", _shown_json(sent[index])
+            if index >= len(sent):
+                return where + [index], _shown_json(recorded[index]), "nothing"
+            if not _alike(recorded[index], sent[index]):
+                return _first_difference(recorded[index], sent[index], where + [index])
+    return where, _shown_json(recorded), _shown_json(sent)
+
+
+def _alike(recorded: Any, sent: Any) -> bool:
+    return _match_key("", "", recorded) == _match_key("", "", sent)
+
+
+def _shown_json(value: Any) -> str:
+    return _shortened(json.dumps(value, ensure_ascii=False), 80)
+
+
+# =============================================================================
 # Base handler
 # =============================================================================
 
@@ -3143,7 +3637,7 @@ class Context:
         self.responses = ResponseStore(settings.data_dir)
         self.conversations = ConversationStore(settings.data_dir)
         self.chat_completions = ChatCompletionStore(settings.data_dir)
-        self.upstream = Upstream(settings)
+        self.upstream = Upstream(settings, schemas)
         self.embedders = {
             model: HashedEmbedder(model, size, resizable=model not in FIXED_SIZE_EMBEDDING_MODELS)
             for model, size in EMBEDDING_MODELS.items()}
@@ -3229,6 +3723,8 @@ class BaseHandler(tornado.web.RequestHandler):
             raise APIError(401, "You didn't provide an API key. You need to provide your API key "
                                 "in an Authorization header using Bearer auth "
                                 "(i.e. Authorization: Bearer YOUR_KEY).")
+        if self.context.upstream.redacts_client_keys:
+            _client_key.set(token)
         allowed = self.context.settings.api_keys
         if allowed and not _is_listed(token, allowed):
             shown = token[:3] + "*" * 4 + token[-4:] if len(token) > 8 else "*" * len(token)
@@ -3387,6 +3883,10 @@ def replace_metadata(store: RecordStore, record_id: str, field: str,
         record[field]["metadata"] = metadata or {}
         return record, record[field]
     return store.update(record_id, change)
+
+
+# Says on every generated reply what answered it: deterministic, upstream, fixture or replay.
+GENERATOR_HEADER = "x-ozwell-generator"
 
 
 class NotFoundHandler(BaseHandler):
@@ -3998,6 +4498,7 @@ class ChatCompletionsHandler(BaseHandler):
             if self.client_gone:
                 return  # nobody is left to tell
             raise
+        self.set_header(GENERATOR_HEADER, call.generator)
         if body.get("stream") and call.status < 300 and call.is_event_stream:
             await self._relay_stream(call, body)
             return
@@ -4782,6 +5283,27 @@ def content_disposition(filename: str) -> str:
             f"filename*=UTF-8''{urllib.parse.quote(filename, safe='')}")
 
 
+class ReplayHandler(BaseHandler):
+    """What replay has answered from its cassette: the recordings never played are what a test
+    expected the application to ask and it did not."""
+
+    api = {"get": Operation("What the replayed cassette holds, and which recordings have not been "
+                            "played", "Test rig", response="ReplayReport", errors=(401, 500))}
+
+    def get(self) -> None:
+        replay = self.context.upstream.replay
+        if replay is None:
+            self.write_json({"object": "replay", "cassette": None, "recordings": 0, "played": 0,
+                             "misses": 0, "unplayed": []})
+            return
+        unplayed = replay.unplayed()
+        self.write_json({
+            "object": "replay", "cassette": replay.path, "recordings": len(replay.exchanges),
+            "played": len(replay.exchanges) - len(unplayed), "misses": replay.misses,
+            "unplayed": [{"line": exchange.line, "method": exchange.method, "path": exchange.path,
+                          "body": exchange.body} for exchange in unplayed]})
+
+
 # =============================================================================
 # Conversations
 # =============================================================================
@@ -4962,6 +5484,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/files", FilesHandler),
     Route("/v1/files/{file_id}", FileHandler),
     Route("/v1/files/{file_id}/content", FileContentHandler),
+    Route("/_ozwell/replay", ReplayHandler),
 )
 
 
@@ -5200,6 +5723,8 @@ def _remove_ready_file(settings: Settings) -> None:
 
 def _log_upstream_reachability(settings: Settings) -> None:
     """One line at start when the Llama backend is not there yet; the server serves anyway."""
+    if settings.replay and settings.replay_miss == "error":
+        return  # the cassette answers every call, or refuses it: the backend is never called
     url = urllib.parse.urlsplit(settings.llama_base_url)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
@@ -5294,6 +5819,7 @@ async def serve(settings: Settings, sockets: list[socket.socket],
     while context.in_flight > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     await server.close_all_connections()
+    context.upstream.close()
     log.info("stopped")
     return 0
 
