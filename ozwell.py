@@ -23,6 +23,7 @@ import array
 import asyncio
 import base64
 import binascii
+import bisect
 import contextlib
 import contextvars
 import copy
@@ -42,9 +43,12 @@ import mimetypes
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import ssl
+import stat
+import tempfile
 import time
 import urllib.parse
 import uuid
@@ -56,6 +60,7 @@ import jsonschema.exceptions
 import tornado.httpclient
 import tornado.httpserver
 import tornado.httputil
+import tornado.ioloop
 import tornado.iostream
 import tornado.netutil
 import tornado.simple_httpclient
@@ -2185,6 +2190,7 @@ class EventStream:
         self.handler.set_header("Cache-Control", "no-cache")
         self.handler.set_header("X-Accel-Buffering", "no")
         self.is_open = True
+        self.handler.context.metrics.streams += 1
         await self._write("")
         if self.keepalive_seconds > 0:
             self._keepalive = asyncio.create_task(self._keep_alive())
@@ -2227,6 +2233,9 @@ class EventStream:
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
+        if self.is_open:
+            self.is_open = False
+            self.handler.context.metrics.streams -= 1
         if not self.handler._finished:
             try:
                 self.handler.finish()
@@ -2712,8 +2721,9 @@ class Upstream:
     """The Llama backend, reached through one pooled HTTP client per application; with
     --record each exchange is kept in a cassette, with --replay calls are answered from one."""
 
-    def __init__(self, settings: Settings, schemas: SchemaRegistry) -> None:
+    def __init__(self, settings: Settings, schemas: SchemaRegistry, metrics: Metrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         url = urllib.parse.urlsplit(settings.llama_base_url)
         self.base_url = without_userinfo(settings.llama_base_url).rstrip("/")
         self.headers = {"Content-Type": "application/json"}
@@ -2816,6 +2826,7 @@ class UpstreamCall:
             await self._open_replayed()
         else:
             await self._open()
+        self.upstream.metrics.upstream_calls[self.generator] += 1
         if 300 <= self.status < 400:
             self.abort()
             raise self.upstream_error(
@@ -2926,6 +2937,7 @@ class UpstreamCall:
             if pending is not None:
                 await pending
         if exchange.failure is not None and not self.aborted:
+            self.upstream.metrics.count_upstream_error(exchange.failure.code)
             raise exchange.failure.error()
 
     async def _pause_until(self, after: float) -> None:
@@ -2972,6 +2984,7 @@ class UpstreamCall:
 
     def error_body(self, body: bytes) -> dict[str, Any]:
         """The upstream's error reply in OpenAI's shape, keeping what it said."""
+        self.upstream.metrics.count_upstream_error(f"http_{self.status}")
         error = _error_member(body)
         if isinstance(error, dict) and isinstance(error.get("message"), str):
             shaped = dict(error)  # fields beyond OpenAI's four are kept: they may help
@@ -3100,6 +3113,7 @@ class UpstreamCall:
     def upstream_error(self, status: int, message: str, code: str, detail: str) -> APIError:
         """An APIError for the client; the log gets the URL, which the client never sees."""
         log.warning("Llama backend %s: %s (answered %d %s)", self.url, detail, status, code)
+        self.upstream.metrics.count_upstream_error(code)
         return APIError(status, message, type="server_error", code=code)
 
 
@@ -3591,6 +3605,193 @@ def _shown_json(value: Any) -> str:
 
 
 # =============================================================================
+# Metrics
+# =============================================================================
+# GET /metrics, in Prometheus' text format. A request costs a few dict and list increments in
+# on_finish(); the text is made only when scraped. With several workers, each writes a
+# snapshot of its counters to a folder they share, at most once a second and whenever it is
+# scraped, and the worker that answers a scrape adds up every snapshot: each scrape shows the
+# whole server, the other workers' counts at most a second old.
+
+# Upper bounds of the latency histogram, in seconds: from a cached reply to a long stream.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 300.0)
+METRICS_SHARE_SECONDS = 1.0
+UNMATCHED_ROUTE = "(unmatched)"
+
+# (name, type, help) of each family, in the order /metrics shows them.
+METRIC_FAMILIES = (
+    ("ozwell_requests_total", "counter",
+     "Requests answered, by route (as the route table writes it), method and status."),
+    ("ozwell_request_duration_seconds", "histogram",
+     "Time from a request's arrival to the end of its answer, by route (a stream: its whole "
+     "length)."),
+    ("ozwell_requests_in_flight", "gauge", "Requests being answered now."),
+    ("ozwell_streams_in_flight", "gauge", "Server-sent event streams open now."),
+    ("ozwell_upstream_calls_total", "counter",
+     "Calls to the Llama backend, by what answered them: upstream (the backend) or replay "
+     "(a cassette)."),
+    ("ozwell_upstream_errors_total", "counter",
+     "Calls to the Llama backend that failed, by kind: the error code the client was given "
+     "(upstream_unavailable, upstream_timeout, upstream_interrupted, ...), or http_<status> for "
+     "an error the backend answered with."),
+)
+
+
+class RouteMetrics:
+    """One route's counters: answers by method and status, and the latency histogram."""
+
+    __slots__ = ("template", "answers", "latency", "latency_sum")
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        self.answers: dict[str, dict[int, int]] = {}  # method -> status -> count
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket, the last one +Inf
+        self.latency_sum = 0.0
+
+
+class Metrics:
+    """The counters of one application (one worker): cheap to count, made into text when read."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self.routes = {route.handler: RouteMetrics(route.template) for route in routes}
+        self.unmatched = RouteMetrics(UNMATCHED_ROUTE)
+        self.streams = 0
+        self.upstream_calls = {"upstream": 0, "replay": 0}
+        self.upstream_errors: dict[str, int] = {}
+        self.in_flight: Callable[[], int] = lambda: 0
+        self.shared_folder: str | None = None
+        self._last_shared = ""
+
+    def count(self, handler_class: type, method: str, status: int, seconds: float) -> None:
+        route = self.routes.get(handler_class, self.unmatched)
+        statuses = route.answers.get(method)
+        if statuses is None:
+            statuses = route.answers[method] = {}
+        statuses[status] = statuses.get(status, 0) + 1
+        route.latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        route.latency_sum += seconds
+
+    def count_upstream_error(self, kind: str) -> None:
+        self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        """Every series, by its name and labels as /metrics writes them: counters and gauges."""
+        counters: dict[str, float] = {}
+        for route in [*self.routes.values(), self.unmatched]:
+            if not route.answers:
+                continue
+            labels = f'route="{_label(route.template)}"'
+            for method, statuses in route.answers.items():
+                for status, count in statuses.items():
+                    counters[f'ozwell_requests_total{{{labels},method="{_label(method)}",'
+                             f'status="{status}"}}'] = count
+            below = 0
+            for bound, count in zip([*map(repr, LATENCY_BUCKETS), "+Inf"], route.latency):
+                below += count
+                counters[f'ozwell_request_duration_seconds_bucket{{{labels},le="{bound}"}}'] = below
+            counters[f"ozwell_request_duration_seconds_sum{{{labels}}}"] = route.latency_sum
+            counters[f"ozwell_request_duration_seconds_count{{{labels}}}"] = below
+        for source, count in self.upstream_calls.items():
+            counters[f'ozwell_upstream_calls_total{{answered_by="{source}"}}'] = count
+        for kind, count in self.upstream_errors.items():
+            counters[f'ozwell_upstream_errors_total{{kind="{_label(kind)}"}}'] = count
+        gauges = {"ozwell_requests_in_flight": float(self.in_flight()),
+                  "ozwell_streams_in_flight": float(self.streams)}
+        return {"counters": counters, "gauges": gauges}
+
+    def text(self) -> str:
+        """The Prometheus text of this server: with workers, all of them added up."""
+        counters: dict[str, float] = {}
+        gauges: dict[str, float] = {}
+        for snapshot, alive in self._snapshots():
+            for series, value in snapshot["counters"].items():
+                counters[series] = counters.get(series, 0) + value
+            if alive:  # a worker that has gone keeps its counts, not what it had in flight
+                for series, value in snapshot["gauges"].items():
+                    gauges[series] = gauges.get(series, 0) + value
+        lines = []
+        for name, kind, help_text in METRIC_FAMILIES:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            for series, value in (gauges if kind == "gauge" else counters).items():
+                if _family(series) == name:
+                    lines.append(f"{series} {_number(value)}")
+        return "\n".join(lines) + "\n"
+
+    def share(self, folder: str) -> None:
+        """Count with the other workers whose snapshots are in `folder` (made here if need be)."""
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            info = os.lstat(folder)
+            if hasattr(os, "getuid") and (info.st_uid != os.getuid() or not stat.S_ISDIR(info.st_mode)):
+                raise OSError(f"{folder} belongs to another user")
+        except OSError as exc:
+            log.warning("/metrics shows this worker's counts only: cannot share them (%s)", exc)
+            return
+        self.shared_folder = folder
+        tornado.ioloop.PeriodicCallback(self.publish, METRICS_SHARE_SECONDS * 1000).start()
+
+    def publish(self, snapshot: dict[str, dict[str, float]] | None = None) -> None:
+        """Write this worker's snapshot for the others, if it has changed."""
+        if self.shared_folder is None:
+            return
+        text = json.dumps(snapshot or self.snapshot())
+        if text != self._last_shared:
+            with contextlib.suppress(OSError):
+                write_atomically(os.path.join(self.shared_folder, f"{os.getpid()}.json"),
+                                 text.encode())
+                self._last_shared = text
+
+    def _snapshots(self) -> Iterator[tuple[dict[str, dict[str, float]], bool]]:
+        own = self.snapshot()
+        yield own, True
+        if self.shared_folder is None:
+            return
+        self.publish(own)
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.shared_folder):
+                pid = entry.name.removesuffix(".json")
+                if not pid.isdigit() or int(pid) == os.getpid():
+                    continue
+                try:
+                    with open(entry.path, "rb") as snapshot:
+                        yield json.load(snapshot), _alive(int(pid))
+                except (OSError, ValueError):
+                    continue  # being replaced just now: its next snapshot counts
+
+
+def _family(series: str) -> str:
+    """The family a series belongs to: a histogram's _bucket, _sum and _count are one."""
+    name = series.partition("{")[0]
+    histogram = "ozwell_request_duration_seconds"
+    return histogram if name.startswith(histogram + "_") else name
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+def metrics_folder(main_pid: int) -> str:
+    """Where the workers of the server started as `main_pid` share their counts."""
+    user = os.getuid() if hasattr(os, "getuid") else 0
+    return os.path.join(tempfile.gettempdir(), f"ozwell-{user}-{main_pid}-metrics")
+
+
+# =============================================================================
 # Base handler
 # =============================================================================
 
@@ -3637,7 +3838,9 @@ class Context:
         self.responses = ResponseStore(settings.data_dir)
         self.conversations = ConversationStore(settings.data_dir)
         self.chat_completions = ChatCompletionStore(settings.data_dir)
-        self.upstream = Upstream(settings, schemas)
+        self.metrics = Metrics(ROUTES)
+        self.metrics.in_flight = lambda: self.in_flight
+        self.upstream = Upstream(settings, schemas, self.metrics)
         self.embedders = {
             model: HashedEmbedder(model, size, resizable=model not in FIXED_SIZE_EMBEDDING_MODELS)
             for model, size in EMBEDDING_MODELS.items()}
@@ -3697,6 +3900,8 @@ class BaseHandler(tornado.web.RequestHandler):
         if self._counted:
             self.context.in_flight -= 1
             self._counted = False
+            self.context.metrics.count(type(self), self.request.method, self.get_status(),
+                                       self.request.request_time())
 
     def on_connection_close(self) -> None:
         self.on_finish()
@@ -5283,6 +5488,18 @@ def content_disposition(filename: str) -> str:
             f"filename*=UTF-8''{urllib.parse.quote(filename, safe='')}")
 
 
+class MetricsHandler(BaseHandler):
+    """Prometheus' text format. It needs a key like /v1 does: a scrape job sends one with
+    `authorization: {credentials: KEY}`."""
+
+    api = {"get": Operation("Metrics in Prometheus' text format", "System",
+                            response_media="text/plain", errors=(401, 500))}
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(self.context.metrics.text())
+
+
 class ReplayHandler(BaseHandler):
     """What replay has answered from its cassette: the recordings never played are what a test
     expected the application to ask and it did not."""
@@ -5464,6 +5681,7 @@ class Route:
 
 ROUTES: tuple[Route, ...] = (
     Route("/health", HealthHandler),
+    Route("/metrics", MetricsHandler),
     Route("/openapi.json", OpenAPIHandler, in_openapi=False),
     Route("/docs", DocsHandler, in_openapi=False),
     Route("/v1/models", ModelsHandler),
@@ -5627,6 +5845,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(serve(settings, sockets, app))
         finally:
             _remove_ready_file(settings)
+            shutil.rmtree(metrics_folder(os.getpid()), ignore_errors=True)
     except SettingsError as exc:
         print(f"ozwell: {exc}", file=sys.stderr)
         return 2
@@ -5804,6 +6023,8 @@ async def serve(settings: Settings, sockets: list[socket.socket],
     app = app or make_app(settings)
     context: Context = app.settings["ozwell"]
     context.main_pid = main_pid or context.main_pid
+    if main_pid is not None:  # a worker: every worker's counts are on each one's /metrics
+        context.metrics.share(metrics_folder(main_pid))
     server = tornado.httpserver.HTTPServer(app, max_body_size=settings.max_request_bytes)
     server.add_sockets(sockets)
 
@@ -5820,6 +6041,7 @@ async def serve(settings: Settings, sockets: list[socket.socket],
         await asyncio.sleep(0.05)
     await server.close_all_connections()
     context.upstream.close()
+    context.metrics.publish()
     log.info("stopped")
     return 0
 
