@@ -364,3 +364,17 @@ def test_concurrent_recordings_from_several_workers_never_interleave(server_proc
         assert_valid(registry, "CassetteExchange", line)
         text = "".join(chunk["text"] for chunk in line["response"]["chunks"])
         assert text.endswith("data: [DONE]\n\n") and text.count("data: ") == 9
+
+
+@pytest.mark.gen_test
+async def test_recording_while_replaying_keeps_the_misses_that_went_upstream(ozwell_with, sdk, rogue,
+                                                                            tmp_path):
+    played = write_cassette(tmp_path / "played.jsonl", ({"model": "llama3", "messages": HELLO}, "kept"))
+    new = tmp_path / "new.jsonl"
+    client = sdk(ozwell_with(replay=str(played), replay_miss="upstream", record=str(new),
+                             llama_base_url=rogue.url))
+    await client.chat.completions.create(model="llama3", messages=HELLO)
+    await client.chat.completions.create(model="llama3",
+                                         messages=[{"role": "user", "content": "Other"}])
+    assert [line["request"]["body"]["messages"][0]["content"] for line in exchanges(new)] == \
+        ["Other"]
