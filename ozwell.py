@@ -3486,15 +3486,18 @@ class Replay:
         self.exchanges = read_cassette(settings.replay, schemas)
         self.misses = 0
         self._by_key: dict[str, list[RecordedExchange]] = {}
+        self._turns: dict[str, int] = {}  # how many calls each key has had
         for exchange in self.exchanges:
             self._by_key.setdefault(exchange.key, []).append(exchange)
 
     def take(self, call: UpstreamCall) -> RecordedExchange | None:
         """The recording that answers `call`; None if it goes to the backend instead."""
         body = _sent_body(call.body, call.upstream.redactor())
-        alike = self._by_key.get(_match_key("POST", call.path, body))
+        key = _match_key("POST", call.path, body)
+        alike = self._by_key.get(key)
         if alike:
-            exchange = next((e for e in alike if not e.plays), alike[-1])
+            turn = self._turns[key] = self._turns.get(key, 0) + 1
+            exchange = alike[min(turn, len(alike)) - 1]
             exchange.plays += 1
             return exchange
         self.misses += 1
