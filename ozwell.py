@@ -5842,13 +5842,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The sockets listen from here on: a connection waits in their backlog until the
         # server (or a worker) accepts it, so a script may connect as soon as the file is there.
         _write_ready_file(settings, ready)
+        shared_metrics = metrics_folder(os.getpid())
+        shutil.rmtree(shared_metrics, ignore_errors=True)  # an earlier server's with this pid
         try:
             if workers > 1:
                 return _run_workers(settings, sockets, workers)  # each worker builds its own app
             return asyncio.run(serve(settings, sockets, app))
         finally:
             _remove_ready_file(settings)
-            shutil.rmtree(metrics_folder(os.getpid()), ignore_errors=True)
+            shutil.rmtree(shared_metrics, ignore_errors=True)
     except SettingsError as exc:
         print(f"ozwell: {exc}", file=sys.stderr)
         return 2
