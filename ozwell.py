@@ -3466,11 +3466,6 @@ def _recorded_exchange(line: int, entry: dict[str, Any]) -> RecordedExchange:
         failure=RecordedFailure(**failure) if failure else None)
 
 
-def _shortened(text: str, limit: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
 class Replay:
     """Answers calls to the backend from a cassette, each recording once, in the order recorded.
 

@@ -12,7 +12,6 @@ indicative only.
 """
 import argparse
 import http.client
-import json
 import subprocess
 import sys
 import tempfile

@@ -11,15 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import ozwell
 from conftest import AUTH, free_port
 from test_chat import HELLO
-from test_upstream import Rogue
-
-
-@pytest.fixture(scope="module")
-def rogue():
-    backend = Rogue()
-    yield backend
-    backend.process.kill()
-    backend.process.wait()
+from test_upstream import rogue  # noqa: F401 (the backend process, a fixture)
 
 
 class Metrics:

@@ -4,6 +4,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,19 +16,11 @@ import tornado.httpclient
 import ozwell
 from conftest import API_KEY, AUTH, assert_valid, call_api, free_port
 from test_chat import HELLO, sse_events
-from test_upstream import Rogue
+from test_upstream import rogue  # noqa: F401 (the backend process, a fixture)
 
 UPSTREAM_KEY = "sk-upstream-secret-4242"
 CLIENT_KEY = "sk-client-secret-1717"
 OFFLINE = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
-
-
-@pytest.fixture(scope="module")
-def rogue():
-    backend = Rogue()
-    yield backend
-    backend.process.kill()
-    backend.process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -281,8 +275,6 @@ def test_a_damaged_cassette_stops_the_start_in_one_line(tmp_path, flag, content,
 
 
 def run_ozwell(*args: str):
-    import subprocess
-    import sys
     return subprocess.run([sys.executable, str(Path(ozwell.__file__)), *args], capture_output=True,
                           text=True, timeout=60, env={**os.environ, "LLAMA_BASE_URL": OFFLINE})
 
