@@ -16,7 +16,7 @@ import tornado.httpclient
 import ozwell
 from conftest import API_KEY, AUTH, assert_valid, call_api, free_port
 from test_chat import HELLO, sse_events
-from test_upstream import rogue  # noqa: F401 (the backend process, a fixture)
+from test_upstream import Rogue, rogue  # noqa: F401 (rogue: the backend process, a fixture)
 
 UPSTREAM_KEY = "sk-upstream-secret-4242"
 CLIENT_KEY = "sk-client-secret-1717"
@@ -60,13 +60,18 @@ def calls(client: openai.OpenAI, key: str) -> list:
 
 # --- the whole round: record against a backend, replay offline ----------------------------------
 
-def test_recorded_answers_replay_offline_byte_for_byte(server_process, rogue, tmp_path, registry):
+def test_recorded_answers_replay_offline_byte_for_byte(server_process, tmp_path, registry):
     cassette = tmp_path / "cassettes" / "chat.jsonl"
-    recording = server_process(env={"LLAMA_BASE_URL": rogue.url, "LLAMA_API_KEY": UPSTREAM_KEY},
-                               args=("--record", str(cassette)))
-    with sync_client(recording) as client:
-        recorded = calls(client, CLIENT_KEY)
-    assert recording.stop() == 0
+    backend = Rogue()
+    try:
+        recording = server_process(env={"LLAMA_BASE_URL": backend.url, "LLAMA_API_KEY": UPSTREAM_KEY},
+                                   args=("--record", str(cassette)))
+        with sync_client(recording) as client:
+            recorded = calls(client, CLIENT_KEY)
+        assert recording.stop() == 0
+    finally:
+        backend.process.kill()
+        backend.process.wait()
     assert recorded[0][1] == recorded[1][1] == "upstream"
     assert recorded[2] == "w0 w1 w2 w3 "
     assert recorded[3] == f"echo: my key is {CLIENT_KEY}"  # the backend had the client's words
@@ -85,8 +90,8 @@ def test_recorded_answers_replay_offline_byte_for_byte(server_process, rogue, tm
     assert len(times) >= 5 and times == sorted(times)
     assert times[-1] - times[0] >= 0.15
 
-    replaying = server_process(env={"LLAMA_BASE_URL": OFFLINE}, args=("--replay", str(cassette)),
-                               data_dir=tmp_path / "replay-data")
+    replaying = server_process(env={"LLAMA_BASE_URL": backend.url},  # gone: replay is offline
+                               args=("--replay", str(cassette)), data_dir=tmp_path / "replay-data")
     other_key = "sk-another-client-2323"
     with sync_client(replaying, key=other_key) as client:
         replayed = calls(client, other_key)  # matched with either key redacted
@@ -370,3 +375,15 @@ async def test_recording_while_replaying_keeps_the_misses_that_went_upstream(ozw
                                          messages=[{"role": "user", "content": "Other"}])
     assert [line["request"]["body"]["messages"][0]["content"] for line in exchanges(new)] == \
         ["Other"]
+
+
+@pytest.mark.gen_test
+async def test_a_replayed_completion_is_stored_as_a_proxied_one_is(ozwell_with, sdk, tmp_path):
+    asked = {"model": "llama3", "messages": HELLO, "store": True, "metadata": {"run": "replay"}}
+    client = sdk(ozwell_with(replay=str(write_cassette(tmp_path / "c.jsonl", (asked, "kept"))),
+                             llama_base_url=OFFLINE))
+    reply = await client.chat.completions.create(**asked)
+    stored = await client.chat.completions.retrieve(reply.id)
+    assert stored.choices[0].message.content == "kept" and stored.metadata == {"run": "replay"}
+    messages = await client.chat.completions.messages.list(reply.id)
+    assert [message.content for message in messages.data] == ["Hello there"]
