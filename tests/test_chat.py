@@ -634,7 +634,9 @@ async def test_openapi_documents_the_operation_and_its_stream(http_client, base_
     document = json.loads((await http_client.fetch(f"{base_url}/openapi.json")).body)
     operation = document["paths"]["/v1/chat/completions"]["post"]
     content = operation["responses"]["200"]["content"]
-    assert content["text/event-stream"]["schema"]["$ref"].endswith("/CreateChatCompletionStreamResponse")
+    chunk, done = content["text/event-stream"]["schema"]["properties"]["data"]["anyOf"]
+    assert chunk["contentSchema"]["anyOf"][0]["$ref"].endswith("/CreateChatCompletionStreamResponse")
+    assert done["const"] == "[DONE]"
     assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "/CreateChatCompletionRequest")
     assert {"502", "504"} <= set(operation["responses"])

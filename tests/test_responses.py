@@ -457,7 +457,7 @@ def test_openapi_documents_the_responses_routes():
     openapi_spec_validator.validate_spec(document)
     create = document["paths"]["/v1/responses"]["post"]
     assert create["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/CreateResponse")
-    assert create["responses"]["200"]["content"]["text/event-stream"]["schema"]["$ref"].endswith(
-        "/ResponseStreamEvent")
+    event = create["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    assert event["properties"]["data"]["contentSchema"]["$ref"].endswith("/ResponseStreamEvent")
     assert set(document["paths"]["/v1/responses/{response_id}"]) == {"get", "delete"}
     assert "/v1/responses/{response_id}/input_items" in document["paths"]
