@@ -3522,19 +3522,24 @@ def _drop_cut_line(descriptor: int, path: str) -> None:
     """A line an earlier process was writing when it died has no newline: cut it off, so the
     next line starts on a line of its own."""
     size = os.fstat(descriptor).st_size
-    if not size or os.pread(descriptor, 1, size - 1) == b"\n":
+    if not size or _read_at(descriptor, size - 1, 1) == b"\n":
         return
     end = size
     while end > 0:
         start = max(0, end - READ_PIECE_BYTES)
-        newline = os.pread(descriptor, end - start, start).rfind(b"\n")
+        newline = _read_at(descriptor, start, end - start).rfind(b"\n")
         if newline >= 0:
             end = start + newline + 1
             break
         end = start
-    os.truncate(descriptor, end)
+    os.ftruncate(descriptor, end)
     log.warning("the cassette %s ended in a line cut off mid-write (%d bytes): dropped it",
                 path, size - end)
+
+
+def _read_at(descriptor: int, offset: int, size: int) -> bytes:
+    os.lseek(descriptor, offset, os.SEEK_SET)  # os.pread is not on Windows
+    return os.read(descriptor, size)
 
 
 def read_cassette(path: str, schemas: SchemaRegistry, must_exist: bool = True) -> list[RecordedExchange]:
