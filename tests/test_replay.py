@@ -387,3 +387,12 @@ async def test_a_replayed_completion_is_stored_as_a_proxied_one_is(ozwell_with, 
     assert stored.choices[0].message.content == "kept" and stored.metadata == {"run": "replay"}
     messages = await client.chat.completions.messages.list(reply.id)
     assert [message.content for message in messages.data] == ["Hello there"]
+
+
+@pytest.mark.parametrize("args, said", [
+    (("--replay-miss", "maybe"), "--replay-miss maybe is not error or upstream"),
+    (("--replay-timing", "slow"), "--replay-timing slow is not fast or recorded"),
+])
+def test_a_replay_setting_out_of_its_choices_is_named(tmp_path, args, said):
+    result = run_ozwell(*args, "--port", "0", "--data-dir", str(tmp_path / "d"))
+    assert (result.returncode, result.stderr) == (2, f"ozwell: {said}\n")
