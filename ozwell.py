@@ -166,6 +166,14 @@ class Settings:
     ready_file: str = _setting(
         "", "OZWELL_READY_FILE",
         "once listening, write host, port, base_url and pid here as JSON (removed at exit)")
+    responses_backend: str = _setting(
+        "deterministic", "OZWELL_RESPONSES_BACKEND",
+        "who answers /v1/responses: deterministic, or upstream (the Llama backend, for every "
+        "model but the built-in ones)")
+    embeddings_backend: str = _setting(
+        "deterministic", "OZWELL_EMBEDDINGS_BACKEND",
+        "who answers /v1/embeddings for models other than the built-in ones: deterministic "
+        "(404) or upstream")
     record: str = _setting(
         "", "OZWELL_RECORD",
         "append each exchange with the Llama backend to this cassette (JSON Lines, keys redacted)")
@@ -225,6 +233,14 @@ class Settings:
             raise SettingsError(
                 f"LLAMA_BASE_URL={shlex.quote(without_userinfo(self.llama_base_url))} is not an "
                 "http:// or https:// URL (for Ollama: http://localhost:11434/v1)")
+        for field in ("responses_backend", "embeddings_backend"):
+            if getattr(self, field) not in BACKENDS:
+                raise SettingsError(f"is not a backend: use {' or '.join(BACKENDS)}",
+                                    setting=field)
+
+
+# Who may answer an endpoint: the built-in generators, or the Llama backend.
+BACKENDS = ("deterministic", "upstream")
 
 
 REPLAY_CHOICES = {"replay_miss": ("error", "upstream"), "replay_timing": ("fast", "recorded")}
@@ -632,10 +648,12 @@ class RecordStore:
 
 
 class ResponseStore(RecordStore):
-    """Stored responses: `{"response", "input_items", "turns"}`: the Response object, the input
-    items input_items lists, and the (role, text) turns a response that continues it builds
-    on. A background response also has its `schedule` (and `cancelled_at` once cancelled):
-    its `response` is then the one it becomes when done (see `response_now`)."""
+    """Stored responses: `{"response", "input_items", "turns", "generator"}`: the Response
+    object, the input items input_items lists, the (role, text) turns a response that
+    continues it builds on, and what answered. A background response also has its `schedule`
+    (and `cancelled_at` once cancelled): its `response` is then the one it becomes when done
+    (see `response_now`). A stream from the Llama backend has its `deltas`, how it cut each
+    text, so that a replay sends the same events."""
 
     FOLDER = "responses"
     ID = re.compile(r"resp_[0-9a-f]{32}")
@@ -1111,26 +1129,32 @@ class Generation:
 @dataclasses.dataclass(frozen=True)
 class Turn:
     """One turn of a conversation as the offline model reads it. An assistant turn may carry
-    tool calls; a `tool` turn is the result of the call `call_id`."""
+    tool calls; a `tool` turn is the result of the call `call_id`. A message that holds more
+    than text (images, files) keeps its Responses `parts` too, for a Llama backend to read."""
 
     role: str
     text: str
     tool_calls: tuple[ToolCall, ...] = ()
     call_id: str | None = None
+    parts: tuple[dict[str, Any], ...] = ()
 
     def stored(self) -> list | dict:
         """The turn as a stored response keeps it: `[role, text]` for a plain turn."""
-        if not self.tool_calls and self.call_id is None:
+        if not self.tool_calls and self.call_id is None and not self.parts:
             return [self.role, self.text]
-        return {"role": self.role, "text": self.text, "call_id": self.call_id,
-                "tool_calls": [dataclasses.astuple(call) for call in self.tool_calls]}
+        stored = {"role": self.role, "text": self.text, "call_id": self.call_id,
+                  "tool_calls": [dataclasses.astuple(call) for call in self.tool_calls]}
+        if self.parts:
+            stored["parts"] = list(self.parts)
+        return stored
 
     @classmethod
     def from_stored(cls, value: list | dict) -> Turn:
         if isinstance(value, list):
             return cls(value[0], value[1])
         return cls(value["role"], value["text"],
-                   tuple(ToolCall(*call) for call in value["tool_calls"]), value["call_id"])
+                   tuple(ToolCall(*call) for call in value["tool_calls"]), value["call_id"],
+                   tuple(value.get("parts", ())))
 
     def seed_material(self) -> list:
         """What of the turn decides the reply: call ids are left out, as they differ per run."""
@@ -2161,35 +2185,17 @@ RESPONSE_ECHOED_FIELDS: dict[str, Any] = {
 }
 
 
+# Why a chat completion stopped, and the `incomplete_details.reason` that says so on a Response.
+_INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
 def render_response(body: dict[str, Any], generation: Generation, model: str) -> dict[str, Any]:
     """The Response object answering the CreateResponse `body` with `generation`: its output
     items, usage and status, and the request's fields echoed."""
-    cut_short = generation.finish_reason == "length"
-    status = "incomplete" if cut_short else "completed"
-    now = unix_now()
-    response = {
-        "id": new_id("resp_"), "object": "response", "created_at": now,
-        "status": status, "completed_at": None if cut_short else now, "error": None,
-        "incomplete_details": {"reason": "max_output_tokens"} if cut_short else None,
-        "model": model,
-        "output": response_output(generation, status),
-        "service_tier": "default", "store": body.get("store") is not False,
-        "text": {"format": {"type": "text"}, "verbosity": "medium", **(body.get("text") or {})},
-        "usage": {
-            "input_tokens": generation.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": generation.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": generation.prompt_tokens + generation.completion_tokens,
-        },
-    }
-    for field, default in RESPONSE_ECHOED_FIELDS.items():
-        value = body.get(field)
-        response[field] = copy.deepcopy(default) if value is None else value
-    response["reasoning"] = {**RESPONSE_ECHOED_FIELDS["reasoning"], **response["reasoning"]}
-    conversation_id = conversation_id_of(body)
-    response["conversation"] = None if conversation_id is None else {"id": conversation_id}
-    return response
+    status = "incomplete" if generation.finish_reason in _INCOMPLETE_REASONS else "completed"
+    return finished_response(new_response(body, model), response_output(generation, status),
+                             generation.finish_reason,
+                             response_usage(completion_usage([generation])))
 
 
 def conversation_id_of(body: dict[str, Any]) -> str | None:
@@ -2208,8 +2214,7 @@ def response_output(generation: Generation, status: str) -> list[dict[str, Any]]
         items.append({"id": new_id("msg_"), "type": "message", "role": "assistant",
                       "status": status, "content": [part]})
     for call in generation.tool_calls:
-        items.append({"id": new_id("fc_"), "type": "function_call", "status": status,
-                      "arguments": call.arguments, "call_id": call.id, "name": call.name})
+        items.append(_function_call_item(new_id("fc_"), call.id, call.name, call.arguments, status))
     return items
 
 
@@ -2222,72 +2227,240 @@ def _output_text(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def response_events(response: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The semantic events that stream a finished `response`, in OpenAI's order, without their
-    `sequence_number` (the event's place in this sequence).
+def _function_call_item(item_id: str, call_id: str, name: str, arguments: str,
+                        status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "function_call", "status": status, "arguments": arguments,
+            "call_id": call_id, "name": name}
 
-    A stream and a replay (GET ?stream=true) both come from here, so they are the same. Each
-    output item is added, filled in by one delta event per token (text, refusal or call
-    arguments; the deltas joined are the whole), and done, in the order of `output`. A
-    background response is queued first.
+
+def new_response(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """The Response to a CreateResponse `body` before it has output, as `response.created`
+    shows it."""
+    response = {
+        "id": new_id("resp_"), "object": "response", "created_at": unix_now(),
+        "status": "in_progress", "completed_at": None, "error": None, "incomplete_details": None,
+        "model": model, "output": [], "service_tier": "default",
+        "store": body.get("store") is not False,
+        "text": {"format": {"type": "text"}, "verbosity": "medium", **(body.get("text") or {})},
+        "usage": None,
+    }
+    for field, default in RESPONSE_ECHOED_FIELDS.items():
+        value = body.get(field)
+        response[field] = copy.deepcopy(default) if value is None else value
+    response["reasoning"] = {**RESPONSE_ECHOED_FIELDS["reasoning"], **response["reasoning"]}
+    conversation_id = conversation_id_of(body)
+    response["conversation"] = None if conversation_id is None else {"id": conversation_id}
+    return response
+
+
+def finished_response(started: dict[str, Any], output: list[dict[str, Any]],
+                      finish_reason: str | None, usage: dict[str, Any] | None,
+                      error: dict[str, str] | None = None) -> dict[str, Any]:
+    """`started` once its output is in: completed, incomplete (a chat `finish_reason` of
+    `length` or `content_filter`), or failed (`error`)."""
+    incomplete = _INCOMPLETE_REASONS.get(finish_reason) if error is None else None
+    status = "failed" if error else "incomplete" if incomplete else "completed"
+    return dict(started, status=status,
+                completed_at=unix_now() if status == "completed" else None, error=error,
+                incomplete_details={"reason": incomplete} if incomplete else None,
+                output=output, usage=usage)
+
+
+def response_usage(usage: dict[str, Any] | None) -> dict[str, Any]:
+    """A chat completion's usage as a Response's (zeros for what the backend did not count)."""
+    usage = usage or {}
+    prompt = usage.get("prompt_tokens") or 0
+    completion = usage.get("completion_tokens") or 0
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {
+            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
+            "cache_write_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {
+            "reasoning_tokens":
+                (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0},
+        "total_tokens": usage.get("total_tokens") or prompt + completion,
+    }
+
+
+class ResponseEvents:
+    """The semantic events of one response, in OpenAI's order, numbered as they are made.
+
+    A live stream from the Llama backend and a replay of a stored response both build their
+    events here, one call per step (an item begins, a part begins, a delta, ...), so a replay
+    sends what the stream sent. Texts are joined from their deltas when their part closes.
     """
-    started = _unfinished(response, "in_progress")
-    if response["background"]:
-        queued = _unfinished(response, "queued")
-        yield {"type": "response.created", "response": queued}
-        yield {"type": "response.queued", "response": queued}
-    else:
-        yield {"type": "response.created", "response": started}
-    yield {"type": "response.in_progress", "response": started}
-    for index, item in enumerate(response["output"]):
+
+    def __init__(self, started: dict[str, Any]) -> None:
+        self.started = started
+        self.output: list[dict[str, Any]] = []
+        # Per output item, its deltas: a list per content part (a message), or one list (a call).
+        self.deltas: list[list] = []
+        self.item_open = False
+        self.part_open = False
+        self._number = 0
+
+    def start(self) -> list[dict[str, Any]]:
+        """The opening events: created, then in progress (a background response is queued
+        first)."""
+        if not self.started["background"]:
+            return [self._event("response.created", response=self.started),
+                    self._event("response.in_progress", response=self.started)]
+        queued = dict(self.started, status="queued")
+        return [self._event("response.created", response=queued),
+                self._event("response.queued", response=queued),
+                self._event("response.in_progress", response=self.started)]
+
+    def add_message(self, item_id: str) -> list[dict[str, Any]]:
+        return self._add({"id": item_id, "type": "message", "role": "assistant",
+                          "status": "in_progress", "content": []})
+
+    def add_call(self, item_id: str, call_id: str, name: str) -> list[dict[str, Any]]:
+        return self._add(_function_call_item(item_id, call_id, name, "", "in_progress"))
+
+    def add_part(self, kind: str) -> list[dict[str, Any]]:
+        """A content part of the open message: `output_text` or `refusal`."""
+        part = _output_text("") if kind == "output_text" else {"type": "refusal", "refusal": ""}
+        self.output[-1]["content"].append(part)
+        self.deltas[-1].append([])
+        self.part_open = True
+        return [self._event("response.content_part.added", **self._where(), part=dict(part))]
+
+    def delta(self, text: str) -> list[dict[str, Any]]:
+        """More text for the open part, or more arguments for the open call."""
+        item = self.output[-1]
         if item["type"] == "function_call":
-            yield from _function_call_events(index, item)
+            self.deltas[-1].append(text)
+            return [self._event("response.function_call_arguments.delta", item_id=item["id"],
+                                output_index=len(self.output) - 1, delta=text)]
+        self.deltas[-1][-1].append(text)
+        if item["content"][-1]["type"] == "output_text":
+            return [self._event("response.output_text.delta", **self._where(), delta=text,
+                                logprobs=[])]
+        return [self._event("response.refusal.delta", **self._where(), delta=text)]
+
+    def close_part(self) -> list[dict[str, Any]]:
+        if not self.part_open:
+            return []
+        self.part_open = False
+        part = self.output[-1]["content"][-1]
+        where = self._where()
+        text = "".join(self.deltas[-1][-1])
+        if part["type"] == "output_text":
+            part["text"] = text
+            done = self._event("response.output_text.done", **where, text=text, logprobs=[])
         else:
-            yield from _message_events(index, item)
-    finished = "response.completed" if response["status"] == "completed" else "response.incomplete"
-    yield {"type": finished, "response": response}
+            part["refusal"] = text
+            done = self._event("response.refusal.done", **where, refusal=text)
+        return [done, self._event("response.content_part.done", **where, part=part)]
+
+    def close(self, status: str = "completed") -> list[dict[str, Any]]:
+        """Finish the open item: `completed`, or `incomplete` when the reply was cut in it."""
+        if not self.item_open:
+            return []
+        self.item_open = False
+        item = self.output[-1]
+        index = len(self.output) - 1
+        events = []
+        if item["type"] == "function_call":
+            item["arguments"] = "".join(self.deltas[-1])
+            events.append(self._event("response.function_call_arguments.done",
+                                      item_id=item["id"], output_index=index,
+                                      name=item["name"], arguments=item["arguments"]))
+        else:
+            events += self.close_part()
+        item["status"] = status
+        events.append(self._event("response.output_item.done", output_index=index, item=item))
+        return events
+
+    def finish(self, response: dict[str, Any]) -> list[dict[str, Any]]:
+        """The last event: the whole `response`, completed, incomplete or failed."""
+        return [self._event(f"response.{response['status']}", response=response)]
+
+    def _add(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        self.output.append(item)
+        self.deltas.append([])
+        self.item_open = True
+        shown = dict(item, content=[]) if item["type"] == "message" else dict(item)
+        return [self._event("response.output_item.added", output_index=len(self.output) - 1,
+                            item=shown)]
+
+    def _where(self) -> dict[str, Any]:
+        item = self.output[-1]
+        return {"item_id": item["id"], "output_index": len(self.output) - 1,
+                "content_index": len(item["content"]) - 1}
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"type": kind, **fields, "sequence_number": self._number}
+        self._number += 1
+        return event
+
+
+def response_events(response: dict[str, Any],
+                    deltas: list[list] | None = None) -> Iterator[dict[str, Any]]:
+    """The semantic events that stream a finished `response`, in OpenAI's order.
+
+    `deltas` (stored with a stream from the Llama backend) cut each text and each call's
+    arguments as that stream did; without them there is one delta per token, so a stream of
+    the built-in model and its replay (GET ?stream=true) are the same. A background response
+    is queued first.
+    """
+    events = ResponseEvents(_unfinished(response, "in_progress"))
+    yield from events.start()
+    for index, item in enumerate(response["output"]):
+        cuts = deltas[index] if deltas is not None else None
+        if item["type"] == "function_call":
+            yield from events.add_call(item["id"], item["call_id"], item["name"])
+            for piece in cuts if cuts is not None else tokenize(item["arguments"]):
+                yield from events.delta(piece)
+        else:
+            yield from events.add_message(item["id"])
+            for number, part in enumerate(item["content"]):
+                yield from events.add_part(part["type"])
+                text = part["text"] if part["type"] == "output_text" else part["refusal"]
+                for piece in cuts[number] if cuts is not None else tokenize(text):
+                    yield from events.delta(piece)
+                yield from events.close_part()
+        yield from events.close(item["status"])
+    yield from events.finish(response)
 
 
 def _unfinished(response: dict[str, Any], status: str) -> dict[str, Any]:
     """`response` as it is before it is done: no output or usage yet."""
-    return dict(response, status=status, completed_at=None, incomplete_details=None, output=[],
-                usage=None)
-
-
-def _message_events(index: int, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    part = message["content"][0]
-    where = {"item_id": message["id"], "output_index": index, "content_index": 0}
-    yield {"type": "response.output_item.added", "output_index": index,
-           "item": dict(message, status="in_progress", content=[])}
-    if part["type"] == "refusal":
-        yield {"type": "response.content_part.added", **where,
-               "part": {"type": "refusal", "refusal": ""}}
-        for token in tokenize(part["refusal"]):
-            yield {"type": "response.refusal.delta", **where, "delta": token}
-        yield {"type": "response.refusal.done", **where, "refusal": part["refusal"]}
-    else:
-        yield {"type": "response.content_part.added", **where, "part": _output_text("")}
-        for token in tokenize(part["text"]):
-            yield {"type": "response.output_text.delta", **where, "delta": token, "logprobs": []}
-        yield {"type": "response.output_text.done", **where, "text": part["text"], "logprobs": []}
-    yield {"type": "response.content_part.done", **where, "part": part}
-    yield {"type": "response.output_item.done", "output_index": index, "item": message}
-
-
-def _function_call_events(index: int, call: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    where = {"item_id": call["id"], "output_index": index}
-    yield {"type": "response.output_item.added", "output_index": index,
-           "item": dict(call, status="in_progress", arguments="")}
-    for token in tokenize(call["arguments"]):
-        yield {"type": "response.function_call_arguments.delta", **where, "delta": token}
-    yield {"type": "response.function_call_arguments.done", **where, "name": call["name"],
-           "arguments": call["arguments"]}
-    yield {"type": "response.output_item.done", "output_index": index, "item": call}
+    return dict(response, status=status, completed_at=None, error=None, incomplete_details=None,
+                output=[], usage=None)
 
 
 # =============================================================================
 # SSE helpers
 # =============================================================================
+
+def sse_event(data: Any, event: str | None = None) -> str:
+    """One server-sent event: `data` is JSON-encoded unless it is already a string (`[DONE]`)."""
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"),
+                                                         ensure_ascii=False)
+    return (f"event: {event}\n" if event else "") + f"data: {text}\n\n"
+
+
+class EventReader:
+    """The `data` of each server-sent event, from bytes that arrive cut anywhere."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        data = self._partial + chunk if self._partial else chunk
+        end = _events_end(data)
+        self._partial = data[end:]
+        payloads = []
+        for block in data[:end].replace(b"\r\n", b"\n").split(b"\n\n"):
+            lines = [line[5:].removeprefix(b" ") for line in block.split(b"\n")
+                     if line.startswith(b"data:")]
+            if lines:
+                payloads.append(b"\n".join(lines).decode("utf-8", "replace"))
+        return payloads
+
 
 class EventStream:
     """Server-sent events on one response.
@@ -2319,9 +2492,7 @@ class EventStream:
 
     async def send(self, data: Any, event: str | None = None) -> None:
         """One event: `data` is JSON-encoded unless it is already a string (`[DONE]`)."""
-        text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"),
-                                                             ensure_ascii=False)
-        await self._write((f"event: {event}\n" if event else "") + f"data: {text}\n\n")
+        await self._write(sse_event(data, event))
 
     async def send_raw(self, chunk: bytes | str) -> None:
         """Bytes already in SSE form (a relayed upstream event), passed on untouched."""
@@ -3917,6 +4088,310 @@ def metrics_folder(main_pid: int) -> str:
 
 
 # =============================================================================
+# Responses translation
+# =============================================================================
+
+# With OZWELL_RESPONSES_BACKEND=upstream the Llama backend answers /v1/responses, but it
+# speaks chat completions: a CreateResponse becomes a chat request here, and the chat reply,
+# whole or streamed, becomes a Response and OpenAI's semantic events. The state (stored
+# responses, continuations, item references) stays with Ozwell.
+
+# CreateResponse fields that say the same thing, under the same name, in a chat request.
+_SAME_IN_CHAT = ("temperature", "top_p", "parallel_tool_calls", "user", "safety_identifier",
+                 "prompt_cache_key", "prompt_cache_retention", "service_tier")
+
+# CreateResponse fields that are translated below, refused there, or kept by Ozwell (state,
+# streaming, echo). Any other field goes to the backend as it came, as on the chat proxy, so
+# a backend's own options (Ollama's `options`, llama.cpp's `top_k`) reach it.
+_RESPONSES_FIELDS = frozenset(_SAME_IN_CHAT) | {
+    "model", "input", "instructions", "previous_response_id", "conversation", "store", "stream",
+    "stream_options", "metadata", "background", "include", "tools", "tool_choice", "text",
+    "max_output_tokens", "max_tool_calls", "reasoning", "truncation", "top_logprobs", "prompt",
+    "context_management"}
+
+_UNTRANSLATABLE_HELP = ("The Llama backend answers through chat completions, which cannot carry "
+                        "{what} ('{param}'). Leave it out.")
+
+
+def chat_request(body: dict[str, Any], model: str, turns: list[Turn],
+                 stream: bool) -> dict[str, Any]:
+    """The chat completions request that asks `model` on the backend what `body`, a
+    CreateResponse, asks, over the conversation `turns` (the earlier ones and this input's)."""
+    _refuse_untranslatable(body)
+    request = {key: value for key, value in body.items() if key not in _RESPONSES_FIELDS}
+    request["model"] = model
+    request["messages"] = chat_messages(body.get("instructions"), turns)
+    for key in _SAME_IN_CHAT:
+        if body.get(key) is not None:
+            request[key] = body[key]
+    if body.get("max_output_tokens") is not None:
+        # Ollama reads only max_tokens; llama.cpp and vLLM read either.
+        request["max_completion_tokens"] = request["max_tokens"] = body["max_output_tokens"]
+    if body.get("tools"):
+        request["tools"] = [_chat_tool(tool, f"tools[{index}]")
+                            for index, tool in enumerate(body["tools"])]
+    if body.get("tool_choice") is not None:
+        request["tool_choice"] = _chat_tool_choice(body["tool_choice"])
+    text = body.get("text") or {}
+    response_format = _chat_response_format(text.get("format"))
+    if response_format is not None:
+        request["response_format"] = response_format
+    if text.get("verbosity") is not None:
+        request["verbosity"] = text["verbosity"]
+    effort = (body.get("reasoning") or {}).get("effort")
+    if effort is not None:
+        request["reasoning_effort"] = effort
+    request["stream"] = stream
+    if stream:
+        request["stream_options"] = {"include_usage": True}  # usage for response.completed
+    return request
+
+
+def _refuse_untranslatable(body: dict[str, Any]) -> None:
+    """A 400 for what the backend would silently not do."""
+    reasoning = body.get("reasoning") or {}
+    refused = [
+        ("prompt", body.get("prompt") is not None, "prompt templates stored at OpenAI"),
+        ("context_management", body.get("context_management") is not None,
+         "context management"),
+        ("reasoning.summary", reasoning.get("summary") is not None, "reasoning summaries"),
+        ("reasoning.generate_summary", reasoning.get("generate_summary") is not None,
+         "reasoning summaries"),
+        ("top_logprobs", bool(body.get("top_logprobs")), "log probabilities"),
+        ("include", "message.output_text.logprobs" in (body.get("include") or ()),
+         "log probabilities"),
+    ]
+    for param, given, what in refused:
+        if given:
+            raise _untranslatable(param, what)
+    for where, part in message_parts(body["input"]):
+        if _chat_part(part) is None:
+            raise APIError(400, f"'{where}' names a file by id or URL, which the Llama backend "
+                                "cannot fetch. Send an image as a data URL in 'image_url', or a "
+                                "file's bytes as base64 in 'file_data'.",
+                           param=where, code="unsupported_parameter")
+
+
+def _untranslatable(param: str, what: str) -> APIError:
+    return APIError(400, _UNTRANSLATABLE_HELP.format(what=what, param=param), param=param,
+                    code="unsupported_parameter")
+
+
+def _chat_tool(tool: dict[str, Any], where: str) -> dict[str, Any]:
+    if tool["type"] != "function":
+        raise _untranslatable(f"{where}.type", f"OpenAI's hosted tools, such as "
+                                               f"'{tool['type']}' (describe it as a function "
+                                               "tool your code runs)")
+    function = {"name": tool["name"]}
+    for key in ("description", "parameters", "strict"):
+        if tool.get(key) is not None:
+            function[key] = tool[key]
+    return {"type": "function", "function": function}
+
+
+def _chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    if isinstance(choice, str):
+        return choice
+    if choice["type"] == "function":
+        return {"type": "function", "function": {"name": choice["name"]}}
+    if choice["type"] == "allowed_tools":
+        tools = [_chat_tool(tool, f"tool_choice.tools[{index}]")
+                 for index, tool in enumerate(choice["tools"])]
+        return {"type": "allowed_tools", "allowed_tools": {
+            "mode": choice["mode"],
+            "tools": [{"type": "function", "function": {"name": tool["function"]["name"]}}
+                      for tool in tools]}}
+    raise _untranslatable("tool_choice.type", f"a choice of OpenAI's hosted tool "
+                                              f"'{choice['type']}'")
+
+
+def _chat_response_format(text_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not text_format or text_format["type"] == "text":
+        return None
+    if text_format["type"] == "json_object":
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {
+        key: text_format[key] for key in ("name", "description", "schema", "strict")
+        if text_format.get(key) is not None}}
+
+
+def chat_messages(instructions: str | None, turns: list[Turn]) -> list[dict[str, Any]]:
+    """The conversation as chat messages: the instructions as a system message, then a message
+    per turn (an assistant's function calls as its `tool_calls`, their results as `tool`
+    messages)."""
+    messages = [{"role": "system", "content": instructions}] if instructions else []
+    for turn in turns:
+        if turn.call_id is not None:
+            messages.append({"role": "tool", "tool_call_id": turn.call_id, "content": turn.text})
+        elif turn.tool_calls:
+            messages.append({"role": "assistant", "content": turn.text or None, "tool_calls": [
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.name, "arguments": call.arguments}}
+                for call in turn.tool_calls]})
+        else:
+            # Llama chat templates know system, user, assistant and tool; `developer` is
+            # OpenAI's newer name for system. Text alone goes as one string, which every
+            # backend takes (Ollama makes a message of each part).
+            messages.append({"role": "system" if turn.role == "developer" else turn.role,
+                             "content": [_chat_part(part) for part in turn.parts]
+                             if turn.parts else turn.text})
+    return messages
+
+
+def _chat_part(part: dict[str, Any]) -> dict[str, Any] | None:
+    """A Responses content part as chat's, or None for a file the backend could not fetch."""
+    if part["type"] in TEXT_PARTS:
+        return {"type": "text", "text": part.get("text", part.get("refusal", ""))}
+    if part["type"] == "input_image" and part.get("image_url"):
+        image = {"url": part["image_url"]}
+        if part.get("detail"):
+            image["detail"] = part["detail"]
+        return {"type": "image_url", "image_url": image}
+    if part["type"] == "input_file" and part.get("file_data"):
+        return {"type": "file", "file": {key: part[key] for key in ("file_data", "filename")
+                                         if part.get(key) is not None}}
+    return None
+
+
+def response_from_completion(started: dict[str, Any], call: UpstreamCall,
+                             answer: bytes) -> dict[str, Any]:
+    """The backend's chat completion (JSON in `answer`) as the Response `started` becomes."""
+    completion = call.json(answer)
+    try:
+        choice = completion["choices"][0]
+        message = choice["message"]
+        calls = tuple(ToolCall(made.get("id") or new_id("call_"), made["function"]["name"],
+                               made["function"].get("arguments") or "")
+                      for made in message.get("tool_calls") or ())
+        generation = Generation(tuple(tokenize(message_text(message.get("content")))),
+                                choice.get("finish_reason"), 0, calls,
+                                message.get("refusal") or None)
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise call.upstream_error(
+            502, f"The Llama backend answered with something that is not a chat completion: "
+                 f"{answer[:200].decode('utf-8', 'replace')!r}.", "upstream_invalid_response",
+            "not a chat completion") from None
+    cut_short = generation.finish_reason in _INCOMPLETE_REASONS
+    output = response_output(generation, "incomplete" if cut_short else "completed")
+    return finished_response(started, output, generation.finish_reason,
+                             response_usage(completion.get("usage")))
+
+
+class ChatStreamTranslation:
+    """A chat completion stream from the backend, turned into a Response's events as it comes.
+
+    `feed()` takes the stream's bytes, cut anywhere, and returns the events they complete;
+    `finish()` closes what is open and gives the last event, `response.failed` when the
+    backend broke off or sent an error (`failure`). `response` is then the whole Response.
+    """
+
+    def __init__(self, started: dict[str, Any], call: UpstreamCall) -> None:
+        self.events = ResponseEvents(started)
+        self.call = call
+        self.failure: APIError | None = None
+        self.response: dict[str, Any] = started
+        self._reader = EventReader()
+        self._calls: dict[int, int] = {}  # a chunk's tool call index -> its output index
+        self._finish_reason: str | None = None
+        self._usage: dict[str, Any] | None = None
+
+    def start(self) -> list[dict[str, Any]]:
+        return self.events.start()
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        for payload in self._reader.feed(data):
+            if self.failure is not None or payload == "[DONE]":
+                continue
+            try:
+                self._chunk(json.loads(payload), events)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                self.failure = self.call.upstream_error(
+                    502, f"The Llama backend sent a stream event that is not a chat completion "
+                         f"chunk: {payload[:200]!r}.", "upstream_invalid_response",
+                    "not a chat completion chunk")
+        return events
+
+    def finish(self) -> list[dict[str, Any]]:
+        events = self.events
+        if self.failure is not None:
+            closing = events.close("incomplete")
+            error = {"code": "server_error", "message": self.failure.message}
+            self.response = finished_response(events.started, events.output, None, None, error)
+            return closing + events.finish(self.response)
+        cut_short = self._finish_reason in _INCOMPLETE_REASONS
+        closing = events.close("incomplete" if cut_short else "completed")
+        if not events.output:  # nothing said: an empty message, as OpenAI gives
+            closing += events.add_message(new_id("msg_")) + events.add_part("output_text")
+            closing += events.close("incomplete" if cut_short else "completed")
+        self.response = finished_response(events.started, events.output, self._finish_reason,
+                                          response_usage(self._usage))
+        return closing + events.finish(self.response)
+
+    def _chunk(self, chunk: dict[str, Any], events: list[dict[str, Any]]) -> None:
+        """Add to `events` what one chunk says (each step's events as soon as it is taken)."""
+        if chunk.get("error") is not None:
+            error = chunk["error"]
+            said = error.get("message") if isinstance(error, dict) else str(error)
+            self.failure = self.call.upstream_error(
+                502, f"The Llama backend stopped with an error: {said}", "upstream_error",
+                "an error event in its stream")
+            return
+        if chunk.get("usage"):
+            self._usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue  # only one choice is asked for
+            delta = choice.get("delta") or {}
+            for kind, key in (("output_text", "content"), ("refusal", "refusal")):
+                if delta.get(key):
+                    events += self._text(kind, _text_of(delta[key]))
+            for call in delta.get("tool_calls") or ():
+                events += self._tool_call(call)
+            if choice.get("finish_reason"):
+                self._finish_reason = choice["finish_reason"]
+
+    def _text(self, kind: str, text: str) -> list[dict[str, Any]]:
+        events = self.events
+        steps = []
+        if not (events.item_open and events.output[-1]["type"] == "message"):
+            steps += events.close() + events.add_message(new_id("msg_"))
+        if not (events.part_open and events.output[-1]["content"][-1]["type"] == kind):
+            steps += events.close_part() + events.add_part(kind)
+        return steps + events.delta(text)
+
+    def _tool_call(self, call: dict[str, Any]) -> list[dict[str, Any]]:
+        events = self.events
+        function = call.get("function") or {}
+        # Read whole before any event is made, so a malformed call leaves no event half sent.
+        arguments = _text_of(function.get("arguments") or "")
+        name = _text_of(function.get("name") or "")
+        call_id = _text_of(call.get("id") or "")
+        index = call.get("index")
+        if index is None:  # some backends leave it out: a new id starts a new call
+            index = len(self._calls) - (0 if call_id or not self._calls else 1)
+        steps = []
+        if index not in self._calls:
+            steps += events.close()
+            self._calls[index] = len(events.output)
+            steps += events.add_call(new_id("fc_"), call_id or new_id("call_"), name)
+        elif not events.item_open or self._calls[index] != len(events.output) - 1:
+            self.failure = self.call.upstream_error(
+                502, f"The Llama backend went back to tool call {index} after starting another.",
+                "upstream_invalid_response", "tool calls interleaved")
+            return steps
+        if arguments:
+            steps += events.delta(arguments)
+        return steps
+
+
+def _text_of(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"not a string: {value!r}")
+    return value
+
+
+# =============================================================================
 # Base handler
 # =============================================================================
 
@@ -4080,7 +4555,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("x-request-id", self.request_id)
         self.set_header("Content-Type", "application/json")
         self.set_header("Access-Control-Allow-Origin", "*")
-        self.set_header("Access-Control-Expose-Headers", "x-request-id")
+        self.set_header("Access-Control-Expose-Headers", f"x-request-id, {GENERATOR_HEADER}")
 
     def prepare(self) -> None:
         self.context.in_flight += 1
@@ -4308,10 +4783,6 @@ def replace_metadata(store: RecordStore, record_id: str, field: str,
     return store.update(record_id, change)
 
 
-# Says on every generated reply what answered it: deterministic, upstream, fixture or replay.
-GENERATOR_HEADER = "x-ozwell-generator"
-
-
 class NotFoundHandler(BaseHandler):
     """Every path the route table does not know."""
 
@@ -4321,6 +4792,50 @@ class NotFoundHandler(BaseHandler):
         super().prepare()
         if self.request.method != "OPTIONS":
             raise APIError(404, f"Invalid URL ({self.request.method} {self.request.path}).")
+
+
+# Says on every generated reply what answered it: deterministic, upstream, fixture or replay.
+GENERATOR_HEADER = "x-ozwell-generator"
+
+
+class UpstreamHandler(BaseHandler):
+    """A handler that may pass its request on to the Llama backend.
+
+    A client that hangs up closes the backend request at once, so the backend stops
+    generating; the backend's failures come back as the chat proxy tells them.
+    """
+
+    upstream_call: UpstreamCall | None = None
+    client_gone = False
+
+    def on_connection_close(self) -> None:
+        self.client_gone = True
+        if self.upstream_call is not None:
+            self.upstream_call.abort()
+        super().on_connection_close()
+
+    async def open_upstream(self, path: str, body: bytes) -> UpstreamCall | None:
+        """The backend's answer (or a cassette's), its status and headers in; None if the client
+        left meanwhile."""
+        call = self.upstream_call = self.context.upstream.call(path, body)
+        try:
+            await call.open()
+        except APIError:
+            if self.client_gone:
+                return None  # nobody is left to tell
+            raise
+        self.set_header(GENERATOR_HEADER, call.generator)
+        return call
+
+    def pass_on_failure(self, call: UpstreamCall, answer: bytes) -> bool:
+        """Send the backend's error reply on, with its status: True when `answer` is one."""
+        for name in ("Retry-After", "Retry-After-Ms"):  # the SDKs' retries wait as told
+            if name in call.headers:
+                self.set_header(name, call.headers[name])
+        if call.status >= 300:
+            self.write_json(call.error_body(answer), call.status)
+            return True
+        return False
 
 
 # =============================================================================
@@ -4419,7 +4934,8 @@ class ModelHandler(BaseHandler):
                             "the models this server answers for.", param="model", code="model_not_found")
 
 
-def create_response(context: Context, body: dict[str, Any], keep: bool = True) -> dict[str, Any]:
+def create_response(context: Context, body: dict[str, Any], keep: bool = True,
+                    earlier: EarlierTurns | None = None) -> dict[str, Any]:
     """Answer a CreateResponse body with the offline model; store it unless told not to.
 
     The model reads the instructions (as a developer turn), the earlier turns (those of the
@@ -4427,8 +4943,9 @@ def create_response(context: Context, body: dict[str, Any], keep: bool = True) -
     with OpenAI, or the items of `conversation`), then this input. A response in a
     conversation adds its input and output items to it. With `keep` off nothing is stored or
     added: the response is only worked out (POST /v1/responses/input_tokens counts with it).
+    `earlier` is what _earlier_turns() gives, when the caller has it already.
     """
-    earlier = _earlier_turns(context, body)
+    earlier = earlier or _earlier_turns(context, body)
     # A count needs no model (every model reads the same tokens): the built-in one will do.
     model = body.get("model") or earlier.model or (None if keep else OFFLINE_MODEL)
     if model is None:
@@ -4445,6 +4962,7 @@ def create_response(context: Context, body: dict[str, Any], keep: bool = True) -
         raise APIError(400, "A background response must be stored, to be polled and cancelled: "
                             "leave 'store' out or set it to true.", param="store",
                        code="invalid_value")
+    _check_text_parts(body)
     options = response_reply_options(body, context.checked_schemas)
     turns, input_items = response_turns(context, body, earlier.turns)
     instructions = body.get("instructions")
@@ -4457,9 +4975,7 @@ def create_response(context: Context, body: dict[str, Any], keep: bool = True) -
     response = render_response(body, generation, model)
     if not keep:
         return response
-    reply = Turn("assistant", generation.text, generation.tool_calls)
-    record = {"response": response, "input_items": input_items,
-              "turns": [turn.stored() for turn in turns + [reply]]}
+    record = response_record(response, input_items, turns, "deterministic")
     if background:
         record["schedule"] = schedule = _background_schedule(context, response)
         done_at = Pacer.from_schedule(schedule).due(schedule["ticks"])
@@ -4528,6 +5044,24 @@ def _join_when_done(context: Context, response_id: str, conversation_id: str,
     record = context.responses.load(response_id)
     if record is not None and record.get("cancelled_at") is None:
         _join_conversation(context, conversation_id, items, model)
+
+
+def _check_text_parts(body: dict[str, Any]) -> None:
+    """The built-in model reads text: a 400 for an image or a file in a message."""
+    for where, part in message_parts(body["input"]):
+        if part["type"] not in TEXT_PARTS:
+            raise APIError(400, f"Invalid value for '{where}.type': {json.dumps(part['type'])}. "
+                                "The built-in model reads text only: input_text, or "
+                                "output_text for an earlier reply.",
+                           param=f"{where}.type", code="invalid_value")
+
+
+def message_parts(given: str | list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each content part of the input's messages, with where it is (`input[2].content[0]`)."""
+    for position, entry in enumerate(given if isinstance(given, list) else ()):
+        content = entry.get("content")
+        for number, part in enumerate(content if isinstance(content, list) else ()):
+            yield f"input[{position}].content[{number}]", part
 
 
 def response_reply_options(body: dict[str, Any], checked: CheckedSchemas) -> ReplyOptions:
@@ -4658,13 +5192,20 @@ def _input_item(item: dict[str, Any]) -> dict[str, Any]:
                 "status": "completed", "call_id": item["call_id"],
                 "output": output if isinstance(output, str) else message_text(output)}
     content = item["content"]
-    texts = [content] if isinstance(content, str) else [
-        part.get("text", part.get("refusal", "")) for part in content]
+    parts = [{"type": "input_text", "text": content}] if isinstance(content, str) else content
+    texts = [part.get("text", part.get("refusal", "")) for part in parts
+             if part["type"] in TEXT_PARTS]
     if item["role"] == "assistant":
         return _output_message(item.get("id") or new_id("msg_"), "\n".join(texts), "completed")
+    # Images and files stay as they came: a Llama backend reads them.
     return {"id": item.get("id") or new_id("msg_"), "type": "message", "role": item["role"],
-            "status": "completed", "content": [{"type": "input_text", "text": text}
-                                               for text in texts]}
+            "status": "completed",
+            "content": [{"type": "input_text", "text": part.get("text", part.get("refusal", ""))}
+                        if part["type"] in TEXT_PARTS else dict(part) for part in parts]}
+
+
+# The parts of a message that are text: the built-in model reads these only.
+TEXT_PARTS = ("input_text", "output_text", "refusal")
 
 
 def _add_turn(turns: list[Turn], item: dict[str, Any]) -> None:
@@ -4678,7 +5219,50 @@ def _add_turn(turns: list[Turn], item: dict[str, Any]) -> None:
     elif item["type"] == "function_call_output":
         turns.append(Turn("tool", item["output"], call_id=item["call_id"]))
     else:
-        turns.append(Turn(item["role"], message_text(item["content"])))
+        content = item["content"]
+        more = any(part["type"] not in TEXT_PARTS for part in content)
+        turns.append(Turn(item["role"], message_text(content),
+                          parts=tuple(content) if more else ()))
+
+
+def response_record(response: dict[str, Any], input_items: list[dict[str, Any]],
+                    turns: list[Turn], generator: str) -> dict[str, Any]:
+    """What a stored response keeps (see ResponseStore): `turns` is the conversation it
+    answered, without the instructions; its output joins them as the assistant's turn."""
+    return {"response": response, "input_items": input_items,
+            "turns": [turn.stored() for turn in turns + [_reply_turn(response["output"])]],
+            "generator": generator}
+
+
+def keep_upstream_response(context: Context, response: dict[str, Any], turns: list[Turn],
+                           input_items: list[dict[str, Any]], conversation_id: str | None,
+                           generator: str, deltas: list[list] | None = None) -> None:
+    """Keep a response of the Llama backend (or of a cassette: `generator`) as the built-in
+    model's are kept: stored unless it says `store: false`, and its items added to its
+    conversation unless it failed."""
+    if response["store"]:
+        record = response_record(response, input_items, turns, generator)
+        if deltas is not None:
+            record["deltas"] = deltas
+        context.responses.save(response["id"], record)
+    if conversation_id is not None and response["status"] != "failed":
+        _join_conversation(context, conversation_id, input_items + response["output"],
+                           response["model"])
+
+
+def _reply_turn(output: list[dict[str, Any]]) -> Turn:
+    """A response's output as the assistant's turn: its text and its function calls."""
+    text = "".join(part["text"] for item in output if item["type"] == "message"
+                   for part in item["content"] if part["type"] == "output_text")
+    calls = tuple(ToolCall(item["call_id"], item["name"], item["arguments"])
+                  for item in output if item["type"] == "function_call")
+    return Turn("assistant", text, calls)
+
+
+async def send_events(stream: EventStream, events: list[dict[str, Any]]) -> None:
+    """Write `events` (each named by its type) in one write and one flush."""
+    if events:
+        await stream.send_raw("".join(sse_event(event, event["type"]) for event in events))
 
 
 def _event_ticks(events: Sequence[dict[str, Any]]) -> list[int]:
@@ -4736,13 +5320,13 @@ async def _stream_response(handler: BaseHandler, record: dict[str, Any],
     pacer = (Pacer(context.settings.stream_tokens_per_second) if schedule is None
              else Pacer.from_schedule(schedule))
     cancelled_at = record.get("cancelled_at")
-    events = list(response_events(response))
+    events = list(response_events(response, record.get("deltas")))
     stream = EventStream(handler, context.settings.keepalive_seconds)
     try:
         await stream.open()
         sent = -1 if starting_after is None else starting_after
-        for number, (tick, event) in enumerate(zip(_event_ticks(events), events)):
-            if number <= sent:
+        for tick, event in zip(_event_ticks(events), events):
+            if event["sequence_number"] <= sent:
                 continue
             if await pacer.wait_for(tick) and schedule is not None:
                 current = context.responses.load(response["id"])
@@ -4751,8 +5335,8 @@ async def _stream_response(handler: BaseHandler, record: dict[str, Any],
                 cancelled_at = current.get("cancelled_at")
             if cancelled_at is not None and pacer.due(tick) >= cancelled_at:
                 break
-            await stream.send({**event, "sequence_number": number}, event=event["type"])
-            sent = number
+            await stream.send(event, event=event["type"])
+            sent = event["sequence_number"]
     except tornado.iostream.StreamClosedError:
         pass  # the client left; a stored response is saved whole already
     except Exception:
@@ -4765,21 +5349,101 @@ async def _stream_response(handler: BaseHandler, record: dict[str, Any],
         stream.close()
 
 
-class ResponsesHandler(BaseHandler):
+class ResponsesHandler(UpstreamHandler):
+    """The deterministic generator answers; with OZWELL_RESPONSES_BACKEND=upstream, every model
+    but the built-in ones is answered by the Llama backend, through chat completions."""
+
     api = {"post": Operation("Create a model response", "Responses", request="CreateResponse",
-                             response="Response", stream="ResponseStreamEvent")}
+                             response="Response", stream="ResponseStreamEvent",
+                             errors=(400, 401, 404, 413, 500, 502, 504))}
 
     async def post(self) -> None:
         body = await self.read_payload()
+        earlier = await self.compute(lambda: _earlier_turns(self.context, body), self.large_body)
+        model = body.get("model") or earlier.model
+        if (self.context.settings.responses_backend == "upstream"
+                and model is not None and model not in LOCAL_MODELS):
+            await self._answer_upstream(body, model, earlier)
+            return
         # A background response schedules its completion on the event loop: made there.
-        response = await self.compute(lambda: create_response(self.context, body),
-                                      self.large_body and not body.get("background"))
+        response = await self.compute(
+            lambda: create_response(self.context, body, earlier=earlier),
+            self.large_body and not body.get("background"))
+        self.set_header(GENERATOR_HEADER, "deterministic")
         if not body.get("stream"):
             self.write_json(response)
         elif response["background"]:
             await _stream_response(self, record_or_404(self.context.responses, response["id"]))
         else:
             await _stream_response(self, {"response": response})
+
+    async def _answer_upstream(self, body: dict[str, Any], model: str,
+                               earlier: EarlierTurns) -> None:
+        if body.get("background"):
+            raise APIError(400, "The Llama backend answers while the client waits: background "
+                                "responses come from the built-in model only. Leave "
+                                "'background' out.", param="background",
+                           code="unsupported_parameter")
+        stream = bool(body.get("stream"))
+
+        def translate() -> tuple[list[Turn], list[dict[str, Any]], bytes]:
+            turns, input_items = response_turns(self.context, body, earlier.turns)
+            request = chat_request(body, model, turns, stream)
+            return turns, input_items, json.dumps(request, ensure_ascii=False).encode()
+
+        turns, input_items, request = await self.compute(translate, self.large_body)
+        started = new_response(body, model)
+        call = await self.open_upstream("/chat/completions", request)
+        if call is None:
+            return
+        if stream and call.status < 300 and call.is_event_stream:
+            await self._translate_stream(call, started, turns, input_items,
+                                         earlier.conversation_id)
+            return
+        answer = await call.read()
+        if self.pass_on_failure(call, answer):
+            return
+        response = response_from_completion(started, call, answer)
+        keep_upstream_response(self.context, response, turns, input_items,
+                               earlier.conversation_id, call.generator)
+        if stream:  # the backend answered a stream request whole: stream that
+            await _stream_response(self, {"response": response})
+        else:
+            self.write_json(response)
+
+    async def _translate_stream(self, call: UpstreamCall, started: dict[str, Any],
+                                turns: list[Turn], input_items: list[dict[str, Any]],
+                                conversation_id: str | None) -> None:
+        translation = ChatStreamTranslation(started, call)
+        stream = EventStream(self, self.context.settings.keepalive_seconds)
+
+        async def feed(data: bytes) -> None:
+            events = translation.feed(data)
+            if translation.failure is not None:
+                call.abort()  # the rest of what it sends would not be read right either
+            try:
+                await send_events(stream, events)
+            except tornado.iostream.StreamClosedError:
+                self.client_gone = True
+                call.abort()  # the client left: the upstream should stop generating now
+
+        try:
+            await stream.open()
+            await send_events(stream, translation.start())
+            try:
+                await call.relay(feed)
+            except APIError as broke_off:
+                translation.failure = broke_off
+            if self.client_gone:
+                return
+            events = translation.finish()
+            keep_upstream_response(self.context, translation.response, turns, input_items,
+                                   conversation_id, call.generator, translation.events.deltas)
+            await send_events(stream, events)
+        except tornado.iostream.StreamClosedError:
+            call.abort()
+        finally:
+            stream.close()
 
 
 _STREAM = QueryParam("stream", {"type": "boolean", "default": False},
@@ -4799,6 +5463,7 @@ class ResponseHandler(BaseHandler):
     async def get(self, response_id: str) -> None:
         record = record_or_404(self.context.responses, response_id)
         query = read_query(self, self.api["get"].query)
+        self.set_header(GENERATOR_HEADER, record["generator"])
         if query["stream"]:
             await _stream_response(self, record, query["starting_after"])
         else:
@@ -4892,7 +5557,7 @@ def read_metadata_filter(handler: BaseHandler) -> dict[str, str]:
     return wanted
 
 
-class ChatCompletionsHandler(BaseHandler):
+class ChatCompletionsHandler(UpstreamHandler):
     """The built-in model answers offline; every other model id is proxied to the upstream."""
 
     api = {
@@ -4905,12 +5570,10 @@ class ChatCompletionsHandler(BaseHandler):
                          query=(_AFTER, _LIMIT, _OLDEST_FIRST, _MODEL_FILTER, _METADATA_FILTER)),
     }
 
-    upstream_call: UpstreamCall | None = None
-    client_gone = False
-
     async def post(self) -> None:
         body = await self.read_payload()
         if body["model"] == OFFLINE_MODEL:
+            self.set_header(GENERATOR_HEADER, "deterministic")
             await self._answer_offline(body)
         else:
             await self._proxy(body)
@@ -4927,36 +5590,20 @@ class ChatCompletionsHandler(BaseHandler):
             completions.reverse()
         self.write_json(cursor_page(completions, query["after"], query["limit"]))
 
-    def on_connection_close(self) -> None:
-        self.client_gone = True
-        if self.upstream_call is not None:
-            self.upstream_call.abort()  # the upstream should stop generating now
-        super().on_connection_close()
-
     async def _proxy(self, body: dict[str, Any]) -> None:
         # Forwarded as received: fields this server does not know reach the upstream untouched.
-        call = self.upstream_call = self.context.upstream.call(
-            "/chat/completions", self.body_bytes())
-        try:
-            await call.open()
-        except APIError:
-            if self.client_gone:
-                return  # nobody is left to tell
-            raise
-        self.set_header(GENERATOR_HEADER, call.generator)
+        call = await self.open_upstream("/chat/completions", self.body_bytes())
+        if call is None:
+            return
         if body.get("stream") and call.status < 300 and call.is_event_stream:
             await self._relay_stream(call, body)
             return
         answer = await call.read()
-        for name in ("Retry-After", "Retry-After-Ms"):  # the SDKs' retries wait as told
-            if name in call.headers:
-                self.set_header(name, call.headers[name])
-        if call.status >= 300:
-            self.write_json(call.error_body(answer), call.status)
+        if self.pass_on_failure(call, answer):
             return
         call.json(answer)  # checked, then passed on as it came
-        if body.get("store") and call.status < 300:
-            answer = _keep_proxied_completion(self.context, body, answer)
+        if body.get("store"):
+            answer = _keep_proxied_completion(self.context, body, answer, call.generator)
         self.set_status(call.status)
         self.set_header("Content-Type", call.headers["Content-Type"])
         self.finish(answer)
@@ -4969,7 +5616,7 @@ class ChatCompletionsHandler(BaseHandler):
             try:
                 await EventRelay(call, keeper or stream).run()
                 if keeper is not None and not call.aborted:
-                    keeper.keep(self.context, body)
+                    keeper.keep(self.context, body, call.generator)
             except APIError as failure:  # the upstream broke off: say so inside the stream
                 await stream.send_error(failure)
         except tornado.iostream.StreamClosedError:
@@ -4988,7 +5635,7 @@ class ChatCompletionsHandler(BaseHandler):
         head = {"id": new_id("chatcmpl-"), "created": unix_now(), "model": model}
         completion = chat_completion(head, generations)
         if body.get("store"):
-            keep_chat_completion(self.context, body, completion)
+            keep_chat_completion(self.context, body, completion, "deterministic")
         if not body.get("stream"):
             return self.write_json(completion)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -5080,14 +5727,15 @@ def chat_reply_options(body: dict[str, Any], turns: Sequence[Turn],
                         None, json_format, body.get("max_tokens") if max_tokens is None else max_tokens)
 
 
-def keep_chat_completion(context: Context, body: dict[str, Any], completion: dict[str, Any]) -> None:
-    """Keep a chat completion asked for with `store: true`, with its request's `metadata`
-    and messages (each with an id: the completion's, a dash, and its position)."""
+def keep_chat_completion(context: Context, body: dict[str, Any], completion: dict[str, Any],
+                         generator: str) -> None:
+    """Keep a chat completion asked for with `store: true`, with its request's `metadata`,
+    messages (each with an id: the completion's, a dash, and its position) and what answered."""
     messages = [_stored_chat_message(f"{completion['id']}-{index}", message)
                 for index, message in enumerate(body["messages"])]
     context.chat_completions.save(completion["id"], {
         "completion": {**completion, "metadata": body.get("metadata") or {}},
-        "messages": messages, "stored_ns": time.time_ns()})
+        "messages": messages, "stored_ns": time.time_ns(), "generator": generator})
 
 
 def _stored_chat_message(message_id: str, message: dict[str, Any]) -> dict[str, Any]:
@@ -5102,7 +5750,8 @@ def _stored_chat_message(message_id: str, message: dict[str, Any]) -> dict[str, 
     return stored
 
 
-def _keep_proxied_completion(context: Context, body: dict[str, Any], answer: bytes) -> bytes:
+def _keep_proxied_completion(context: Context, body: dict[str, Any], answer: bytes,
+                             generator: str) -> bytes:
     """Keep the upstream's completion under an id of this server's own (upstreams such as
     Ollama repeat theirs), and give the client that id; an answer that is not a completion
     passes unchanged and is not kept."""
@@ -5113,7 +5762,7 @@ def _keep_proxied_completion(context: Context, body: dict[str, Any], answer: byt
     if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
         return answer
     completion["id"] = new_id("chatcmpl-")
-    keep_chat_completion(context, body, completion)
+    keep_chat_completion(context, body, completion, generator)
     return json.dumps(completion, ensure_ascii=False).encode()
 
 
@@ -5168,7 +5817,7 @@ class KeptChatStream:
                 slot["function"]["arguments"] += function.get("arguments") or ""
             kept["finish_reason"] = choice.get("finish_reason") or kept["finish_reason"]
 
-    def keep(self, context: Context, body: dict[str, Any]) -> None:
+    def keep(self, context: Context, body: dict[str, Any], generator: str) -> None:
         if self.head is None:
             return  # no chunk came: nothing to keep
         choices = []
@@ -5183,7 +5832,7 @@ class KeptChatStream:
                       "choices": choices}
         if self.usage is not None:
             completion["usage"] = self.usage
-        keep_chat_completion(context, body, completion)
+        keep_chat_completion(context, body, completion, generator)
 
 
 def _json_or_none(text: bytes) -> Any:
@@ -5205,7 +5854,9 @@ class ChatCompletionHandler(BaseHandler):
     }
 
     def get(self, completion_id: str) -> None:
-        self.write_json(record_or_404(self.context.chat_completions, completion_id)["completion"])
+        record = record_or_404(self.context.chat_completions, completion_id)
+        self.set_header(GENERATOR_HEADER, record["generator"])
+        self.write_json(record["completion"])
 
     def post(self, completion_id: str) -> None:
         self.write_json(replace_metadata(self.context.chat_completions, completion_id, "completion",
@@ -5229,9 +5880,13 @@ class ChatCompletionMessagesHandler(BaseHandler):
         self.write_json(cursor_page(messages, query["after"], query["limit"]))
 
 
-class EmbeddingsHandler(BaseHandler):
+class EmbeddingsHandler(UpstreamHandler):
+    """The built-in models answer; with OZWELL_EMBEDDINGS_BACKEND=upstream, every other model
+    is answered by the Llama backend."""
+
     api = {"post": Operation("Create embeddings", "Embeddings", request="CreateEmbeddingRequest",
-                             response="CreateEmbeddingResponse")}
+                             response="CreateEmbeddingResponse",
+                             errors=(400, 401, 404, 413, 500, 502, 504))}
 
     # More inputs than this are embedded off the event loop; a reply of more vectors than
     # this goes out in pieces of this many, each sent before the next is written.
@@ -5240,6 +5895,9 @@ class EmbeddingsHandler(BaseHandler):
     async def post(self) -> None:
         body = await self.read_payload()
         embedder = self.context.embedders.get(body["model"])
+        if embedder is None and self.context.settings.embeddings_backend == "upstream":
+            await self._proxy(body)
+            return
         if embedder is None:
             raise APIError(404, f"The model '{_clipped(body['model'])}' does not exist or cannot "
                                 f"make embeddings. Use one of: {', '.join(EMBEDDING_MODELS)}.",
@@ -5257,6 +5915,7 @@ class EmbeddingsHandler(BaseHandler):
                     for index, words in enumerate(inputs)], tokens
         many = isinstance(body["input"], list) and len(body["input"]) > self.BATCH_INPUTS
         items, tokens = await self.compute(embed, self.large_body or many)
+        self.set_header(GENERATOR_HEADER, "deterministic")
         self.write('{"object":"list","data":[')
         try:
             for start in range(0, len(items), self.BATCH_INPUTS):
@@ -5268,6 +5927,34 @@ class EmbeddingsHandler(BaseHandler):
             return  # the client left
         self.finish(f'],"model":{json.dumps(embedder.model)},'
                     f'"usage":{{"prompt_tokens":{tokens},"total_tokens":{tokens}}}}}')
+
+    async def _proxy(self, body: dict[str, Any]) -> None:
+        # Backends give floats (Ollama ignores encoding_format; some reject base64): they are
+        # asked for floats, and base64 is made here when the client wants it.
+        base64_wanted = body.get("encoding_format") == "base64"
+        sent = (json.dumps({**body, "encoding_format": "float"}).encode() if base64_wanted
+                else self.body_bytes())
+        call = await self.open_upstream("/embeddings", sent)
+        if call is None:
+            return
+        answer = await call.read()
+        if self.pass_on_failure(call, answer):
+            return
+        reply = call.json(answer)
+        if not base64_wanted:
+            self.set_header("Content-Type", call.headers["Content-Type"])
+            self.finish(answer)
+            return
+        try:
+            for item in reply["data"]:
+                if isinstance(item["embedding"], list):
+                    item["embedding"] = _base64_floats(array.array("f", item["embedding"]))
+        except (KeyError, TypeError, OverflowError):
+            raise call.upstream_error(
+                502, f"The Llama backend answered with something that is not a list of "
+                     f"embeddings: {answer[:200].decode('utf-8', 'replace')!r}.",
+                "upstream_invalid_response", "not a list of embeddings") from None
+        self.write_json(reply)
 
 
 def _embedding_dimensions(embedder: HashedEmbedder, requested: int | None) -> int:
@@ -5335,9 +6022,15 @@ def _floats_json(vector: array.array, nonzero: list[int]) -> str:
 
 def _base64_json(vector: array.array, nonzero: list[int]) -> str:
     """A JSON string: base64 of the little-endian float32 values, which the SDKs decode."""
+    return '"' + _base64_floats(vector) + '"'
+
+
+def _base64_floats(vector: array.array) -> str:
     if sys.byteorder == "big":
         vector.byteswap()
-    return '"' + base64.b64encode(vector.tobytes()).decode("ascii") + '"'
+    return base64.b64encode(vector.tobytes()).decode("ascii")
+
+
 
 
 class MultipartError(ValueError):
@@ -6355,13 +7048,24 @@ def _print_banner(settings: Settings, ready: dict[str, Any], workers: int) -> No
     fields = {**ready, "workers": workers, "version": __version__}
     local = ", ".join(f"{model} (built in)" for model in LOCAL_MODELS)
     upstream = ", ".join(settings.llama_models)
+    served = ["chat completions"] + [
+        endpoint for endpoint, backend in (("responses", settings.responses_backend),
+                                           ("embeddings", settings.embeddings_backend))
+        if backend == "upstream"]
     print("ozwell listening " + " ".join(f"{key}={value}" for key, value in fields.items()),
           f"  docs:     {ready['base_url'].removesuffix('/v1')}/docs",
           f"  data dir: {os.path.abspath(settings.data_dir)}",
           f"  models:   {local}" + (f", {upstream} (upstream)" if upstream else ""),
-          f"  upstream: {without_userinfo(settings.llama_base_url)} (chat completions for any "
-          "other model)",
+          f"  upstream: {without_userinfo(settings.llama_base_url)} ({' and '.join(served)} for "
+          "any other model)",
+          f"  backends: responses {_backend_shown(settings.responses_backend, 'for every model')}, "
+          f"embeddings {_backend_shown(settings.embeddings_backend, 'for built-in models only')}",
           sep="\n", flush=True)
+
+
+def _backend_shown(backend: str, deterministic: str) -> str:
+    return f"{backend} " + ("(every model but the built-in ones goes upstream)"
+                            if backend == "upstream" else f"({deterministic})")
 
 
 def _write_ready_file(settings: Settings, ready: dict[str, Any]) -> None:

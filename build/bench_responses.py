@@ -1,17 +1,24 @@
 """Benchmark rows for the Responses API: `python build/bench_responses.py` prints them.
 
 Starts its own server (`python ozwell.py` on 127.0.0.1, a temporary data dir, streams
-unpaced), measures over one keep-alive connection with bounded loops, and stops it.
+unpaced), measures over one keep-alive connection with bounded loops, and stops it. The rows of
+the translation to chat completions (OZWELL_RESPONSES_BACKEND=upstream) use bench_chat.py's fast
+upstream and client, and compare with the chat proxy in the same run: its added latency and its
+relay rate are the baselines, printed as ratios.
 """
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-from benchmark import ozwell_server, requests_per_second
+from bench_chat import REQUEST, Connection, percentile
+from benchmark import Server, ozwell_server, requests_per_second
 
 HEADERS = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
 BODY = {"model": "ozwell-deterministic", "input": "How fast can you answer this question?"}
@@ -33,7 +40,7 @@ def rows() -> list[tuple[str, str]]:
         ("responses: non-streaming create, stored (one connection)", f"{stored:.0f} requests/s"),
         ("responses: non-streaming create, store=false (one connection)", f"{unstored:.0f} requests/s"),
         (f"responses: one unpaced stream ({events} events)", f"{rate:.0f} events/s"),
-    ]
+    ] + _translation_rows()
 
 
 def _requests_per_second(connection: http.client.HTTPConnection, body: dict) -> float:
@@ -56,6 +63,77 @@ def _stream_events_per_second(connection: http.client.HTTPConnection) -> tuple[i
         events = sum(1 for line in text.split("\n") if line.startswith("event: "))
         rates.append(events / elapsed)
     return events, statistics.median(rates)
+
+
+LATENCY_CALLS = 1000     # of each kind, in turn, at concurrency 1, after 100 of each to warm up
+RELAY_EVENTS = 50_000    # deltas on the one long stream
+
+# The chat request of bench_chat.py, asked through the Responses API.
+_CHAT = json.loads(REQUEST)
+TRANSLATED = {"model": _CHAT["model"], "instructions": _CHAT["messages"][0]["content"],
+              "input": _CHAT["messages"][1]["content"], "store": False}
+
+
+def _translation_rows() -> list[tuple[str, str]]:
+    with tempfile.TemporaryDirectory() as data_dir, \
+            Server([sys.executable, str(Path(__file__).with_name("bench_chat.py")), "--upstream",
+                    "{port}"]) as upstream, \
+            ozwell_server(data_dir, "--responses-backend", "upstream", inherit_ozwell_env=False,
+                          env={"LLAMA_BASE_URL": f"{upstream.url}/v1"}) as server:
+        figures = asyncio.run(_measure_translation(upstream.port, server.port))
+    ms = 1000.0
+    chat, responses = figures["chat added p50"], figures["responses added p50"]
+    stored = figures["stored added p50"]
+    return [
+        ("responses via upstream: added latency p50, c1, store=false",
+         f"{responses * ms:.2f} ms = {responses / chat:.2f}x the chat proxy's {chat * ms:.2f} ms "
+         f"(goal: at most 1.5x; direct {figures['direct p50'] * ms:.2f} ms)"),
+        ("responses via upstream: added latency p50, c1, stored",
+         f"{stored * ms:.2f} ms = {stored / chat:.2f}x the chat proxy's"),
+        (f"responses via upstream: events/s on one stream ({RELAY_EVENTS} deltas)",
+         f"{figures['responses events/s']:,.0f} events/s = "
+         f"{figures['responses events/s'] / figures['chat events/s']:.2f}x the chat proxy's "
+         f"{figures['chat events/s']:,.0f}"),
+    ]
+
+
+async def _measure_translation(upstream_port: int, ozwell_port: int) -> dict[str, float]:
+    kinds = {  # kind: (port, path, body)
+        "direct": (upstream_port, "/v1/chat/completions", REQUEST),
+        "chat": (ozwell_port, "/v1/chat/completions", REQUEST),
+        "responses": (ozwell_port, "/v1/responses", json.dumps(TRANSLATED).encode()),
+        "stored": (ozwell_port, "/v1/responses",
+                   json.dumps({**TRANSLATED, "store": True}).encode()),
+    }
+    connections = {kind: Connection(port) for kind, (port, _, _) in kinds.items()}
+    figures: dict[str, float] = {}
+    # The stored kind is timed in a run of its own: its fsyncs would slow whatever runs next.
+    for run in (("direct", "chat", "responses"), ("direct", "stored")):
+        times: dict[str, list[float]] = {kind: [] for kind in run}
+        for call in range(len(run) * (LATENCY_CALLS + 100)):
+            kind = run[call % len(run)]
+            _, path, body = kinds[kind]
+            started = time.perf_counter()
+            await connections[kind].request("POST", path, body)
+            if call >= len(run) * 100:
+                times[kind].append(time.perf_counter() - started)
+        direct = percentile(times["direct"], 0.5)
+        figures.setdefault("direct p50", direct)
+        for kind in run[1:]:
+            figures[f"{kind} added p50"] = percentile(times[kind], 0.5) - direct
+
+    streams = {"chat": ("/v1/chat/completions", {**_CHAT, "stream": True, "events": RELAY_EVENTS}),
+               "responses": ("/v1/responses",
+                             {**TRANSLATED, "stream": True, "events": RELAY_EVENTS})}
+    for kind, (path, body) in streams.items():
+        started = time.perf_counter()
+        received = await connections[kind].request("POST", path, json.dumps(body).encode())
+        figures[f"{kind} events/s"] = RELAY_EVENTS / (time.perf_counter() - started)
+        if received.count(b" word") < RELAY_EVENTS:
+            raise RuntimeError(f"the {kind} stream lost deltas")
+    for connection in connections.values():
+        connection.close()
+    return figures
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Shared fixtures, in pytest-tornado's idiom: `app` is served at `base_url` for each test."""
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -7,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -18,6 +20,7 @@ import tornado.httpserver
 import tornado.testing
 
 import ozwell
+from fake_backend import FakeBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key"
@@ -40,6 +43,15 @@ def base_url(http_port):
     # pytest-tornado says "localhost", which may resolve to ::1 first; the server listens on
     # 127.0.0.1 only.
     return f"http://127.0.0.1:{http_port}"
+
+
+@pytest.fixture
+def backend(io_loop):
+    """A recording fake Llama backend (tests/fake_backend.py) on a real loopback port."""
+    fake = FakeBackend()
+    server = fake.start()
+    yield fake
+    server.stop()
 
 
 @pytest.fixture
@@ -80,16 +92,19 @@ def sdk(io_loop):
         io_loop.run_sync(client.close)
 
 
-async def raw_chat_post(base_url: str, body: bytes, receive_buffer: int = 64 * 1024):
-    """POST a chat completion over a bare connection with a small receive buffer (a slow
-    reader's), read the response headers, and return the (reader, writer) pair."""
+async def raw_chat_post(base_url: str, body: bytes, receive_buffer: int = 64 * 1024,
+                        path: str = "/v1/chat/completions"):
+    """POST a chat completion (or another body to `path`) over a bare connection with a small
+    receive buffer (a slow reader's), read the response headers, and return the (reader,
+    writer) pair."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", int(base_url.rsplit(":", 1)[1])))
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    writer.write(b"POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), len(body), body))
     await reader.readuntil(b"\r\n\r\n")
     return reader, writer
 
@@ -107,6 +122,37 @@ async def call_api(http_client, base_url: str, method: str, path: str, body=None
     if reply.headers.get("Content-Type", "").startswith("application/json"):
         return reply.code, json.loads(reply.body)
     return reply.code, reply.body
+
+
+@contextlib.contextmanager
+def served_in_a_thread(make_fake):
+    """A fake upstream (`make_fake()`, whose `start()` listens in the running loop) on its own
+    event loop in a thread, for tests that block (the sync SDK against a server process)."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder = {}
+
+    def run():
+        asyncio.set_event_loop(loop)
+
+        async def start():
+            holder["fake"] = make_fake()
+            holder["server"] = holder["fake"].start()
+
+        loop.run_until_complete(start())
+        started.set()
+        loop.run_forever()
+        holder["server"].stop()
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        yield holder["fake"]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
 
 
 def free_port() -> int:

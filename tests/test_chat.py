@@ -6,10 +6,8 @@ untouched, tells it how to answer: slowly, streaming slowly, with an error statu
 stream, or never.
 """
 import asyncio
-import contextlib
 import json
 import logging
-import threading
 import time
 
 import openai
@@ -21,7 +19,7 @@ import tornado.testing
 import tornado.web
 
 import ozwell
-from conftest import API_KEY, AUTH, free_port, raw_chat_post
+from conftest import API_KEY, AUTH, free_port, raw_chat_post, served_in_a_thread
 
 UPSTREAM_KEY = "upstream-secret"
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -653,38 +651,8 @@ def test_chat_schema_examples_are_valid(registry):
 
 # --- the sync SDK against a real server process -------------------------------------------------
 
-@contextlib.contextmanager
-def fake_llama_in_a_thread():
-    """A FakeLlama on its own event loop in a thread, for tests that block (the sync SDK)."""
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    holder = {}
-
-    def run():
-        asyncio.set_event_loop(loop)
-
-        async def start():
-            holder["fake"] = FakeLlama()
-            holder["server"] = holder["fake"].start()
-
-        loop.run_until_complete(start())
-        started.set()
-        loop.run_forever()
-        holder["server"].stop()
-        loop.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(10)
-    try:
-        yield holder["fake"]
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-
-
 def test_the_sync_sdk_against_a_server_process(server_process):
-    with fake_llama_in_a_thread() as llama:
+    with served_in_a_thread(FakeLlama) as llama:
         server = server_process(env={"LLAMA_BASE_URL": llama.url, "LLAMA_API_KEY": UPSTREAM_KEY})
         api = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
         proxied = api.chat.completions.create(model="llama3", messages=HELLO)

@@ -383,7 +383,9 @@ async def test_a_replayed_completion_is_stored_as_a_proxied_one_is(ozwell_with, 
     client = sdk(ozwell_with(replay=str(write_cassette(tmp_path / "c.jsonl", (asked, "kept"))),
                              llama_base_url=OFFLINE))
     reply = await client.chat.completions.create(**asked)
-    stored = await client.chat.completions.retrieve(reply.id)
+    given_back = await client.chat.completions.with_raw_response.retrieve(reply.id)
+    assert given_back.headers["x-ozwell-generator"] == "replay"
+    stored = given_back.parse()
     assert stored.choices[0].message.content == "kept" and stored.metadata == {"run": "replay"}
     messages = await client.chat.completions.messages.list(reply.id)
     assert [message.content for message in messages.data] == ["Hello there"]
