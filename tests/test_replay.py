@@ -398,3 +398,31 @@ async def test_a_replayed_completion_is_stored_as_a_proxied_one_is(ozwell_with, 
 def test_a_replay_setting_out_of_its_choices_is_named(tmp_path, args, said):
     result = run_ozwell(*args, "--port", "0", "--data-dir", str(tmp_path / "d"))
     assert (result.returncode, result.stderr) == (2, f"ozwell: {said}\n")
+
+
+@pytest.mark.gen_test
+async def test_responses_and_embeddings_through_the_backend_are_recorded_and_replayed(
+        ozwell_with, sdk, backend, tmp_path):
+    cassette = str(tmp_path / "c.jsonl")
+    through_backend = {"responses_backend": "upstream", "embeddings_backend": "upstream"}
+
+    async def ask(client) -> list:
+        plain = await client.responses.with_raw_response.create(model="llama3", input="Hello")
+        stream = await client.responses.create(model="llama3", input="Stream me", stream=True)
+        deltas = [event.delta async for event in stream if event.type == "response.output_text.delta"]
+        vectors = await client.embeddings.with_raw_response.create(
+            model="nomic-embed-text", input=["one", "three"], encoding_format="base64")
+        return [plain.parse().output_text, plain.headers["x-ozwell-generator"], deltas,
+                [item.embedding for item in vectors.parse().data],
+                vectors.headers["x-ozwell-generator"]]
+
+    recorded = await ask(sdk(ozwell_with(record=cassette, llama_base_url=backend.url,
+                                         **through_backend)))
+    assert [line["request"]["path"] for line in exchanges(Path(cassette))] == \
+        ["/chat/completions", "/chat/completions", "/embeddings"]
+    replayed = await ask(sdk(ozwell_with(replay=cassette, llama_base_url=OFFLINE,
+                                         **through_backend)))
+    assert recorded[0] == "echo: Hello" and len(recorded[2]) > 1 and len(recorded[3]) == 2
+    assert (recorded[1], recorded[4]) == ("upstream", "upstream")
+    assert (replayed[1], replayed[4]) == ("replay", "replay")
+    assert [replayed[0], replayed[2], replayed[3]] == [recorded[0], recorded[2], recorded[3]]
