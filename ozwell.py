@@ -24,23 +24,28 @@ import asyncio
 import base64
 import binascii
 import bisect
+import collections
 import contextlib
 import contextvars
 import copy
 import dataclasses
+import datetime
 import difflib
 import errno
 import functools
 import gzip
 import hashlib
+import heapq
 import hmac
 import importlib.resources
 import io
+import itertools
 import json
 import logging
 import math
 import mimetypes
 import os
+import random
 import re
 import shlex
 import shutil
@@ -98,6 +103,13 @@ __all__ = [
     "write_atomically",
     "FileStore",
     "MultipartParser",
+    "FixtureIndex",
+    "Latency",
+    "Mint",
+    "SimulatedPace",
+    "fixed_time",
+    "parse_fault",
+    "parse_fixture",
 ]
 
 log = logging.getLogger("ozwell")
@@ -112,6 +124,35 @@ MiB = 1024 * 1024
 
 def _comma_list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _boolean(value: str) -> bool:
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def _clock(value: str) -> str:
+    """'' (the real clock), 'start', a Unix time in seconds, or an ISO 8601 time."""
+    if value not in ("", "start"):
+        try:
+            fixed_time(value)
+        except ValueError:
+            raise ValueError("use Unix seconds, an ISO 8601 time such as 2026-01-01T00:00:00Z, "
+                             "or start") from None
+    return value
+
+
+def fixed_time(value: str) -> int:
+    """A Unix time given as seconds or as an ISO 8601 time (UTC unless it says otherwise)."""
+    if re.fullmatch(r"\d{1,12}", value.strip()):
+        return int(value)
+    moment = datetime.datetime.fromisoformat(value.strip())
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return int(moment.timestamp())
 
 
 def _setting(default: Any, env: str, help: str, parse=str, flag: bool = True):
@@ -174,6 +215,20 @@ class Settings:
         "deterministic", "OZWELL_EMBEDDINGS_BACKEND",
         "who answers /v1/embeddings for models other than the built-in ones: deterministic "
         "(404) or upstream")
+    fixtures: str = _setting(
+        "", "OZWELL_FIXTURES", "a JSON file of fixtures, fault plans and latencies (test rigs)")
+    fixtures_strict: bool = _setting(
+        False, "OZWELL_FIXTURES_STRICT",
+        "a request no fixture matches gets a 400 naming the nearest fixtures", _boolean)
+    seed: str = _setting(
+        "", "OZWELL_SEED", "ids become a function of the seed, the session and a counter "
+        "(empty: random ids)")
+    clock: str = _setting(
+        "", "OZWELL_CLOCK", "fixes every created/created_at: a Unix time, an ISO 8601 time, or "
+        "'start' (empty: the real clock)", _clock)
+    journal_size: int = _setting(
+        1000, "OZWELL_JOURNAL_SIZE", "requests the journal at /_ozwell/requests keeps (0: none)",
+        int)
     record: str = _setting(
         "", "OZWELL_RECORD",
         "append each exchange with the Llama backend to this cassette (JSON Lines, keys redacted)")
@@ -220,6 +275,8 @@ class Settings:
             raise SettingsError("must be 0 (one per CPU) or more", setting="workers")
         if self.max_request_bytes < 1:
             raise SettingsError("must be a positive number of bytes", setting="max_request_bytes")
+        if self.journal_size < 0:
+            raise SettingsError("must be 0 (no journal) or more", setting="journal_size")
         for name, choices in REPLAY_CHOICES.items():
             if getattr(self, name) not in choices:
                 raise SettingsError(f"is not {' or '.join(choices)}", setting=name)
@@ -259,7 +316,7 @@ class SettingsError(Exception):
 
 
 # What a value that does not parse should have been, by parser.
-_EXPECTED = {int: "a whole number", float: "a number"}
+_EXPECTED = {int: "a whole number", float: "a number", _boolean: "true or false"}
 
 
 def _parse_setting(field: dataclasses.Field, raw: str, given: str) -> Any:
@@ -312,15 +369,19 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ozwell {__version__}")
     for field in dataclasses.fields(Settings):
         if field.metadata["flag"]:
+            # A yes/no setting's flag may stand alone: `--fixtures-strict`.
+            alone = {"nargs": "?", "const": "true"} if field.metadata["parse"] is _boolean else {}
             parser.add_argument(
                 _flag(field), dest=field.name, default=None,
-                metavar=field.metadata["env"],
+                metavar=field.metadata["env"], **alone,
                 help=f"{field.metadata['help']} (env {field.metadata['env']}, "
                      f"default {_shown_default(field.default)})")
     return parser
 
 
 def _shown_default(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, tuple):
         value = ",".join(value)
     return repr(value) if value == "" else str(value)
@@ -525,12 +586,57 @@ def _length_error(error: jsonschema.exceptions.ValidationError, where: str,
 
 def new_id(prefix: str) -> str:
     """A new object id: `prefix` and 32 hex digits. Every id a client sees is made here."""
-    return prefix + uuid.uuid4().hex
+    mint = current_mint.get()
+    return mint.new_id(prefix) if mint is not None else prefix + uuid.uuid4().hex
 
 
 def unix_now() -> int:
     """The `created`/`created_at` of a new object. Every timestamp a client sees is made here."""
-    return int(time.time())
+    mint = current_mint.get()
+    return mint.now() if mint is not None else int(time.time())
+
+
+class Mint:
+    """The ids and the clock of one session (x-ozwell-session).
+
+    With a seed, the n-th id of a prefix is a hash of (seed, session, prefix, n): the same
+    requests give the same ids in every process. A fixed clock gives one `created` to all.
+    """
+
+    def __init__(self, seed: str, session: str, clock: int | None) -> None:
+        self.seed = seed
+        self.session = session
+        self.clock = clock
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    def new_id(self, prefix: str) -> str:
+        if not self.seed:
+            return prefix + uuid.uuid4().hex
+        self.counters[prefix] += 1
+        return prefix + self._digest(prefix, self.counters[prefix])[:32]
+
+    def now(self) -> int:
+        return int(time.time()) if self.clock is None else self.clock
+
+    def random(self, purpose: str) -> random.Random:
+        """A generator for `purpose` (latency jitter): drawn from the seed when there is one."""
+        if not self.seed:
+            return random.Random()
+        self.counters[purpose] += 1
+        return random.Random(int(self._digest(purpose, self.counters[purpose]), 16))
+
+    def reset(self) -> None:
+        self.counters.clear()
+
+    def _digest(self, purpose: str, number: int) -> str:
+        return hashlib.sha256(
+            "\0".join((self.seed, self.session, purpose, str(number))).encode()).hexdigest()
+
+
+# The Mint of the request being served. Each request runs in a task of its own, with its own
+# copy of the context, so a value set while serving one is never seen by another.
+current_mint: contextvars.ContextVar[Mint | None] = contextvars.ContextVar(
+    "ozwell_mint", default=None)
 
 
 def ensure_data_dir(path: str) -> str:
@@ -868,7 +974,9 @@ class FileStore:
                      "status_details": None}
             blob.close()
             os.replace(blob.path, self.blob_path(file_id))
-            return files + [entry], entry
+            # A seeded id repeats in a later run on the same data dir: the new file replaces
+            # the old one, as a listing never holds one id twice.
+            return [kept for kept in files if kept["id"] != file_id] + [entry], entry
 
         try:
             return await self._run_locked(self._update_now, change)
@@ -880,7 +988,7 @@ class FileStore:
     async def listed(self) -> list[dict[str, Any]]:
         """Every file that has not expired, oldest first."""
         snapshot = self._current()
-        now = time.time()
+        now = unix_now()
         if any(_has_expired(entry, now) for entry in snapshot.files):
             await self._run_locked(self._update_now, self._drop_expired)
             snapshot = self._current()
@@ -888,7 +996,7 @@ class FileStore:
 
     async def get(self, file_id: str) -> dict[str, Any] | None:
         entry = self._current().by_id.get(file_id)
-        if entry is not None and _has_expired(entry, time.time()):
+        if entry is not None and _has_expired(entry, unix_now()):
             await self._run_locked(self._update_now, self._drop_expired)
             return None
         return entry
@@ -904,8 +1012,10 @@ class FileStore:
         return open(self.blob_path(file_id), "rb")
 
     async def _run_locked(self, function, *args):
+        # In the request's context, so that new_id() and unix_now() there use its Mint.
+        run = functools.partial(contextvars.copy_context().run, function, *args)
         async with self._lock:
-            return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+            return await asyncio.get_running_loop().run_in_executor(None, run)
 
     def _update_now(self, change):
         """Apply `change(files) -> (new files, result)` to the latest index under the OS lock.
@@ -1015,7 +1125,7 @@ class FileStore:
 
     @staticmethod
     def _drop_expired(files: list[dict]) -> tuple[list[dict], None]:
-        now = time.time()
+        now = unix_now()
         kept = [entry for entry in files if not _has_expired(entry, now)]
         return (files if len(kept) == len(files) else kept), None
 
@@ -2472,6 +2582,8 @@ class EventStream:
     inside the stream (`send_error`).
     """
 
+    content_type = "text/event-stream; charset=utf-8"
+
     def __init__(self, handler: tornado.web.RequestHandler, keepalive_seconds: float) -> None:
         self.handler = handler
         self.keepalive_seconds = keepalive_seconds
@@ -2481,7 +2593,7 @@ class EventStream:
 
     async def open(self) -> None:
         self.handler.set_status(200)
-        self.handler.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.handler.set_header("Content-Type", self.content_type)
         self.handler.set_header("Cache-Control", "no-cache")
         self.handler.set_header("X-Accel-Buffering", "no")
         self.is_open = True
@@ -2521,11 +2633,14 @@ class EventStream:
         except (tornado.iostream.StreamClosedError, asyncio.CancelledError):
             pass
 
-    def close(self) -> None:
-        """Stop the keep-alives and finish the response (if the client is still there)."""
+    def stop_keepalives(self) -> None:
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
+
+    def close(self) -> None:
+        """Stop the keep-alives and finish the response (if the client is still there)."""
+        self.stop_keepalives()
         if self.is_open:
             self.is_open = False
             self.handler.context.metrics.streams -= 1
@@ -3931,6 +4046,10 @@ METRIC_FAMILIES = (
      "Calls to the Llama backend that failed, by kind: the error code the client was given "
      "(upstream_unavailable, upstream_timeout, upstream_interrupted, ...), or http_<status> for "
      "an error the backend answered with."),
+    ("ozwell_fixture_replies_total", "counter",
+     "Replies a test rig's fixture made, by endpoint (chat, responses, embeddings)."),
+    ("ozwell_faults_fired_total", "counter",
+     "Planned faults a test rig fired, by endpoint and type (error, stall, cut, ...)."),
 )
 
 
@@ -3955,6 +4074,8 @@ class Metrics:
         self.streams = 0
         self.upstream_calls = {"upstream": 0, "replay": 0}
         self.upstream_errors: dict[str, int] = {}
+        self.fixture_replies = dict.fromkeys(RIG_ENDPOINTS, 0)
+        self.faults_fired: dict[str, dict[str, int]] = {}  # endpoint -> fault type -> count
         self.in_flight: Callable[[], int] = lambda: 0
         self.shared_folder: str | None = None
         self._last_shared = ""
@@ -3970,6 +4091,10 @@ class Metrics:
 
     def count_upstream_error(self, kind: str) -> None:
         self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
+
+    def count_fault(self, endpoint: str, fault_type: str) -> None:
+        fired = self.faults_fired.setdefault(endpoint, {})
+        fired[fault_type] = fired.get(fault_type, 0) + 1
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         """Every series, by its name and labels as /metrics writes them: counters and gauges."""
@@ -3992,6 +4117,12 @@ class Metrics:
             counters[f'ozwell_upstream_calls_total{{answered_by="{source}"}}'] = count
         for kind, count in self.upstream_errors.items():
             counters[f'ozwell_upstream_errors_total{{kind="{_label(kind)}"}}'] = count
+        for endpoint, count in self.fixture_replies.items():
+            counters[f'ozwell_fixture_replies_total{{endpoint="{endpoint}"}}'] = count
+        for endpoint, fired in self.faults_fired.items():
+            for fault_type, count in fired.items():
+                counters[f'ozwell_faults_fired_total{{endpoint="{endpoint}",'
+                         f'type="{_label(fault_type)}"}}'] = count
         gauges = {"ozwell_requests_in_flight": float(self.in_flight()),
                   "ozwell_streams_in_flight": float(self.streams)}
         return {"counters": counters, "gauges": gauges}
@@ -4392,6 +4523,1073 @@ def _text_of(value: Any) -> str:
 
 
 # =============================================================================
+# Test rigs: fixtures and faults
+# =============================================================================
+
+RIG_ENDPOINTS = ("chat", "responses", "embeddings")
+
+# The endpoints each kind of reply can answer: an embedding carries no text.
+_REPLY_ENDPOINTS = {"text": ("chat", "responses"), "tool_calls": ("chat", "responses"),
+                    "json": ("chat", "responses"), "refusal": ("chat", "responses"),
+                    "status": RIG_ENDPOINTS}
+
+# Headers a fixture or fault may not set: they frame the HTTP message itself.
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
+
+_WORD = re.compile(r"\w+")
+
+
+class FixtureError(ValueError):
+    """A fixture or fault that cannot work; the message says where it is wrong and why."""
+
+
+def _check_headers(headers: Mapping[str, str], where: str) -> None:
+    framing = sorted(name for name in headers if name.lower() in _FRAMING_HEADERS)
+    if framing:
+        raise FixtureError(f"{where}.headers: {', '.join(framing)} cannot be set: the server "
+                           "frames the reply itself")
+
+
+def _quoted(text: str, limit: int = 60) -> str:
+    return json.dumps(text if len(text) <= limit else text[:limit - 3] + "...", ensure_ascii=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextMatch:
+    """How a fixture tests a text: `exact`, `contains` (a phrase, as whole words) or `regex`
+    (searched anywhere), each optionally ignoring case."""
+
+    kind: str
+    value: str
+    ignore_case: bool
+    pattern: re.Pattern | None      # contains and regex
+
+    @classmethod
+    def parse(cls, spec: Mapping[str, Any], where: str) -> TextMatch:
+        kinds = [kind for kind in ("exact", "contains", "regex") if kind in spec]
+        if len(kinds) != 1:
+            raise FixtureError(f"{where}: give exactly one of exact, contains or regex "
+                               f"(it has {', '.join(kinds) or 'none'})")
+        kind, value = kinds[0], spec[kinds[0]]
+        ignore_case = bool(spec.get("ignore_case"))
+        flags = re.IGNORECASE if ignore_case else 0
+        pattern = None
+        if kind == "contains":
+            pattern = re.compile(r"(?<!\w)" + re.escape(value) + r"(?!\w)", flags)
+        elif kind == "regex":
+            try:
+                pattern = re.compile(value, flags)
+            except re.error as exc:
+                raise FixtureError(f"{where}.regex: {value!r} is not a valid regular expression "
+                                   f"({exc})") from None
+        return cls(kind, value, ignore_case, pattern)
+
+    def test(self, text: str) -> bool:
+        if self.pattern is not None:
+            return self.pattern.search(text) is not None
+        return text == self.value or (self.ignore_case and text.casefold() == self.value.casefold())
+
+    def describe(self, negated: bool = False) -> str:
+        """What the test asks of a text: "holds the words ..." ("does not hold ...")."""
+        verb = {"exact": ("is", "is not"), "contains": ("holds", "does not hold"),
+                "regex": ("matches", "does not match")}[self.kind][negated]
+        what = {"exact": "exactly", "contains": "the words", "regex": "the regex"}[self.kind]
+        case = " (ignoring case)" if self.ignore_case else ""
+        return f"{verb} {what} {_quoted(self.value)}{case}"
+
+    def whole_words(self) -> set[str]:
+        """Words that any text this matcher accepts holds whole (as a run of \\w with no word
+        character either side)."""
+        words = set()
+        for run, left_edge, right_edge in self._literal_runs():
+            for word in _WORD.finditer(run):
+                if (word.start() > 0 or left_edge) and (word.end() < len(run) or right_edge):
+                    words.add(word.group())
+        return self._folded(words)
+
+    def trigrams(self) -> set[str]:
+        """Three-character pieces that any text this matcher accepts holds."""
+        return self._folded({run[start:start + 3] for run, _, _ in self._literal_runs()
+                             for start in range(len(run) - 2)})
+
+    def _literal_runs(self) -> list[tuple[str, bool, bool]]:
+        if self.kind == "contains":
+            return [(self.value, True, True)]
+        return _top_level_literals(self.pattern) if self.kind == "regex" else []
+
+    @property
+    def folds_case(self) -> bool:
+        """Whether case is ignored: asked for, or by the regex's own (?i)."""
+        return bool(self.pattern.flags & re.IGNORECASE) if self.pattern else self.ignore_case
+
+    def _folded(self, keys: set[str]) -> set[str]:
+        if self.folds_case:
+            # Only ASCII keys: ignoring case, a regex takes some other letters for ASCII ones
+            # (the dotless i for i) where casefold() does not.
+            return {key.casefold() for key in keys if key.isascii()}
+        return keys
+
+
+def _top_level_literals(pattern: re.Pattern) -> list[tuple[str, bool, bool]]:
+    """The runs of literal characters at the top level of `pattern`, which every match holds,
+    each with whether a word edge (an anchor or \\b) stands before it and after it:
+    `\\bticket 12\\b` gives ("ticket 12", True, True).
+
+    Only ever a shortcut for finding candidates: when Python's parser cannot be read, the
+    answer is empty and the fixture is simply always tried.
+    """
+    try:
+        from re import _constants as sre, _parser
+        items = list(_parser.parse(pattern.pattern, pattern.flags))
+    except Exception:
+        return []
+    edges = {sre.AT_BEGINNING, sre.AT_BEGINNING_STRING, sre.AT_END, sre.AT_END_STRING}
+    if not pattern.flags & re.ASCII:  # an ASCII \b disagrees with \w on other letters
+        edges.add(sre.AT_BOUNDARY)
+    runs = []
+    run: list[str] = []
+    left_edge = False
+    for op, argument in items + [(None, None)]:
+        if op == sre.LITERAL:
+            run.append(chr(argument))
+            continue
+        right_edge = op == sre.AT and argument in edges
+        if run:
+            runs.append(("".join(run), left_edge, right_edge))
+        run, left_edge = [], right_edge
+    return runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Latency:
+    """A simulated pace: the first token after `ttft_ms`, then `tokens_per_second`, each wait
+    varied by up to `jitter` (a fraction of it)."""
+
+    ttft_ms: float = 0.0
+    tokens_per_second: float = 0.0     # 0: no pause between tokens
+    jitter: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: Mapping[str, Any]) -> Latency:
+        return cls(float(spec.get("ttft_ms", 0)), float(spec.get("tokens_per_second", 0)),
+                   float(spec.get("jitter", 0)))
+
+
+class SimulatedPace(Pacer):
+    """A Pacer for a simulated latency: tick 1 is due after the time to first token, each
+    later one a token's time after the one before, every wait varied by the jitter with
+    numbers from `draw`."""
+
+    def __init__(self, latency: Latency, draw: random.Random) -> None:
+        super().__init__(latency.tokens_per_second)
+        self.latency = latency
+        self.draw = draw
+        self._offsets = [0.0]  # seconds from the start to each tick, worked out as needed
+
+    def due(self, tick: int) -> float:
+        latency = self.latency
+        while len(self._offsets) <= tick:
+            if len(self._offsets) == 1:
+                wait = latency.ttft_ms / 1000
+            else:
+                wait = 1 / latency.tokens_per_second if latency.tokens_per_second else 0.0
+            varied = wait * (1 + latency.jitter * (2 * self.draw.random() - 1))
+            self._offsets.append(self._offsets[-1] + varied)
+        return self.started + self._offsets[tick]
+
+    async def finish(self, tokens: int) -> None:
+        """Wait as long as streaming `tokens` tokens would have taken (a reply sent whole)."""
+        await self.wait_for(max(tokens, 1))
+
+
+class RequestView:
+    """What fixtures read of one request, each part worked out when first asked for."""
+
+    def __init__(self, endpoint: str, body: Mapping[str, Any],
+                 headers: tornado.httputil.HTTPHeaders, session: str, context: Context) -> None:
+        self.endpoint = endpoint
+        self.body = body
+        self.headers = headers
+        self.session = session
+        self.context = context
+        self.model = body.get("model")
+
+    @functools.cached_property
+    def _items(self) -> list[dict[str, Any]]:
+        """Chat messages, or Responses input items (a text input is one user message)."""
+        if self.endpoint == "chat":
+            return self.body["messages"]
+        given = self.body.get("input")
+        if isinstance(given, str):
+            return [{"role": "user", "content": given}]
+        return [item for item in given or () if isinstance(item, dict)]
+
+    @functools.cached_property
+    def _earlier(self) -> list[Turn]:
+        """The turns a Responses request continues: a previous response's or a conversation's."""
+        return _earlier_turns(self.context, self.body).turns if self.endpoint == "responses" else []
+
+    @functools.cached_property
+    def messages(self) -> list[tuple[str, str]]:
+        """(role, text) of each message, a stored response's turns first when continuing one."""
+        if self.endpoint == "embeddings":
+            return []
+        return [(turn.role, turn.text) for turn in self._earlier] + [
+            (item["role"], message_text(item.get("content"))) for item in self._items
+            if item.get("type", "message") == "message" and "role" in item]
+
+    @functools.cached_property
+    def last_user(self) -> str:
+        if self.endpoint == "embeddings":
+            given = self.body.get("input")
+            if isinstance(given, str):
+                return given
+            return "\n".join(text for text in given if isinstance(text, str))
+        return next((text for role, text in reversed(self.messages) if role == "user"), "")
+
+    @functools.cached_property
+    def system(self) -> str:
+        texts = [text for role, text in self.messages if role in ("system", "developer")]
+        if self.body.get("instructions"):
+            texts.insert(0, self.body["instructions"])
+        return "\n".join(texts)
+
+    @functools.cached_property
+    def turn(self) -> int:
+        return sum(1 for role, _ in self.messages if role == "user")
+
+    @functools.cached_property
+    def tools(self) -> list[str]:
+        """The names of the function tools the request offers."""
+        names = []
+        for tool in self.body.get("tools") or ():
+            if tool.get("type") == "function":
+                function = tool.get("function") if self.endpoint == "chat" else tool
+                if isinstance(function, dict) and isinstance(function.get("name"), str):
+                    names.append(function["name"])
+        return names
+
+    @functools.cached_property
+    def tool_results(self) -> list[tuple[str, str]]:
+        """(call id, text) of each tool result the request holds."""
+        if self.endpoint == "chat":
+            return [(item.get("tool_call_id", ""), message_text(item.get("content")))
+                    for item in self._items if item.get("role") == "tool"]
+        return [(item.get("call_id", ""), item["output"] if isinstance(item.get("output"), str)
+                 else message_text(item.get("output")))
+                for item in self._items if item.get("type") == "function_call_output"]
+
+    @functools.cached_property
+    def json_schema(self) -> dict | None:
+        """The JSON Schema the request asks the reply to fit, if any."""
+        if self.endpoint == "chat":
+            wanted = self.body.get("response_format") or {}
+            schema = (wanted.get("json_schema") or {}).get("schema")
+        else:
+            wanted = (self.body.get("text") or {}).get("format") or {}
+            schema = wanted.get("schema")
+        return schema if wanted.get("type") == "json_schema" and isinstance(schema, dict) else None
+
+    @property
+    def max_tokens(self) -> int | None:
+        if self.endpoint == "responses":
+            return self.body.get("max_output_tokens")
+        limit = self.body.get("max_completion_tokens")
+        return self.body.get("max_tokens") if limit is None else limit
+
+    @property
+    def prompt_tokens(self) -> int:
+        """What the request gives the model to read, counted as the built-in model counts it."""
+        if self.endpoint == "chat":
+            return prompt_token_count(chat_turns(self.body["messages"]))
+        calls = [item.get("arguments", "") for item in self._items
+                 if item.get("type") == "function_call"]
+        return (count_tokens(self.body.get("instructions") or "")
+                + prompt_token_count(self._earlier)
+                + sum(count_tokens(text) for text in calls)
+                + sum(count_tokens(text) for _, text in self.messages[len(self._earlier):])
+                + sum(count_tokens(text) for _, text in self.tool_results))
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """One test of a fixture's match, and how to say why a request fails it."""
+
+    holds: Callable[[RequestView], bool]
+    why_not: Callable[[RequestView], str]
+
+
+def _conditions(match: Mapping[str, Any], endpoints: frozenset[str], user: TextMatch | None,
+                where: str) -> list[Condition]:
+    """The fixture's tests, cheapest first, so a request that fails one costs little."""
+    conditions = [Condition(lambda view: view.endpoint in endpoints,
+                            lambda view: f"it answers {' and '.join(sorted(endpoints))}, "
+                                         f"not {view.endpoint}")]
+    if "model" in match:
+        model = match["model"]
+        conditions.append(Condition(lambda view: view.model == model,
+                                    lambda view: f"it wants model {model!r}, not {view.model!r}"))
+    if "session" in match:
+        session = match["session"]
+        conditions.append(Condition(lambda view: view.session == session,
+                                    lambda view: f"it is for session {session!r}, "
+                                                 f"not {view.session!r}"))
+    for name, value in (match.get("headers") or {}).items():
+        conditions.append(_header_condition(name, value))
+    if "turn" in match:
+        turn = match["turn"]
+        conditions.append(Condition(
+            lambda view: view.turn == turn,
+            lambda view: f"it is for turn {turn}, this is turn {view.turn}"))
+    if "tool" in match:
+        tool = match["tool"]
+        conditions.append(Condition(
+            lambda view: tool in view.tools,
+            lambda view: f"it wants the tool {tool!r} offered; the request offers "
+                         f"{', '.join(map(repr, view.tools)) or 'no tools'}"))
+    if user is not None:
+        conditions.append(Condition(
+            lambda view: user.test(view.last_user),
+            lambda view: f"the last user message {_quoted(view.last_user)} "
+                         f"{user.describe(negated=True)}"))
+    if "system" in match:
+        system = TextMatch.parse(match["system"], f"{where}.match.system")
+        conditions.append(Condition(
+            lambda view: system.test(view.system),
+            lambda view: f"the system text {_quoted(view.system)} "
+                         f"{system.describe(negated=True)}"))
+    if "tool_result" in match:
+        call_id = match["tool_result"].get("call_id")
+        text = match["tool_result"].get("text")
+        result_text = TextMatch.parse(text, f"{where}.match.tool_result.text") if text else None
+
+        def has_result(view: RequestView) -> bool:
+            return any((call_id is None or given_id == call_id)
+                       and (result_text is None or result_text.test(given_text))
+                       for given_id, given_text in view.tool_results)
+        wanted = " and ".join(part for part in (
+            f"call id {call_id!r}" if call_id else "",
+            f"a text that {result_text.describe()}" if result_text else "") if part)
+        conditions.append(Condition(
+            has_result, lambda view: f"it wants a tool result with {wanted or 'anything'}; the "
+                                     f"request has {len(view.tool_results)} tool result(s), "
+                                     "none like that"))
+    return conditions
+
+
+def _header_condition(name: str, value: str) -> Condition:
+    def why_not(view: RequestView) -> str:
+        given = view.header(name)
+        return (f"it wants the header {name}: {value}; the request has "
+                f"{'none' if given is None else _quoted(given)}")
+    return Condition(lambda view: view.header(name) == value, why_not)
+
+
+@dataclasses.dataclass(eq=False)
+class Fixture:
+    """A scripted reply and the requests it answers."""
+
+    name: str
+    source: str                     # "file", or "session" (added through the control API)
+    index: int
+    spec: dict[str, Any]            # as given, for listing
+    conditions: tuple[Condition, ...]
+    user: TextMatch | None          # the last-user-message test, which the index reads
+    replies: tuple[dict[str, Any], ...]
+    repeat_last: bool               # after a sequence: repeat its last reply, or fall through
+    max_uses: int | None
+    deliberate: bool
+    latency: Latency | None
+
+    @property
+    def label(self) -> str:
+        where = (f"fixtures[{self.index}]" if self.source == "file"
+                 else f"session fixture {self.index}")
+        return where if self.name == where else f"{self.name!r} ({where})"
+
+    def holds(self, view: RequestView) -> bool:
+        for condition in self.conditions:
+            if not condition.holds(view):
+                return False
+        return True
+
+    def reply_for_use(self, used: int) -> dict[str, Any] | None:
+        """The reply of the use after `used` earlier ones (None: its sequence is over)."""
+        if used < len(self.replies):
+            return self.replies[used]
+        return self.replies[-1] if self.repeat_last else None
+
+
+def parse_fixture(spec: Mapping[str, Any], source: str, index: int) -> Fixture:
+    """A Fixture from its JSON (already valid against Fixture.json); FixtureError if it
+    cannot work."""
+    where = f"fixtures[{index}]" if source == "file" else "Fixture"
+    reply = spec["reply"]
+    replies = reply["sequence"] if "sequence" in reply else [reply]
+    if "sequence" in reply and set(reply) - {"sequence", "then"}:
+        raise FixtureError(f"{where}.reply: a sequence holds its replies; "
+                           f"{', '.join(sorted(set(reply) - {'sequence', 'then'}))} go inside them")
+    if "then" in reply and "sequence" not in reply:
+        raise FixtureError(f"{where}.reply: 'then' says what follows a sequence; there is none")
+    carried = set(RIG_ENDPOINTS)
+    for number, one in enumerate(replies):
+        at = f"{where}.reply.sequence[{number}]" if "sequence" in reply else f"{where}.reply"
+        carried &= set(_REPLY_ENDPOINTS[_reply_kind(one, at)])
+    match = spec.get("match") or {}
+    wanted = match.get("endpoint", list(RIG_ENDPOINTS))
+    wanted = {wanted} if isinstance(wanted, str) else set(wanted)
+    if "endpoint" in match and wanted - carried:
+        refused = " or ".join(sorted(wanted - carried))
+        raise FixtureError(f"{where}: its reply cannot answer {refused} (embeddings can only be "
+                           "answered with an error status)")
+    endpoints = frozenset(wanted & carried)
+    user = TextMatch.parse(match["user"], f"{where}.match.user") if "user" in match else None
+    name = spec.get("name") or (where if source == "file" else f"session fixture {index}")
+    return Fixture(name=name, source=source, index=index, spec=dict(spec),
+                   conditions=tuple(_conditions(match, endpoints, user, where)), user=user,
+                   replies=tuple(replies), repeat_last=reply.get("then") != "fall_through",
+                   max_uses=spec.get("uses"), deliberate=bool(spec.get("deliberate")),
+                   latency=Latency.parse(spec["latency"]) if "latency" in spec else None)
+
+
+def _reply_kind(reply: Mapping[str, Any], where: str) -> str:
+    if "sequence" in reply:
+        raise FixtureError(f"{where}: a sequence cannot hold another sequence")
+    kinds = [kind for kind in _REPLY_ENDPOINTS if kind in reply]
+    if kinds == ["text", "tool_calls"]:
+        kinds = ["tool_calls"]  # a message may say something and call tools
+    if len(kinds) != 1:
+        raise FixtureError(f"{where}: give one of text, tool_calls, json, refusal or status "
+                           f"(it has {', '.join(kinds) or 'none'})")
+    if kinds[0] != "status":
+        stray = sorted({"error", "headers"} & set(reply))
+        if stray:
+            raise FixtureError(f"{where}: {' and '.join(stray)} go with an error status only")
+    else:
+        _check_headers(reply.get("headers") or {}, where)
+        if "usage" in reply:
+            raise FixtureError(f"{where}: an error reply has no usage")
+    return kinds[0]
+
+
+class FixtureIndex:
+    """Fixtures in file order, and where to look first.
+
+    A fixture whose last-user-message test needs an exact text, some word as a whole word, or
+    some three characters in a row, is filed under that text, or under the rarest such word,
+    or else the rarest such three characters; a request is tried only against those filed
+    under its own text, its words and its pieces of three, and against the rest, still in file
+    order. With a thousand fixtures a request is tried against a handful.
+    """
+
+    def __init__(self, fixtures: Sequence[Fixture]) -> None:
+        self.fixtures = tuple(fixtures)
+        self._always: list[int] = []
+        self._folded_always: list[int] = []  # tried as well for a text that is not ASCII
+        self._by_text: dict[tuple[bool, str], list[int]] = {}
+        self._by_word: dict[tuple[bool, str], list[int]] = {}
+        self._by_trigram: dict[tuple[bool, str], list[int]] = {}
+        users = [fixture.user for fixture in self.fixtures]
+        words_of = [user.whole_words() if user else set() for user in users]
+        trigrams_of = [user.trigrams() if user and not words else set()
+                       for user, words in zip(users, words_of)]
+        frequency = collections.Counter(key for keys in words_of + trigrams_of for key in keys)
+        for position, user in enumerate(users):
+            keys, table = ((words_of[position], self._by_word) if words_of[position]
+                           else (trigrams_of[position], self._by_trigram))
+            if user is None or (user.kind != "exact" and not keys):
+                self._always.append(position)
+            elif user.kind == "exact":
+                key = user.value.casefold() if user.ignore_case else user.value
+                self._by_text.setdefault((user.ignore_case, key), []).append(position)
+            else:
+                rarest = min(keys, key=lambda key: (frequency[key], -len(key), key))
+                table.setdefault((user.folds_case, rarest), []).append(position)
+                if user.folds_case:
+                    self._folded_always.append(position)
+        self._indexed = bool(self._by_text or self._by_word or self._by_trigram)
+
+    def candidates(self, text: str) -> Iterator[Fixture]:
+        """The fixtures that may match a request whose last user message is `text`, in order."""
+        if not self._indexed:
+            yield from self.fixtures
+            return
+        found: list[int] = []
+        found += self._by_text.get((False, text), ())
+        words = set(_WORD.findall(text))
+        for word in words:
+            found += self._by_word.get((False, word), ())
+        folded = text.casefold()
+        found += self._by_text.get((True, folded), ())
+        if self._by_trigram:
+            found += self._pieces_found(text, False)
+        if text.isascii():
+            for word in words if folded == text else set(_WORD.findall(folded)):
+                found += self._by_word.get((True, word), ())
+            if self._by_trigram:
+                found += self._pieces_found(folded, True)
+        else:
+            # Case-insensitive regexes treat some letters outside ASCII (the long s, the
+            # Kelvin sign) as others that casefold() does not: those fixtures are all tried.
+            found += self._folded_always
+        found = sorted(set(found))
+        for position in heapq.merge(self._always, found):
+            yield self.fixtures[position]
+
+    def _pieces_found(self, text: str, folded: bool) -> list[int]:
+        """The fixtures filed under a piece of three that `text` holds."""
+        if len(text) > 4 * len(self._by_trigram):  # a long text: look for each piece in it
+            return [position for (piece_folded, piece), positions in self._by_trigram.items()
+                    if piece_folded == folded and piece in text for position in positions]
+        found: list[int] = []
+        for piece in {text[start:start + 3] for start in range(len(text) - 2)}:
+            found += self._by_trigram.get((folded, piece), ())
+        return found
+
+
+@dataclasses.dataclass(eq=False)
+class Fault:
+    """A planned fault: which calls it fires on, and how they fail."""
+
+    name: str
+    source: str
+    index: int
+    spec: dict[str, Any]
+    type: str
+    calls: tuple[tuple[int, int | None], ...] | None   # (first, last) ranges; None: every call
+    endpoint: str | None
+    model: str | None
+
+    def applies(self, endpoint: str, model: Any, call: int) -> bool:
+        return ((self.endpoint is None or self.endpoint == endpoint)
+                and (self.model is None or self.model == model)
+                and (self.calls is None or any(first <= call and (last is None or call <= last)
+                                               for first, last in self.calls)))
+
+    @property
+    def ms(self) -> float:
+        return float(self.spec.get("ms", _STREAM_STALL_MS))
+
+    @property
+    def after_chunks(self) -> int:
+        return int(self.spec.get("after_chunks", 0))
+
+    def error(self, endpoint: str, call: int, session: str) -> APIError:
+        return scripted_error(self.spec, f"the planned fault {self.name!r} on {endpoint} call "
+                                         f"{call} of session {session!r}")
+
+
+# How long a stream_stall fault sends nothing when it does not say.
+_STREAM_STALL_MS = 30_000.0
+
+# Which fields each type of fault reads (beyond name, type, calls, endpoint, model).
+_FAULT_FIELDS = {
+    "error": {"status", "headers", "error"}, "stall": {"ms"}, "cut": {"after_chunks"},
+    "stream_stall": {"after_chunks", "ms"}, "malformed_json": set(),
+    "content_type": {"content_type"}, "slow": {"ttft_ms", "tokens_per_second", "jitter"},
+}
+_FAULT_REQUIRED = {"error": "status", "stall": "ms"}
+
+
+def parse_fault(spec: Mapping[str, Any], source: str, index: int) -> Fault:
+    """A Fault from its JSON (already valid against Fault.json); FixtureError if it cannot work.
+
+    `source` is "file", "session" (the control API) or "header" (x-ozwell-fault).
+    """
+    where = {"file": f"faults[{index}]", "session": "Fault",
+             "header": f"The {FAULT_HEADER} header"}[source]
+    kind = spec["type"]
+    stray = set(spec) - {"name", "type", "calls", "endpoint", "model"} - _FAULT_FIELDS[kind]
+    if stray:
+        reads = ", ".join(sorted(_FAULT_FIELDS[kind])) or "nothing more"
+        raise FixtureError(f"{where}: {', '.join(sorted(stray))} does not apply to a fault of "
+                           f"type {kind} (it reads {reads})")
+    required = _FAULT_REQUIRED.get(kind)
+    if required and required not in spec:
+        raise FixtureError(f"{where}: a fault of type {kind} needs {required!r}")
+    _check_headers(spec.get("headers") or {}, where)
+    calls = None
+    if "calls" in spec:
+        given = spec["calls"] if isinstance(spec["calls"], list) else [spec["calls"]]
+        calls = tuple(_call_range(item, f"{where}.calls") for item in given)
+    name = spec.get("name") or {"file": where, "session": f"session fault {index}",
+                                "header": FAULT_HEADER}[source]
+    return Fault(name, source, index, dict(spec), kind, calls, spec.get("endpoint"),
+                 spec.get("model"))
+
+
+def _call_range(item: int | str, where: str) -> tuple[int, int | None]:
+    if isinstance(item, int):
+        return item, item
+    first, dash, last = item.partition("-")
+    if not dash:
+        return int(first), int(first)
+    if last and int(last) < int(first):
+        raise FixtureError(f"{where}: {item!r} ends before it starts")
+    return int(first), int(last) if last else None
+
+
+FAULT_HEADER = "x-ozwell-fault"
+
+
+def fault_from_header(value: str, schemas: SchemaRegistry) -> Fault:
+    """The fault an `x-ozwell-fault` header asks for (a Fault as JSON): it fires on the
+    request that carries it, whatever its calls, endpoint and model say."""
+    where = f"The {FAULT_HEADER} header"
+    try:
+        spec = parse_json(value)
+    except ValueError as exc:
+        raise FixtureError(f"{where} is not JSON ({exc}); send a fault object such as "
+                           '{"type": "error", "status": 429}') from None
+    error = jsonschema.exceptions.best_match(schemas.errors("Fault", spec))
+    if error is not None:
+        raise FixtureError(f"{where}: {schema_problem(error)}")
+    return parse_fault(spec, "header", 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Script:
+    """What a fixtures file holds."""
+
+    fixtures: tuple[Fixture, ...] = ()
+    faults: tuple[Fault, ...] = ()
+    latency: Mapping[str, Latency] = dataclasses.field(default_factory=dict)
+
+
+def load_fixtures_file(path: str, schemas: SchemaRegistry) -> Script:
+    """The fixtures file at `path`, checked whole; SettingsError naming the fault in one line."""
+    def refused(problem: str) -> SettingsError:
+        return SettingsError(f"fixtures file {path}: {problem}")
+    try:
+        with open(path, "rb") as given:
+            raw = given.read()
+    except OSError as exc:
+        raise refused(f"cannot be read: {exc.strerror or exc}") from None
+    try:
+        document = parse_json(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise refused(f"is not valid JSON: {exc}") from None
+    error = jsonschema.exceptions.best_match(schemas.errors("FixturesFile", document))
+    if error is not None:
+        raise refused(schema_problem(error))
+    try:
+        return Script(
+            fixtures=tuple(parse_fixture(spec, "file", index)
+                           for index, spec in enumerate(document.get("fixtures", ()))),
+            faults=tuple(parse_fault(spec, "file", index)
+                         for index, spec in enumerate(document.get("faults", ()))),
+            latency={model: Latency.parse(spec)
+                     for model, spec in (document.get("latency") or {}).items()})
+    except FixtureError as exc:
+        raise refused(str(exc)) from None
+
+
+def schema_problem(error: jsonschema.exceptions.ValidationError) -> str:
+    """Where a JSON Schema error is (`fixtures[3].reply`) and what is wrong, in one line."""
+    where = param_path(list(error.absolute_path)) or "the top level"
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = list(error.schema.get("properties", {}))
+        unknown = next((key for key in error.instance if key not in allowed), None)
+        if unknown is not None:
+            return f"{where}: unknown key {unknown!r} (the keys allowed here: {', '.join(allowed)})"
+    return f"{where}: {error.message}"
+
+
+def scripted_error(spec: Mapping[str, Any], source: str,
+                   extra_headers: Mapping[str, str] | None = None) -> APIError:
+    """The error a fixture or fault plans (`status`, `error`, `headers`); what `error` leaves
+    out is as OpenAI sends it for that status, and the message says where it came from."""
+    status = spec["status"]
+    given = spec.get("error") or {}
+    default_type, default_code = _ERROR_DEFAULTS.get(status, (_error_type(status), None))
+    message = given.get("message") or (
+        f"{tornado.httputil.responses.get(status, 'Error')}: {source}.")
+    return APIError(status, message, type=given.get("type", default_type),
+                    param=given.get("param"), code=given.get("code", default_code),
+                    headers={**(spec.get("headers") or {}), **(extra_headers or {})})
+
+
+# The type and code OpenAI gives some statuses, which clients check for.
+_ERROR_DEFAULTS = {429: ("requests", "rate_limit_exceeded"), 500: ("server_error", None),
+                   503: ("server_error", None)}
+
+
+def scripted_generation(fixture: Fixture, reply: Mapping[str, Any],
+                        view: RequestView) -> Generation:
+    """The fixture's reply as a Generation, which the endpoint renders as it renders the
+    built-in model's; an error reply, or one that contradicts the request, raises."""
+    if "status" in reply:
+        raise scripted_error(reply, f"the scripted reply of fixture {fixture.label}",
+                             {GENERATOR_HEADER: "fixture"})
+    if not fixture.deliberate:
+        _refuse_contradictions(fixture, reply, view)
+    text = json_text(reply["json"]) if "json" in reply else reply.get("text", "")
+    tool_calls = tuple(ToolCall(call.get("id") or new_id("call_"), call["name"],
+                                json_text(call.get("arguments", {})))
+                       for call in reply.get("tool_calls", ()))
+    tokens = tokenize(text)
+    finish_reason = "tool_calls" if tool_calls else "stop"
+    limit = view.max_tokens
+    if limit is not None and len(tokens) > limit and not tool_calls:
+        tokens, finish_reason = tokens[:limit], "length"
+    usage = reply.get("usage") or {}
+    return ScriptedGeneration(tuple(tokens), finish_reason,
+                              usage.get("prompt_tokens", view.prompt_tokens), tool_calls,
+                              reply.get("refusal"), usage.get("completion_tokens"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptedGeneration(Generation):
+    """A fixture's reply: a Generation whose usage may be set rather than counted."""
+
+    reported_completion_tokens: int | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        if self.reported_completion_tokens is not None:
+            return self.reported_completion_tokens
+        return super().completion_tokens
+
+
+def _refuse_contradictions(fixture: Fixture, reply: Mapping[str, Any], view: RequestView) -> None:
+    def contradiction(problem: str) -> APIError:
+        return APIError(400, f"Fixture {fixture.label} {problem}. Change the fixture or the "
+                             'request, or mark the fixture "deliberate": true to send it anyway.',
+                        code="fixture_contradicts_request")
+    for call in reply.get("tool_calls", ()):
+        if view.body.get("tool_choice") == "none":
+            raise contradiction(f"calls the tool {call['name']!r}, but the request says "
+                                "tool_choice 'none'")
+        if call["name"] not in view.tools:
+            offered = ", ".join(map(repr, view.tools)) or "no tools"
+            raise contradiction(f"calls the tool {call['name']!r}, which the request does not "
+                                f"offer (it offers {offered})")
+    if "json" in reply and view.json_schema is not None:
+        try:
+            error = jsonschema.exceptions.best_match(
+                jsonschema.Draft202012Validator(view.json_schema).iter_errors(reply["json"]))
+        except jsonschema.exceptions.SchemaError:
+            return  # the request's schema is its own problem, not the fixture's
+        if error is not None:
+            raise contradiction(f"answers JSON that the request's json_schema refuses: "
+                                f"{schema_problem(error)}")
+
+
+# Faults that change how a reply made here goes out, rather than replacing it.
+STREAM_FAULTS = frozenset({"cut", "stream_stall", "malformed_json", "content_type"})
+
+
+@dataclasses.dataclass
+class Delivery:
+    """How a reply made here goes out: a fault that breaks it, and the pace of its tokens."""
+
+    fault: Fault | None = None
+    latency: Latency | None = None
+    draw: random.Random | None = None
+
+    def pace(self) -> SimulatedPace | None:
+        return SimulatedPace(self.latency, self.draw) if self.latency is not None else None
+
+    @property
+    def malformed(self) -> bool:
+        return self.fault is not None and self.fault.type == "malformed_json"
+
+
+# What a content_type fault sends when it does not say: what a proxy's error page would be.
+_WRONG_TYPE = "text/html; charset=utf-8"
+
+
+class ShapedEventStream(EventStream):
+    """An event stream broken by a planned fault: cut after some events, stalled (without
+    keep-alives, so only a client's read timeout can notice), with a malformed first event, or
+    under another content type."""
+
+    def __init__(self, handler: tornado.web.RequestHandler, keepalive_seconds: float,
+                 fault: Fault) -> None:
+        super().__init__(handler, keepalive_seconds)
+        self.fault = fault
+        self.sent = 0
+        if fault.type == "content_type":
+            self.content_type = fault.spec.get("content_type", _WRONG_TYPE)
+
+    async def send(self, data: Any, event: str | None = None) -> None:
+        fault = self.fault
+        if fault.type in ("cut", "stream_stall") and self.sent >= fault.after_chunks:
+            if fault.type == "stream_stall":
+                self.stop_keepalives()
+                await asyncio.sleep(fault.ms / 1000)
+            self.handler.request.connection.close()
+            raise tornado.iostream.StreamClosedError()  # the handler stops as if the client left
+        if fault.type == "malformed_json":
+            whole = sse_event(data)[len("data: "):-2]
+            await self._write(sse_event(whole[:len(whole) // 2], event))
+            raise tornado.iostream.StreamClosedError()  # nothing after it would be read
+        await super().send(data, event)
+        self.sent += 1
+
+
+# =============================================================================
+# Test rigs: sessions and the journal
+# =============================================================================
+
+SESSION_HEADER = "x-ozwell-session"
+DEFAULT_SESSION = "default"
+
+# Sessions are made on first use; past this many, the one unused the longest is forgotten.
+MAX_SESSIONS = 10_000
+
+# A journaled body larger than this is left out (its size is kept): the journal stays small.
+JOURNAL_BODY_LIMIT = 256 * 1024
+
+# The calls a fault fired on that a session remembers (the latest).
+FIRED_KEPT = 1000
+
+# Request headers whose values the journal never shows.
+_SECRET_HEADER = re.compile(r"authorization|cookie|api[-_]?key|token|secret|password", re.I)
+
+
+class Session:
+    """What requests with one x-ozwell-session share, and no other session sees: fixtures and
+    faults added through the control API, use and call counts, and the ids (its Mint)."""
+
+    def __init__(self, name: str, mint: Mint) -> None:
+        self.name = name
+        self.mint = mint
+        self.fixtures: list[Fixture] = []
+        self.faults: list[Fault] = []
+        self.uses: dict[Fixture, int] = {}
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.fired: dict[Fault, collections.deque[dict[str, Any]]] = {}
+
+    def count_call(self, endpoint: str) -> int:
+        self.calls[endpoint] += 1
+        return self.calls[endpoint]
+
+    def take_reply(self, fixture: Fixture) -> dict[str, Any] | None:
+        """The fixture's reply to this session's next use of it, counted; None when it is
+        used up (its use limit reached, or its sequence over and falling through)."""
+        used = self.uses.get(fixture, 0)
+        if fixture.max_uses is not None and used >= fixture.max_uses:
+            return None
+        reply = fixture.reply_for_use(used)
+        if reply is not None:
+            self.uses[fixture] = used + 1
+        return reply
+
+    def why_used_up(self, fixture: Fixture) -> str | None:
+        used = self.uses.get(fixture, 0)
+        if fixture.max_uses is not None and used >= fixture.max_uses:
+            return f"it has answered {used} time(s), its limit"
+        if fixture.reply_for_use(used) is None:
+            return f"its sequence of {len(fixture.replies)} replies is over"
+        return None
+
+    def reset(self) -> None:
+        self.fixtures.clear()
+        self.faults.clear()
+        self.uses.clear()
+        self.calls.clear()
+        self.fired.clear()
+        self.mint.reset()
+
+
+class Journal:
+    """The last requests that arrived under /v1, newest last: one ring for all sessions,
+    `size` entries long, each entry tagged with its session."""
+
+    def __init__(self, size: int) -> None:
+        self._entries: collections.deque[dict[str, Any]] = collections.deque(maxlen=size)
+        self._recorded = 0
+
+    def record(self, entry: dict[str, Any]) -> None:
+        if self._entries.maxlen:
+            self._recorded += 1
+            self._entries.append({"seq": self._recorded, **entry})
+
+    def entries(self, session: str, endpoint: str | None = None,
+                model: str | None = None) -> list[dict[str, Any]]:
+        return [entry for entry in self._entries if entry["session"] == session
+                and (endpoint is None or entry["endpoint"] == endpoint)
+                and (model is None or entry["model"] == model)]
+
+    def clear(self, session: str) -> int:
+        kept = [entry for entry in self._entries if entry["session"] != session]
+        deleted = len(self._entries) - len(kept)
+        self._entries = collections.deque(kept, maxlen=self._entries.maxlen)
+        return deleted
+
+
+def journal_entry(handler: BaseHandler) -> dict[str, Any]:
+    """The journal's record of the request `handler` served."""
+    request = handler.request
+    body = handler.__dict__.get("payload")  # parsed only if the handler read it
+    if handler._body_size > JOURNAL_BODY_LIMIT:
+        body = None
+    headers: dict[str, str] = {}
+    for name, value in request.headers.get_all():
+        shown = "[redacted]" if _SECRET_HEADER.search(name) else value
+        name = name.lower()
+        headers[name] = f"{headers[name]}, {shown}" if name in headers else shown
+    outcome = handler.rig_outcome
+    finished_at = time.time()
+    return {
+        "session": handler.session.name if handler.session else DEFAULT_SESSION,
+        "method": request.method, "path": request.path,
+        "endpoint": request.path.split("/")[2] if request.path.count("/") >= 2 else "",
+        "model": body.get("model") if isinstance(body, dict) else None,
+        "headers": headers, "body": body, "body_bytes": handler._body_size,
+        "status": handler.get_status(), "fixture": outcome.get("fixture"),
+        "fault": outcome.get("fault"), "received_at": round(handler.received_at, 6),
+        "finished_at": round(finished_at, 6),
+        "duration_ms": round(1000 * (finished_at - handler.received_at), 3),
+    }
+
+
+class Rig:
+    """The test rig of one application: the fixtures file's fixtures, faults and latencies,
+    the sessions, and the journal."""
+
+    def __init__(self, settings: Settings, schemas: SchemaRegistry) -> None:
+        self.settings = settings
+        self.schemas = schemas
+        script = load_fixtures_file(settings.fixtures, schemas) if settings.fixtures else Script()
+        self.fixtures = FixtureIndex(script.fixtures)
+        self.faults = script.faults
+        self.latency = script.latency
+        self.clock = None if not settings.clock else (
+            int(time.time()) if settings.clock == "start" else fixed_time(settings.clock))
+        self.sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()
+        self.journal = Journal(settings.journal_size)
+
+    def session(self, name: str | None) -> Session:
+        """The session named by an x-ozwell-session header (None: the default one)."""
+        name = DEFAULT_SESSION if name is None else name
+        if not 0 < len(name) <= 200 or not name.isprintable():
+            raise APIError(400, f"The {SESSION_HEADER} header must be 1 to 200 printable "
+                                "characters.", param=SESSION_HEADER, code="invalid_value")
+        session = self.sessions.get(name)
+        if session is None:
+            if len(self.sessions) >= MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+            session = Session(name, Mint(self.settings.seed, name, self.clock))
+            self.sessions[name] = session
+        else:
+            self.sessions.move_to_end(name)
+        return session
+
+    def listed_fixtures(self, session: Session) -> list[Fixture]:
+        return session.fixtures + list(self.fixtures.fixtures)
+
+    def listed_faults(self, session: Session) -> list[Fault]:
+        return session.faults + list(self.faults)
+
+    def find_fault(self, session: Session, endpoint: str, model: Any, call: int) -> Fault | None:
+        return next((fault for fault in self.listed_faults(session)
+                     if fault.applies(endpoint, model, call)), None)
+
+    def find_fixture(self, session: Session,
+                     view: RequestView) -> tuple[Fixture, dict[str, Any]] | None:
+        """The first fixture that matches and is not used up, with its reply; its use counted."""
+        for fixture in itertools.chain(session.fixtures, self.fixtures.candidates(view.last_user)):
+            if fixture.holds(view):
+                reply = session.take_reply(fixture)
+                if reply is not None:
+                    return fixture, reply
+        return None
+
+    def no_match_error(self, session: Session, view: RequestView) -> APIError:
+        """Strict mode's 400: the three nearest fixtures, and why each does not match."""
+        reasons = []
+        for order, fixture in enumerate(self.listed_fixtures(session)):
+            failed = [condition.why_not(view) for condition in fixture.conditions
+                      if not condition.holds(view)]
+            used_up = session.why_used_up(fixture)
+            reasons.append((len(failed) + (used_up is not None), order, fixture,
+                            failed + ([used_up] if used_up else [])))
+        reasons.sort(key=lambda reason: reason[:2])
+        nearest = "; ".join(f"{fixture.label}: {', and '.join(why)}"
+                            for _, _, fixture, why in reasons[:3])
+        said = f"The nearest: {nearest}." if nearest else "No fixtures are loaded."
+        return APIError(400, "No fixture matches this request, and OZWELL_FIXTURES_STRICT is on. "
+                             + said, code="no_fixture_matched")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scripted:
+    """What the test rig made of a request: a fixture's reply (None: the model answers), and
+    whether the reply is made here even when the model is proxied (a fixture or a fault
+    answers before the upstream is called)."""
+
+    generation: Generation | None = None
+    local: bool = False
+
+
+async def consult_rig(handler: BaseHandler, endpoint: str, body: Mapping[str, Any]) -> Scripted:
+    """Called first by chat, responses and embeddings: count the call, fire the planned fault
+    (an error raises, a stall waits), find the fixture and make its reply (an error reply or a
+    reply the request contradicts raises), and set how the reply goes out."""
+    rig: Rig = handler.context.rig
+    session = handler.session
+    call = session.count_call(endpoint)
+    model = body.get("model")
+    fault_header = handler.request.headers.get(FAULT_HEADER)
+    try:
+        fault = (fault_from_header(fault_header, rig.schemas) if fault_header is not None
+                 else rig.find_fault(session, endpoint, model, call))
+    except FixtureError as exc:
+        raise APIError(400, f"{exc}.", param=FAULT_HEADER, code="invalid_value") from None
+    local = False
+    if fault is not None:
+        handler.rig_outcome["fault"] = {"name": fault.name, "type": fault.type, "call": call}
+        session.fired.setdefault(fault, collections.deque(maxlen=FIRED_KEPT)).append(
+            {"endpoint": endpoint, "call": call})
+        handler.context.metrics.count_fault(endpoint, fault.type)
+        await _fire(handler, fault, endpoint, call, bool(body.get("stream")))
+        local = fault.type in STREAM_FAULTS or fault.type == "slow"
+    view = RequestView(endpoint, body, handler.request.headers, session.name, handler.context)
+    found = rig.find_fixture(session, view)
+    generation = None
+    latency = rig.latency.get(model)
+    if found is not None:
+        fixture, reply = found
+        handler.rig_outcome["fixture"] = fixture.name
+        handler.context.metrics.fixture_replies[endpoint] += 1
+        handler.set_header(GENERATOR_HEADER, "fixture")
+        generation = scripted_generation(fixture, reply, view)
+        latency = fixture.latency or latency
+        local = True
+    elif rig.settings.fixtures_strict and endpoint != "embeddings":
+        raise rig.no_match_error(session, view)
+    shaping = fault if fault is not None and fault.type in STREAM_FAULTS else None
+    if fault is not None and fault.type == "slow":
+        latency = Latency.parse(fault.spec)
+    if shaping is not None or latency is not None:
+        handler.delivery = Delivery(shaping, latency,
+                                    session.mint.random("latency") if latency else None)
+    return Scripted(generation, local)
+
+
+async def _fire(handler: BaseHandler, fault: Fault, endpoint: str, call: int,
+                streamed: bool) -> None:
+    """What a fault does before any reply: raise its error, wait out its stall, or (for a
+    reply sent whole) cut or stall-then-cut the connection in place of an answer, or set the
+    wrong content type."""
+    if fault.type == "error":
+        raise fault.error(endpoint, call, handler.session.name)
+    if fault.type == "stall" or (fault.type == "stream_stall" and not streamed):
+        await asyncio.sleep(fault.ms / 1000)
+    if fault.type in ("cut", "stream_stall") and not streamed:
+        handler.request.connection.close()
+    if fault.type == "content_type" and not streamed:
+        handler.set_header("Content-Type", fault.spec.get("content_type", _WRONG_TYPE))
+    if handler.request.connection.stream.closed():
+        raise tornado.web.Finish()  # the client has gone (or was cut off): nothing to answer
+
+
+# =============================================================================
 # Base handler
 # =============================================================================
 
@@ -4449,6 +5647,7 @@ class Context:
         self.vocabulary = TokenVocabulary()
         self.files = FileStore.open(os.path.join(settings.data_dir, "files"))
         self.checked_schemas = CheckedSchemas()
+        self.rig = Rig(settings, schemas)
 
     def models(self) -> list[dict[str, Any]]:
         owners = dict(LOCAL_MODELS)
@@ -4546,6 +5745,10 @@ class BaseHandler(tornado.web.RequestHandler):
         self._body: bytearray | str = bytearray()
         self._body_size = 0
         self._counted = False
+        self.received_at = time.time()
+        self.session: Session | None = None
+        self.delivery: Delivery | None = None   # set when a fault or a latency shapes the reply
+        self.rig_outcome: dict[str, Any] = {}   # the fixture and fault that answered, if any
 
     def set_default_headers(self) -> None:
         # Called by the constructor, before initialize(), and again when an error clears
@@ -4565,6 +5768,8 @@ class BaseHandler(tornado.web.RequestHandler):
         self._limit_body()
         if self.requires_auth:
             self._authenticate()
+            self.session = self.context.rig.session(self.request.headers.get(SESSION_HEADER))
+            current_mint.set(self.session.mint)
 
     def on_finish(self) -> None:
         if self._counted:
@@ -4572,6 +5777,8 @@ class BaseHandler(tornado.web.RequestHandler):
             self._counted = False
             self.context.metrics.count(type(self), self.request.method, self.get_status(),
                                        self.request.request_time())
+            if self.request.path.startswith("/v1/"):
+                self.context.rig.journal.record(journal_entry(self))
 
     def on_connection_close(self) -> None:
         self.on_finish()
@@ -4632,7 +5839,9 @@ class BaseHandler(tornado.web.RequestHandler):
         serving everyone else meanwhile."""
         if not large:
             return work()
-        return await asyncio.get_running_loop().run_in_executor(None, work)
+        # In the request's context, so that new_id() and unix_now() there use its Mint.
+        return await asyncio.get_running_loop().run_in_executor(
+            None, contextvars.copy_context().run, work)
 
     async def read_payload(self) -> dict[str, Any]:
         """`payload`, worked out off the event loop when the body is large."""
@@ -4658,6 +5867,30 @@ class BaseHandler(tornado.web.RequestHandler):
         if operation is not None and operation.request and operation.request_media == "application/json":
             self.context.schemas.validate(operation.request, body)
         return body
+
+    def event_stream(self) -> EventStream:
+        """The stream a reply made here goes out on (broken as a planned fault says)."""
+        keepalive = self.context.settings.keepalive_seconds
+        if self.delivery is not None and self.delivery.fault is not None:
+            return ShapedEventStream(self, keepalive, self.delivery.fault)
+        return EventStream(self, keepalive)
+
+    def pacer(self) -> Pacer:
+        """The pace of a streamed reply made here: a simulated latency, or the set pace."""
+        pace = self.delivery.pace() if self.delivery is not None else None
+        return pace or Pacer(self.context.settings.stream_tokens_per_second)
+
+    async def simulated_wait(self, tokens: int) -> None:
+        """Before a reply sent whole: as long as its simulated latency would take to stream it."""
+        pace = self.delivery.pace() if self.delivery is not None else None
+        if pace is not None:
+            await pace.finish(tokens)
+
+    def finish(self, chunk: str | bytes | dict | None = None) -> Awaitable[None]:
+        if (isinstance(chunk, (str, bytes)) and self.get_status() < 300
+                and self.delivery is not None and self.delivery.malformed):
+            chunk = chunk[:len(chunk) // 2]  # a planned fault: the JSON's last piece cut in half
+        return super().finish(chunk)
 
     def compute_etag(self) -> None:
         return None  # API replies change with every call; hashing each body is wasted work
@@ -4935,8 +6168,10 @@ class ModelHandler(BaseHandler):
 
 
 def create_response(context: Context, body: dict[str, Any], keep: bool = True,
-                    earlier: EarlierTurns | None = None) -> dict[str, Any]:
-    """Answer a CreateResponse body with the offline model; store it unless told not to.
+                    earlier: EarlierTurns | None = None,
+                    generation: Generation | None = None) -> dict[str, Any]:
+    """Answer a CreateResponse body with `generation` (a fixture's) or the offline model;
+    store it unless told not to.
 
     The model reads the instructions (as a developer turn), the earlier turns (those of the
     response named by `previous_response_id`, whose own instructions are not carried over, as
@@ -4953,7 +6188,7 @@ def create_response(context: Context, body: dict[str, Any], keep: bool = True,
                             "the request continues a response ('previous_response_id') or a "
                             "conversation that a response has answered in.", param="model",
                        code="missing_required_parameter")
-    if model not in {entry["id"] for entry in context.models()}:
+    if generation is None and model not in {entry["id"] for entry in context.models()}:
         raise APIError(400, f"The requested model '{_clipped(model)}' does not exist. "
                             "GET /v1/models lists the models this server answers for.", param="model",
                        code="model_not_found")
@@ -4963,15 +6198,18 @@ def create_response(context: Context, body: dict[str, Any], keep: bool = True,
                             "leave 'store' out or set it to true.", param="store",
                        code="invalid_value")
     _check_text_parts(body)
-    options = response_reply_options(body, context.checked_schemas)
+    options = None
+    if generation is None:  # a fixture's reply is not bound by the built-in model's limits
+        options = response_reply_options(body, context.checked_schemas)
     turns, input_items = response_turns(context, body, earlier.turns)
-    instructions = body.get("instructions")
-    conversation = ([Turn("developer", instructions)] if instructions else []) + turns
-    if options.json_format is not None and options.json_format.schema is None:
-        _require_the_word_json(conversation, "Response input messages must contain the word "
-                               "'json' in some form to use 'text.format' of type 'json_object'.",
-                               "input")
-    generation = offline_reply(model, conversation, options)
+    if options is not None:
+        instructions = body.get("instructions")
+        conversation = ([Turn("developer", instructions)] if instructions else []) + turns
+        if options.json_format is not None and options.json_format.schema is None:
+            _require_the_word_json(conversation, "Response input messages must contain the word "
+                                   "'json' in some form to use 'text.format' of type "
+                                   "'json_object'.", "input")
+        generation = offline_reply(model, conversation, options)
     response = render_response(body, generation, model)
     if not keep:
         return response
@@ -5317,11 +6555,10 @@ async def _stream_response(handler: BaseHandler, record: dict[str, Any],
     context = handler.context
     response = record["response"]
     schedule = record.get("schedule")
-    pacer = (Pacer(context.settings.stream_tokens_per_second) if schedule is None
-             else Pacer.from_schedule(schedule))
+    pacer = handler.pacer() if schedule is None else Pacer.from_schedule(schedule)
     cancelled_at = record.get("cancelled_at")
     events = list(response_events(response, record.get("deltas")))
-    stream = EventStream(handler, context.settings.keepalive_seconds)
+    stream = handler.event_stream()
     try:
         await stream.open()
         sent = -1 if starting_after is None else starting_after
@@ -5359,18 +6596,22 @@ class ResponsesHandler(UpstreamHandler):
 
     async def post(self) -> None:
         body = await self.read_payload()
+        scripted = await consult_rig(self, "responses", body)
         earlier = await self.compute(lambda: _earlier_turns(self.context, body), self.large_body)
         model = body.get("model") or earlier.model
-        if (self.context.settings.responses_backend == "upstream"
+        if (not scripted.local and self.context.settings.responses_backend == "upstream"
                 and model is not None and model not in LOCAL_MODELS):
             await self._answer_upstream(body, model, earlier)
             return
         # A background response schedules its completion on the event loop: made there.
         response = await self.compute(
-            lambda: create_response(self.context, body, earlier=earlier),
+            lambda: create_response(self.context, body, earlier=earlier,
+                                    generation=scripted.generation),
             self.large_body and not body.get("background"))
-        self.set_header(GENERATOR_HEADER, "deterministic")
+        if scripted.generation is None:
+            self.set_header(GENERATOR_HEADER, "deterministic")
         if not body.get("stream"):
+            await self.simulated_wait((response["usage"] or {}).get("output_tokens", 0))
             self.write_json(response)
         elif response["background"]:
             await _stream_response(self, record_or_404(self.context.responses, response["id"]))
@@ -5572,9 +6813,11 @@ class ChatCompletionsHandler(UpstreamHandler):
 
     async def post(self) -> None:
         body = await self.read_payload()
-        if body["model"] == OFFLINE_MODEL:
-            self.set_header(GENERATOR_HEADER, "deterministic")
-            await self._answer_offline(body)
+        scripted = await consult_rig(self, "chat", body)
+        if scripted.local or body["model"] == OFFLINE_MODEL:
+            if scripted.generation is None:
+                self.set_header(GENERATOR_HEADER, "deterministic")
+            await self._answer_offline(body, scripted.generation)
         else:
             await self._proxy(body)
 
@@ -5624,11 +6867,13 @@ class ChatCompletionsHandler(UpstreamHandler):
         finally:
             stream.close()
 
-    async def _answer_offline(self, body: dict[str, Any]) -> None:
+    async def _answer_offline(self, body: dict[str, Any], scripted: Generation | None) -> None:
         model = body["model"]
 
         def generate() -> list[Generation]:
             turns = chat_turns(body["messages"])
+            if scripted is not None:
+                return [scripted] * (body.get("n") or 1)
             options = chat_reply_options(body, turns, self.context.checked_schemas)
             return offline_replies(model, turns, options, range(body.get("n") or 1))
         generations = await self.compute(generate, self.large_body)
@@ -5637,12 +6882,13 @@ class ChatCompletionsHandler(UpstreamHandler):
         if body.get("store"):
             keep_chat_completion(self.context, body, completion, "deterministic")
         if not body.get("stream"):
+            await self.simulated_wait(completion["usage"]["completion_tokens"])
             return self.write_json(completion)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        stream = EventStream(self, self.context.settings.keepalive_seconds)
+        stream = self.event_stream()
         try:
             await stream.open()
-            pacer = Pacer(self.context.settings.stream_tokens_per_second)
+            pacer = self.pacer()
             for chunk in chat_completion_chunks(head, generations, include_usage):
                 if chunk_carries_a_token(chunk):
                     await pacer.tick()
@@ -5894,6 +7140,7 @@ class EmbeddingsHandler(UpstreamHandler):
 
     async def post(self) -> None:
         body = await self.read_payload()
+        await consult_rig(self, "embeddings", body)
         embedder = self.context.embedders.get(body["model"])
         if embedder is None and self.context.settings.embeddings_backend == "upstream":
             await self._proxy(body)
@@ -6622,6 +7869,141 @@ class ConversationItemHandler(BaseHandler):
 
 
 # =============================================================================
+# Test rigs: control routes
+# =============================================================================
+
+RIG_TAG = "Test rig"
+
+
+class _RigPlanHandler(BaseHandler):
+    """Fixtures or faults of a session: its own (added here, tried first), then the file's."""
+
+    kind = ""  # the Session attribute holding the session's own: "fixtures" or "faults"
+
+    def parse(self, spec: dict[str, Any], index: int) -> Fixture | Fault:
+        raise NotImplementedError
+
+    def listed(self, item: Fixture | Fault) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def forget_counts(self) -> None:
+        raise NotImplementedError
+
+    def post(self) -> None:
+        own = getattr(self.session, self.kind)
+        try:
+            item = self.parse(self.payload, len(own))
+        except FixtureError as exc:
+            raise APIError(400, f"{exc}.", code="invalid_value") from None
+        own.append(item)
+        self.write_json(self.listed(item))
+
+    def delete(self) -> None:
+        own = getattr(self.session, self.kind)
+        deleted = len(own)
+        own.clear()
+        self.forget_counts()
+        self.write_json({"object": "list", "session": self.session.name, "deleted": deleted})
+
+
+class RigFixturesHandler(_RigPlanHandler):
+    api = {
+        "get": Operation("List the fixtures a session's requests are tried against", RIG_TAG,
+                         response="FixtureList"),
+        "post": Operation("Add a fixture to the session (tried before the file's)", RIG_TAG,
+                          request="Fixture", response="ListedFixture"),
+        "delete": Operation("Remove the session's own fixtures and forget every use count",
+                            RIG_TAG, response="RigCleared"),
+    }
+    kind = "fixtures"
+
+    def get(self) -> None:
+        self.write_json({"object": "list", "session": self.session.name,
+                         "data": [self.listed(fixture)
+                                  for fixture in self.context.rig.listed_fixtures(self.session)]})
+
+    def parse(self, spec: dict[str, Any], index: int) -> Fixture:
+        return parse_fixture(spec, "session", index)
+
+    def listed(self, fixture: Fixture) -> dict[str, Any]:
+        return {"object": "fixture", "name": fixture.name, "source": fixture.source,
+                "index": fixture.index, "used": self.session.uses.get(fixture, 0),
+                "fixture": fixture.spec}
+
+    def forget_counts(self) -> None:
+        self.session.uses.clear()
+
+
+class RigFaultsHandler(_RigPlanHandler):
+    api = {
+        "get": Operation("List a session's fault plan, what fired, and its calls so far", RIG_TAG,
+                         response="FaultList"),
+        "post": Operation("Add a fault to the session's plan (tried before the file's)", RIG_TAG,
+                          request="Fault", response="ListedFault"),
+        "delete": Operation("Remove the session's own faults and restart its call counts",
+                            RIG_TAG, response="RigCleared"),
+    }
+    kind = "faults"
+
+    def get(self) -> None:
+        session = self.session
+        faults = self.context.rig.listed_faults(session)
+        calls = {endpoint: session.calls[endpoint] for endpoint in RIG_ENDPOINTS}
+        self.write_json({"object": "list", "session": session.name,
+                         "data": [self.listed(fault) for fault in faults], "calls": calls})
+
+    def parse(self, spec: dict[str, Any], index: int) -> Fault:
+        return parse_fault(spec, "session", index)
+
+    def listed(self, fault: Fault) -> dict[str, Any]:
+        return {"object": "fault", "name": fault.name, "source": fault.source,
+                "index": fault.index, "fired": list(self.session.fired.get(fault, ())),
+                "fault": fault.spec}
+
+    def forget_counts(self) -> None:
+        self.session.calls.clear()
+        self.session.fired.clear()
+
+
+class RigRequestsHandler(BaseHandler):
+    """The journal: what arrived under /v1, for one session."""
+
+    api = {
+        "get": Operation("List the requests of a session, oldest first", RIG_TAG,
+                         response="JournalList", query=(
+                             QueryParam("session", {"type": "string"},
+                                        "Whose requests (default: the x-ozwell-session header's "
+                                        "session, or `default`)."),
+                             QueryParam("endpoint", {"type": "string"},
+                                        "Only these: chat, responses, embeddings, files, models."),
+                             QueryParam("model", {"type": "string"},
+                                        "Only requests for this model."))),
+        "delete": Operation("Forget the requests of the session", RIG_TAG, response="RigCleared"),
+    }
+
+    def get(self) -> None:
+        query = read_query(self, self.api["get"].query)
+        session = self.session.name if query["session"] is None else query["session"]
+        self.write_json({"object": "list", "session": session,
+                         "data": self.context.rig.journal.entries(
+                             session, query["endpoint"], query["model"])})
+
+    def delete(self) -> None:
+        self.write_json({"object": "list", "session": self.session.name,
+                         "deleted": self.context.rig.journal.clear(self.session.name)})
+
+
+class RigResetHandler(BaseHandler):
+    api = {"post": Operation("Put the session back to its start: its fixtures, faults, counts, "
+                             "journal and ids", RIG_TAG, response="RigReset")}
+
+    def post(self) -> None:
+        self.session.reset()
+        self.context.rig.journal.clear(self.session.name)
+        self.write_json({"object": "session", "session": self.session.name, "reset": True})
+
+
+# =============================================================================
 # Route table
 # =============================================================================
 
@@ -6673,6 +8055,10 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/files", FilesHandler),
     Route("/v1/files/{file_id}", FileHandler),
     Route("/v1/files/{file_id}/content", FileContentHandler),
+    Route("/_ozwell/fixtures", RigFixturesHandler),
+    Route("/_ozwell/faults", RigFaultsHandler),
+    Route("/_ozwell/requests", RigRequestsHandler),
+    Route("/_ozwell/reset", RigResetHandler),
     Route("/_ozwell/replay", ReplayHandler),
 )
 
@@ -6974,6 +8360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ready = _ready(settings, sockets)
         _print_banner(settings, ready, workers)
         _log_upstream_reachability(settings)
+        if workers > 1 and (settings.fixtures or settings.seed):
+            log.warning("test rigs keep their counts, sessions and journal per worker: with %d "
+                        "workers, calls are counted apart; run test rigs with one", workers)
         # The sockets listen from here on: a connection waits in their backlog until the
         # server (or a worker) accepts it, so a script may connect as soon as the file is there.
         _write_ready_file(settings, ready)

@@ -182,3 +182,29 @@ async def test_calls_answered_from_a_cassette_are_counted_as_replayed(ozwell_wit
         await sdk(base_url).chat.completions.create(model="llama3", messages=HELLO)
     metrics = await scrape(http_client, base_url)
     assert metrics.by("ozwell_upstream_calls_total", "answered_by") == {"upstream": 0, "replay": 2}
+
+
+@pytest.mark.gen_test
+async def test_fixture_replies_and_faults_fired_are_counted(http_client, base_url, client):
+    import openai
+
+    async def rig(path: str, body: dict) -> None:
+        await http_client.fetch(f"{base_url}/_ozwell/{path}", method="POST", headers=AUTH,
+                                body=json.dumps(body))
+
+    await rig("fixtures", {"match": {"user": {"contains": "weather"}}, "reply": {"text": "Sunny."}})
+    await rig("faults", {"type": "error", "calls": "1", "endpoint": "chat", "status": 503})
+    weather = [{"role": "user", "content": "What's the weather?"}]
+    with pytest.raises(openai.InternalServerError):
+        await client.chat.completions.create(model="ozwell-deterministic", messages=weather)
+    for _ in range(2):
+        await client.chat.completions.create(model="ozwell-deterministic", messages=weather)
+    await client.responses.create(model="ozwell-deterministic", input="What's the weather?",
+                                  extra_headers={"x-ozwell-fault": '{"type": "stall", "ms": 1}'})
+    metrics = await scrape(http_client, base_url)
+    assert metrics.by("ozwell_fixture_replies_total", "endpoint") == \
+        {"chat": 2, "responses": 1, "embeddings": 0}
+    assert {(dict(labels)["endpoint"], dict(labels)["type"]): value
+            for (name, labels), value in metrics.samples.items()
+            if name == "ozwell_faults_fired_total"} == {("chat", "error"): 1,
+                                                        ("responses", "stall"): 1}

@@ -29,6 +29,7 @@ def test_settings_table_lists_every_setting_with_its_default(field):
     assert row, f"README's configuration table lacks {field.metadata['env']}"
     default = field.default
     shown = ",".join(default) if isinstance(default, tuple) else default
+    shown = str(shown).lower() if isinstance(shown, bool) else shown
     shown = "_empty_" if shown == "" else f"`{shown:g}`" if isinstance(shown, float) else f"`{shown}`"
     assert shown in row
     flag = "--" + field.name.replace("_", "-")
