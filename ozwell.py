@@ -7718,27 +7718,6 @@ class MetricsHandler(BaseHandler):
         self.finish(self.context.metrics.text())
 
 
-class ReplayHandler(BaseHandler):
-    """What replay has answered from its cassette: the recordings never played are what a test
-    expected the application to ask and it did not."""
-
-    api = {"get": Operation("What the replayed cassette holds, and which recordings have not been "
-                            "played", "Test rig", response="ReplayReport", errors=(401, 500))}
-
-    def get(self) -> None:
-        replay = self.context.upstream.replay
-        if replay is None:
-            self.write_json({"object": "replay", "cassette": None, "recordings": 0, "played": 0,
-                             "misses": 0, "unplayed": []})
-            return
-        unplayed = replay.unplayed()
-        self.write_json({
-            "object": "replay", "cassette": replay.path, "recordings": len(replay.exchanges),
-            "played": len(replay.exchanges) - len(unplayed), "misses": replay.misses,
-            "unplayed": [{"line": exchange.line, "method": exchange.method, "path": exchange.path,
-                          "body": exchange.body} for exchange in unplayed]})
-
-
 # =============================================================================
 # Conversations
 # =============================================================================
@@ -8001,6 +7980,27 @@ class RigResetHandler(BaseHandler):
         self.session.reset()
         self.context.rig.journal.clear(self.session.name)
         self.write_json({"object": "session", "session": self.session.name, "reset": True})
+
+
+class ReplayHandler(BaseHandler):
+    """What replay has answered from its cassette: the recordings never played are what a test
+    expected the application to ask and it did not."""
+
+    api = {"get": Operation("What the replayed cassette holds, and which recordings have not been "
+                            "played", RIG_TAG, response="ReplayReport", errors=(401, 500))}
+
+    def get(self) -> None:
+        replay = self.context.upstream.replay
+        if replay is None:
+            self.write_json({"object": "replay", "cassette": None, "recordings": 0, "played": 0,
+                             "misses": 0, "unplayed": []})
+            return
+        unplayed = replay.unplayed()
+        self.write_json({
+            "object": "replay", "cassette": replay.path, "recordings": len(replay.exchanges),
+            "played": len(replay.exchanges) - len(unplayed), "misses": replay.misses,
+            "unplayed": [{"line": exchange.line, "method": exchange.method, "path": exchange.path,
+                          "body": exchange.body} for exchange in unplayed]})
 
 
 # =============================================================================
