@@ -130,7 +130,7 @@ class Servers:
 
     def get(self, marked: dict[str, tuple[Any, str]]) -> Server:
         """The server for the options' settings with the marker's on top: each a Settings
-        field's name and (its value, how it was given)."""
+        field's name and (its value, how it was given: `--ozwell-seed s1`)."""
         wanted = {**self._from_options(), **marked}
         key = tuple(sorted((name, repr(value)) for name, (value, _) in wanted.items()))
         if key not in self._started:
@@ -154,10 +154,11 @@ class Servers:
         config = self._config
         for option, (field, _) in OPTIONS.items():
             value = config.getoption(f"ozwell_{option}")
-            named, base = f"--ozwell-{option.replace('_', '-')}", config.invocation_params.dir
+            named, base = f"--ozwell-{option.replace('_', '-')} {value}", config.invocation_params.dir
             if value is None:
                 value = config.getini(f"ozwell_{option}") or None
-                named, base = f"ozwell_{option} =", config.inipath.parent if config.inipath else config.rootpath
+                named = f"ozwell_{option} = {value}"
+                base = config.inipath.parent if config.inipath else config.rootpath
             if value is not None:
                 given[field] = (str(base / value) if option in PATH_OPTIONS else value, named)
         return given
@@ -168,8 +169,7 @@ class Servers:
         import ozwell
 
         fields = {field.name: field for field in dataclasses.fields(ozwell.Settings)}
-        values = {name: ozwell.parse_setting(fields[name], value, f"{named} {value}")
-                  if isinstance(value, str) else value
+        values = {name: _setting_value(fields[name], value, named)
                   for name, (value, named) in wanted.items()}
         if "data_dir" not in values:
             values["data_dir"] = str(self._tmp_path_factory.mktemp("ozwell-data"))
@@ -181,6 +181,19 @@ class Servers:
         for server in self._started.values():
             if isinstance(server, Server):
                 server.stop()
+
+
+def _setting_value(field: dataclasses.Field, value: Any, named: str) -> Any:
+    """A setting's value given as the field's own type, or else read as the server reads the
+    same text from its command line (`clock=1767225600`, `llama_models=["a", "b"]`); `named`
+    says how it was given, for the message when it cannot be read."""
+    import ozwell
+
+    if isinstance(value, type(field.default)) and not isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        value = ",".join(value)
+    return ozwell.parse_setting(field, str(value), named)
 
 
 @pytest.fixture(scope="session")
@@ -226,9 +239,8 @@ def _marker_settings(node: pytest.Item) -> dict[str, tuple[Any, str]]:
             if field not in fields:
                 raise pytest.UsageError(f"@pytest.mark.ozwell: {name!r} is not a setting; use "
                                         f"{', '.join(OPTIONS)} or a field of ozwell.Settings")
-            if name in PATH_OPTIONS:
-                value = str(node.path.parent / value)
-            settings[field] = (value, f"@pytest.mark.ozwell({name}=...):")
+            named = f"@pytest.mark.ozwell({name}={value!r})"
+            settings[field] = (str(node.path.parent / value) if name in PATH_OPTIONS else value, named)
     return settings
 
 

@@ -91,10 +91,11 @@ def test_what_the_server_refuses_raises_value_error_with_its_reason(ozwell):
         ozwell.add_fault({"type": "explode"})
 
 
-@pytest.mark.ozwell(seed="plugin", clock=str(CLOCK))
+@pytest.mark.ozwell(seed="plugin", clock=CLOCK, llama_models=["llama3", "qwen3"])
 def test_a_marker_serves_its_test_from_a_server_with_those_settings(ozwell, ozwell_server):
     assert ozwell.server is not ozwell_server
     assert (ozwell.server.settings.seed, ozwell_server.settings.seed) == ("plugin", "")
+    assert [model.id for model in ozwell.client.models.list()][-2:] == ["llama3", "qwen3"]
     first = [ozwell.client.chat.completions.create(model=MODEL, messages=[
         {"role": "user", "content": "Hi"}]) for _ in range(2)]
     assert [reply.created for reply in first] == [CLOCK, CLOCK]
