@@ -23,6 +23,7 @@ import array
 import asyncio
 import base64
 import binascii
+import bisect
 import collections
 import contextlib
 import contextvars
@@ -47,14 +48,17 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import socket
 import ssl
+import stat
+import tempfile
 import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jsonschema
@@ -62,6 +66,7 @@ import jsonschema.exceptions
 import tornado.httpclient
 import tornado.httpserver
 import tornado.httputil
+import tornado.ioloop
 import tornado.iostream
 import tornado.netutil
 import tornado.simple_httpclient
@@ -224,6 +229,18 @@ class Settings:
     journal_size: int = _setting(
         1000, "OZWELL_JOURNAL_SIZE", "requests the journal at /_ozwell/requests keeps (0: none)",
         int)
+    record: str = _setting(
+        "", "OZWELL_RECORD",
+        "append each exchange with the Llama backend to this cassette (JSON Lines, keys redacted)")
+    replay: str = _setting(
+        "", "OZWELL_REPLAY", "answer calls to the Llama backend from this cassette, offline")
+    replay_miss: str = _setting(
+        "error", "OZWELL_REPLAY_MISS",
+        "a call the cassette does not hold: error (a 400 naming the nearest recording) or "
+        "upstream (sent to the Llama backend)")
+    replay_timing: str = _setting(
+        "fast", "OZWELL_REPLAY_TIMING",
+        "replayed answers come fast (at once) or recorded (with the timing they were recorded with)")
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -260,6 +277,9 @@ class Settings:
             raise SettingsError("must be a positive number of bytes", setting="max_request_bytes")
         if self.journal_size < 0:
             raise SettingsError("must be 0 (no journal) or more", setting="journal_size")
+        for name, choices in REPLAY_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise SettingsError(f"is not {' or '.join(choices)}", setting=name)
         try:
             upstream = urllib.parse.urlsplit(self.llama_base_url)
             usable = upstream.scheme in ("http", "https") and upstream.hostname and (
@@ -278,6 +298,9 @@ class Settings:
 
 # Who may answer an endpoint: the built-in generators, or the Llama backend.
 BACKENDS = ("deterministic", "upstream")
+
+
+REPLAY_CHOICES = {"replay_miss": ("error", "upstream"), "replay_timing": ("fast", "recorded")}
 
 
 class SettingsError(Exception):
@@ -2574,6 +2597,7 @@ class EventStream:
         self.handler.set_header("Cache-Control", "no-cache")
         self.handler.set_header("X-Accel-Buffering", "no")
         self.is_open = True
+        self.handler.context.metrics.streams += 1
         await self._write("")
         if self.keepalive_seconds > 0:
             self._keepalive = asyncio.create_task(self._keep_alive())
@@ -2617,6 +2641,9 @@ class EventStream:
     def close(self) -> None:
         """Stop the keep-alives and finish the response (if the client is still there)."""
         self.stop_keepalives()
+        if self.is_open:
+            self.is_open = False
+            self.handler.context.metrics.streams -= 1
         if not self.handler._finished:
             try:
                 self.handler.finish()
@@ -3099,13 +3126,17 @@ class _Exchange:
 
 
 class Upstream:
-    """The Llama backend, reached through one pooled HTTP client per application."""
+    """The Llama backend, reached through one pooled HTTP client per application; with
+    --record each exchange is kept in a cassette, with --replay calls are answered from one."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, schemas: SchemaRegistry, metrics: Metrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         url = urllib.parse.urlsplit(settings.llama_base_url)
         self.base_url = without_userinfo(settings.llama_base_url).rstrip("/")
         self.headers = {"Content-Type": "application/json"}
+        # What a cassette never holds: the key sent to the backend, in every form it is sent.
+        self.secrets = [settings.llama_api_key]
         if settings.llama_api_key:
             self.headers["Authorization"] = f"Bearer {settings.llama_api_key}"
         elif url.username is not None:  # a reverse proxy's basic auth, written into the URL
@@ -3113,9 +3144,15 @@ class Upstream:
                                    for part in (url.username, url.password))
             self.headers["Authorization"] = "Basic " + base64.b64encode(
                 credentials.encode()).decode()
+            self.secrets += [credentials, self.headers["Authorization"].removeprefix("Basic "),
+                             urllib.parse.unquote(url.password or "")]
         self.calls: set[UpstreamCall] = set()
         self.quiet_limit = math.inf  # set when the server stops: see stop()
         self._client: KeepAliveHTTPClient | None = None
+        # Loaded now: a damaged cassette ends the start in one line.
+        self.recorder = Recorder(settings.record, schemas) if settings.record else None
+        self.replay = Replay(settings, schemas) if settings.replay else None
+        self.redacts_client_keys = self.recorder is not None or self.replay is not None
 
     @property
     def client(self) -> KeepAliveHTTPClient:
@@ -3134,6 +3171,18 @@ class Upstream:
         for call in list(self.calls):
             call.watch_silence()
 
+    def close(self) -> None:
+        """The server has stopped: the cassette recorded is synced to disk, and the log names
+        the recordings that were never replayed."""
+        if self.recorder is not None:
+            self.recorder.close()
+        if self.replay is not None:
+            self.replay.report()
+
+    def redactor(self) -> Redactor:
+        """What to hide in a recorded or replayed call: the backend's key and the client's."""
+        return Redactor(self.secrets + [_client_key.get()])
+
 
 Sink = Callable[[bytes], Awaitable[None] | None]
 
@@ -3149,15 +3198,25 @@ class UpstreamCall:
     waiting on the reader does not count). `abort()` closes the connection at any point, and the
     upstream sees the disconnect at once. Messages name "the Llama backend"; its URL goes to the
     log only.
+
+    Recording, a call that has been read to its end is appended to the cassette; replaying, a
+    call the cassette holds is answered from it (`generator` is then "replay"), the same way.
     """
 
     def __init__(self, upstream: Upstream, path: str, body: bytes) -> None:
         self.upstream = upstream
+        self.path = path
         self.url = upstream.base_url + path
         self.body = body
         self.status = 0
         self.headers = tornado.httputil.HTTPHeaders()
         self.aborted = False
+        self.generator = "upstream"  # or "replay"
+        self.sent_at = 0.0
+        self.headers_after = 0.0  # seconds from sending the request to the end of the headers
+        self.pieces: list[tuple[float, bytes]] | None = None  # (seconds after sending, bytes)
+        self._replayed: RecordedExchange | None = None
+        self._pause: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._headers_in: asyncio.Future[None] = self._loop.create_future()
         self._sink_chosen: asyncio.Future[Sink | None] = self._loop.create_future()
@@ -3169,24 +3228,13 @@ class UpstreamCall:
         self._silence_timer: asyncio.TimerHandle | None = None
 
     async def open(self) -> None:
-        settings = self.upstream.settings
-        request = tornado.httpclient.HTTPRequest(
-            self.url, method="POST", headers=self.upstream.headers, body=self.body,
-            header_callback=self._on_header_line, streaming_callback=self._on_body_chunk,
-            connect_timeout=settings.upstream_connect_timeout,
-            request_timeout=0,  # none: it would count the whole of a live stream
-            follow_redirects=False, decompress_response=False,
-            user_agent=f"ozwell/{__version__}")
-        self._response = self.upstream.client.fetch(request, raise_error=False)
-        self._response.add_done_callback(self._on_response_done)
-        self.upstream.calls.add(self)
-        self._heard_at = self._loop.time()
-        self.watch_silence()
-        await self._headers_in
-        if self._failure is not None:
-            raise self._failure
-        if not self.status:
-            raise self._failure_before_headers()
+        if self.upstream.replay is not None:
+            self._replayed = self.upstream.replay.take(self)
+        if self._replayed is not None:
+            await self._open_replayed()
+        else:
+            await self._open()
+        self.upstream.metrics.upstream_calls[self.generator] += 1
         if 300 <= self.status < 400:
             self.abort()
             raise self.upstream_error(
@@ -3203,6 +3251,39 @@ class UpstreamCall:
                 502, f"The Llama backend {key}: HTTP {self.status}"
                      f"{': ' + said if said else ''}. Set LLAMA_API_KEY to a key it accepts.",
                 "upstream_auth_failed", f"HTTP {self.status}")
+
+    async def _open(self) -> None:
+        settings = self.upstream.settings
+        request = tornado.httpclient.HTTPRequest(
+            self.url, method="POST", headers=self.upstream.headers, body=self.body,
+            header_callback=self._on_header_line, streaming_callback=self._on_body_chunk,
+            connect_timeout=settings.upstream_connect_timeout,
+            request_timeout=0,  # none: it would count the whole of a live stream
+            follow_redirects=False, decompress_response=False,
+            user_agent=f"ozwell/{__version__}")
+        self._response = self.upstream.client.fetch(request, raise_error=False)
+        self._response.add_done_callback(self._on_response_done)
+        self.upstream.calls.add(self)
+        self._heard_at = self.sent_at = self._loop.time()
+        if self.upstream.recorder is not None:
+            self.pieces = []
+        self.watch_silence()
+        await self._headers_in
+        if self._failure is not None:
+            raise self._failure
+        if not self.status:
+            raise self._failure_before_headers()
+
+    async def _open_replayed(self) -> None:
+        self.generator = "replay"
+        self.sent_at = self._loop.time()
+        exchange = self._replayed
+        assert exchange is not None
+        await self._pause_until(exchange.headers_after)
+        self.status = exchange.status
+        self.headers = tornado.httputil.HTTPHeaders()
+        for name, value in exchange.headers:
+            self.headers.add(name, value)
 
     @property
     def is_event_stream(self) -> bool:
@@ -3238,6 +3319,49 @@ class UpstreamCall:
 
     async def relay(self, sink: Sink) -> None:
         """Hand the body to `sink` as it arrives; raise an APIError if the upstream fails."""
+        if self._replayed is not None:
+            await self._relay_replayed(sink)
+            return
+        try:
+            await self._relay(sink)
+        except APIError as failure:
+            self._keep_recording(failure)
+            raise
+        self._keep_recording(None)
+
+    def _keep_recording(self, failure: APIError | None) -> None:
+        if self.pieces is not None and self.upstream.recorder is not None and not self.aborted:
+            self.upstream.recorder.keep(self, failure)
+        self.pieces = None
+
+    async def _relay_replayed(self, sink: Sink) -> None:
+        exchange = self._replayed
+        assert exchange is not None
+        for after, data in exchange.chunks:
+            await self._pause_until(after)
+            if self.aborted:
+                return
+            pending = sink(data)
+            if pending is not None:
+                await pending
+        if exchange.failure is not None and not self.aborted:
+            self.upstream.metrics.count_upstream_error(exchange.failure.code)
+            raise exchange.failure.error()
+
+    async def _pause_until(self, after: float) -> None:
+        """With the recorded timing, wait until `after` seconds past sending (or an abort)."""
+        delay = self.sent_at + after - self._loop.time()
+        if self.upstream.settings.replay_timing != "recorded" or delay <= 0 or self.aborted:
+            return
+        self._pause = self._loop.create_future()
+        timer = self._loop.call_later(delay, _resolve, self._pause)
+        try:
+            await self._pause
+        finally:
+            timer.cancel()
+            self._pause = None
+
+    async def _relay(self, sink: Sink) -> None:
         self._sink = sink
         self._sink_chosen.set_result(sink)
         assert self._response is not None
@@ -3259,6 +3383,8 @@ class UpstreamCall:
 
     def abort(self) -> None:
         self.aborted = True
+        if self._pause is not None:
+            _resolve(self._pause)
         if self._response is not None:
             self._response.cancel()  # the client closes the connection
         if not self._sink_chosen.done():
@@ -3266,6 +3392,7 @@ class UpstreamCall:
 
     def error_body(self, body: bytes) -> dict[str, Any]:
         """The upstream's error reply in OpenAI's shape, keeping what it said."""
+        self.upstream.metrics.count_upstream_error(f"http_{self.status}")
         error = _error_member(body)
         if isinstance(error, dict) and isinstance(error.get("message"), str):
             shaped = dict(error)  # fields beyond OpenAI's four are kept: they may help
@@ -3327,6 +3454,7 @@ class UpstreamCall:
         if not self.status:
             self.status = tornado.httputil.parse_response_start_line(line.strip()).code
         elif line == "\r\n":
+            self.headers_after = self._heard_at - self.sent_at
             self._stop_waiting_for_headers()
         else:
             self.headers.parse_line(line)
@@ -3346,6 +3474,8 @@ class UpstreamCall:
 
     def _on_body_chunk(self, chunk: bytes) -> Awaitable[None] | None:
         self._heard_at = self._loop.time()
+        if self.pieces is not None:
+            self.pieces.append((self._heard_at - self.sent_at, chunk))
         if self._sink is None:
             return self._hold_read(self._deliver_once_chosen(chunk))
         pending = self._sink(chunk)
@@ -3391,7 +3521,13 @@ class UpstreamCall:
     def upstream_error(self, status: int, message: str, code: str, detail: str) -> APIError:
         """An APIError for the client; the log gets the URL, which the client never sees."""
         log.warning("Llama backend %s: %s (answered %d %s)", self.url, detail, status, code)
+        self.upstream.metrics.count_upstream_error(code)
         return APIError(status, message, type="server_error", code=code)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 # Upstream error types that OpenAI reports under a code of its own, which clients check for.
@@ -3503,6 +3639,583 @@ def _events_end(data: bytes | bytearray, start: int = 0) -> int:
     lf = data.rfind(b"\n\n", start)
     crlf = data.rfind(b"\r\n\r\n", start)
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+# =============================================================================
+# Record and replay
+# =============================================================================
+# A cassette is a JSON Lines file, one exchange with the Llama backend per line (the schema
+# CassetteExchange): what was sent, and what came back piece by piece with its timing.
+# --record appends an exchange once it has been read to its end, in one write under the file's
+# lock, so concurrent calls (or workers) never interleave and a crash can cut only the line being
+# written, which the next recording drops. --replay answers calls from a cassette, offline.
+
+REDACTED = "[redacted]"
+# Keys shorter than this are placeholders (`test`, `x`), not secrets; replacing them everywhere
+# would rewrite ordinary text.
+SECRET_MIN_LENGTH = 8
+CASSETTE_SCHEMA = "CassetteExchange"
+
+# The key the client sent with the request being served, for the cassette to hide. A context
+# variable, not a global: each request's task has its own.
+_client_key: contextvars.ContextVar[str] = contextvars.ContextVar("ozwell_client_key", default="")
+
+
+class Redactor:
+    """Replaces every secret in recorded text with REDACTED, wherever it sits."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        kept = sorted({s for s in secrets if len(s) >= SECRET_MIN_LENGTH}, key=len, reverse=True)
+        self._text = re.compile("|".join(map(re.escape, kept))) if kept else None
+        self._bytes = re.compile(b"|".join(re.escape(s.encode()) for s in kept)) if kept else None
+
+    def text(self, text: str) -> str:
+        return self._text.sub(REDACTED, text) if self._text else text
+
+    def bytes(self, data: bytes) -> bytes:
+        return self._bytes.sub(REDACTED.encode(), data) if self._bytes else data
+
+    def pieces(self, pieces: list[tuple[float, bytes]]) -> list[tuple[float, bytes]]:
+        """The pieces of a body, redacted; a secret split between pieces is found too (the cut
+        moves to its end)."""
+        if self._bytes is None:
+            return pieces
+        data = b"".join(piece for _, piece in pieces)
+        spans = [found.span() for found in self._bytes.finditer(data)]
+        if not spans:
+            return pieces
+        redacted, start, end = [], 0, 0
+        for after, piece in pieces:
+            end += len(piece)
+            cut = next((stop for begin, stop in spans if begin < end < stop), end)
+            if cut > start:
+                redacted.append((after, self.bytes(data[start:cut])))
+                start = cut
+        return redacted
+
+
+@dataclasses.dataclass
+class RecordedFailure:
+    """How a recorded answer broke off, said again when it is replayed."""
+
+    status: int
+    code: str
+    message: str
+
+    def error(self) -> APIError:
+        return APIError(self.status, self.message, type="server_error", code=self.code)
+
+
+@dataclasses.dataclass
+class RecordedExchange:
+    """One line of a cassette, ready to replay."""
+
+    line: int
+    method: str
+    path: str
+    body: Any
+    status: int
+    headers: list[tuple[str, str]]
+    headers_after: float
+    chunks: list[tuple[float, bytes]]
+    failure: RecordedFailure | None
+    plays: int = 0
+
+    @functools.cached_property
+    def key(self) -> str:
+        return _match_key(self.method, self.path, self.body)
+
+    def described(self) -> str:
+        model = self.body.get("model") if isinstance(self.body, dict) else None
+        return f"line {self.line} ({self.method} {self.path}" + (
+            f", model {model})" if isinstance(model, str) else ")")
+
+
+class Recorder:
+    """Appends each exchange with the backend to a cassette, its secrets redacted."""
+
+    def __init__(self, path: str, schemas: SchemaRegistry) -> None:
+        self.path = path
+        self.recorded = 0
+        read_cassette(path, schemas, must_exist=False)  # a damaged one is not added to
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+        except OSError as exc:
+            raise SettingsError(f"cannot write the cassette {path!r}: {exc.strerror or exc}. "
+                                "Point --record at a writable place.") from None
+        self._descriptor: int | None = None
+        self._opened_by = 0  # the process the descriptor belongs to: workers open their own
+
+    def keep(self, call: UpstreamCall, failure: APIError | None) -> None:
+        redactor = call.upstream.redactor()
+        body: Any = redactor.bytes(call.body).decode("utf-8", "replace")
+        with contextlib.suppress(ValueError):
+            body = json.loads(body)
+        response: dict[str, Any] = {
+            "status": call.status,
+            "headers": [[name, redactor.text(value)] for name, value in call.headers.get_all()],
+            "after": round(call.headers_after, 6),
+            "chunks": [_chunk_entry(after, piece)
+                       for after, piece in redactor.pieces(call.pieces or [])]}
+        exchange: dict[str, Any] = {
+            "request": {"method": "POST", "path": call.path, "body": body},
+            "response": response,
+            "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if failure is not None:
+            exchange["failure"] = {"status": failure.status_code, "code": failure.code,
+                                   "message": redactor.text(failure.message)}
+        line = json.dumps(exchange, ensure_ascii=False, separators=(",", ":")) + "\n"
+        try:
+            self._append(line.encode("utf-8", "surrogatepass"))
+        except OSError as exc:  # the answer has gone out already: the log says what was lost
+            log.error("could not record an exchange in the cassette %s: %s", self.path,
+                      exc.strerror or exc)
+            return
+        self.recorded += 1
+
+    def _append(self, line: bytes) -> None:
+        if self._opened_by != os.getpid():
+            self._descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            self._opened_by = os.getpid()
+        descriptor = self._descriptor
+        assert descriptor is not None
+        _lock(descriptor)
+        try:
+            _drop_cut_line(descriptor, self.path)
+            view = memoryview(line)
+            while view:  # one write, unless the disk takes it in parts
+                view = view[os.write(descriptor, view):]
+        finally:
+            _unlock(descriptor)
+
+    def close(self) -> None:
+        if self._descriptor is not None and self._opened_by == os.getpid():
+            with contextlib.suppress(OSError):
+                os.fsync(self._descriptor)
+            os.close(self._descriptor)
+        self._descriptor, self._opened_by = None, 0
+
+
+def _chunk_entry(after: float, piece: bytes) -> dict[str, Any]:
+    try:
+        return {"after": round(after, 6), "text": piece.decode("utf-8")}
+    except UnicodeDecodeError:  # cut inside a character, or not text at all
+        return {"after": round(after, 6), "base64": base64.b64encode(piece).decode()}
+
+
+def _drop_cut_line(descriptor: int, path: str) -> None:
+    """A line an earlier process was writing when it died has no newline: cut it off, so the
+    next line starts on a line of its own."""
+    size = os.fstat(descriptor).st_size
+    if not size or _read_at(descriptor, size - 1, 1) == b"\n":
+        return
+    end = size
+    while end > 0:
+        start = max(0, end - READ_PIECE_BYTES)
+        newline = _read_at(descriptor, start, end - start).rfind(b"\n")
+        if newline >= 0:
+            end = start + newline + 1
+            break
+        end = start
+    os.ftruncate(descriptor, end)
+    log.warning("the cassette %s ended in a line cut off mid-write (%d bytes): dropped it",
+                path, size - end)
+
+
+def _read_at(descriptor: int, offset: int, size: int) -> bytes:
+    os.lseek(descriptor, offset, os.SEEK_SET)  # os.pread is not on Windows
+    return os.read(descriptor, size)
+
+
+def read_cassette(path: str, schemas: SchemaRegistry, must_exist: bool = True) -> list[RecordedExchange]:
+    """The exchanges of a cassette; anything wrong with it is a SettingsError naming the line.
+
+    A last line cut off mid-write (no newline, not JSON) is skipped with a warning: the lines
+    before it are whole.
+    """
+    try:
+        with open(path, "rb") as cassette:
+            data = cassette.read()
+    except FileNotFoundError:
+        if must_exist:
+            raise SettingsError(f"the cassette {path!r} does not exist. Record one with --record "
+                                f"{shlex.quote(path)}, against a running Llama backend.") from None
+        return []
+    except OSError as exc:
+        raise SettingsError(f"cannot read the cassette {path!r}: {exc.strerror or exc}.") from None
+    exchanges = []
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as exc:
+            if number == len(lines):
+                log.warning("the cassette %s ends in a line cut off mid-write (line %d): it is "
+                            "left out", path, number)
+                continue
+            raise SettingsError(f"the cassette {path!r} is damaged: line {number} is not JSON "
+                                f"({exc}). Each line is one exchange; fix or remove it.") from None
+        error = jsonschema.exceptions.best_match(schemas.errors(CASSETTE_SCHEMA, entry))
+        if error is not None:
+            where = param_path(list(error.absolute_path)) or "the line"
+            raise SettingsError(f"the cassette {path!r} is damaged: line {number}, {where}: "
+                                f"{_shortened(error.message, 200)}. Each line is one exchange "
+                                f"(schemas/{CASSETTE_SCHEMA}.json); fix or remove it.")
+        exchanges.append(_recorded_exchange(number, entry))
+    return exchanges
+
+
+def _recorded_exchange(line: int, entry: dict[str, Any]) -> RecordedExchange:
+    request, response, failure = entry["request"], entry["response"], entry.get("failure")
+    return RecordedExchange(
+        line=line, method=request["method"], path=request["path"], body=request["body"],
+        status=response["status"], headers=[(name, value) for name, value in response["headers"]],
+        headers_after=response["after"],
+        chunks=[(chunk["after"], chunk["text"].encode("utf-8", "surrogatepass") if "text" in chunk
+                 else base64.b64decode(chunk["base64"])) for chunk in response["chunks"]],
+        failure=RecordedFailure(**failure) if failure else None)
+
+
+class Replay:
+    """Answers calls to the backend from a cassette, each recording once, in the order recorded.
+
+    A call is matched on method, path and body, the body normalised (key order, spacing,
+    `1.0` against `1`, secrets redacted). Calls alike take their recordings in turn; once all
+    are played, the last answers again. A call no recording matches is a 400 naming the
+    nearest one, or with replay_miss "upstream" goes to the backend.
+    """
+
+    def __init__(self, settings: Settings, schemas: SchemaRegistry) -> None:
+        self.settings = settings
+        self.path = settings.replay
+        self.exchanges = read_cassette(settings.replay, schemas)
+        self.misses = 0
+        self._by_key: dict[str, list[RecordedExchange]] = {}
+        self._turns: dict[str, int] = {}  # how many calls each key has had
+        for exchange in self.exchanges:
+            self._by_key.setdefault(exchange.key, []).append(exchange)
+
+    def take(self, call: UpstreamCall) -> RecordedExchange | None:
+        """The recording that answers `call`; None if it goes to the backend instead."""
+        body = _sent_body(call.body, call.upstream.redactor())
+        key = _match_key("POST", call.path, body)
+        alike = self._by_key.get(key)
+        if alike:
+            turn = self._turns[key] = self._turns.get(key, 0) + 1
+            exchange = alike[min(turn, len(alike)) - 1]
+            exchange.plays += 1
+            return exchange
+        self.misses += 1
+        if self.settings.replay_miss == "upstream":
+            return None
+        raise self._miss("POST", call.path, body)
+
+    def _miss(self, method: str, path: str, body: Any) -> APIError:
+        asked = f"{method} {path}"
+        if not self.exchanges:
+            return APIError(400, f"The cassette {self.path} holds no recordings, so nothing "
+                                 f"answers {asked} (replaying with --replay-miss error).",
+                            code="replay_miss")
+        nearest = _nearest(self.exchanges, method, path, body)
+        param = None
+        if (nearest.method, nearest.path) != (method, path):
+            difference = f"it is {nearest.method} {nearest.path}"
+        else:
+            where, recorded, sent = _first_difference(nearest.body, body, [])
+            param = param_path(where) or None
+            difference = (f"its body differs at {param or 'the top'}: recorded {recorded}, "
+                          f"this request has {sent}")
+        return APIError(400, f"No recording in the cassette {self.path} matches this request "
+                             f"({asked}), and with --replay-miss error it is not sent to the Llama "
+                             f"backend. The nearest recording is {nearest.described()}: "
+                             f"{difference}.", param=param, code="replay_miss")
+
+    def unplayed(self) -> list[RecordedExchange]:
+        return [exchange for exchange in self.exchanges if not exchange.plays]
+
+    def report(self) -> None:
+        unplayed = self.unplayed()
+        if unplayed:
+            log.warning("replay: %d of %d recordings in %s were never played: %s", len(unplayed),
+                        len(self.exchanges), self.path,
+                        "; ".join(exchange.described() for exchange in unplayed))
+        else:
+            log.info("replay: all %d recordings in %s were played (%d calls matched none)",
+                     len(self.exchanges), self.path, self.misses)
+
+
+def _sent_body(body: bytes, redactor: Redactor) -> Any:
+    """A request body as a cassette holds it: JSON if it parses, its secrets redacted."""
+    text = redactor.bytes(body).decode("utf-8", "replace")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _match_key(method: str, path: str, body: Any) -> str:
+    return json.dumps([method, path, _normalised(body)], sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False)
+
+
+def _normalised(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _normalised(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_normalised(item) for item in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _nearest(exchanges: Sequence[RecordedExchange], method: str, path: str,
+             body: Any) -> RecordedExchange:
+    """The recording most like the request: same method and path first, then the most alike
+    body (a quick measure picks ten, a finer one the best of those)."""
+    wanted = _match_key(method, path, body)[:4000]
+    same_route = [e for e in exchanges if (e.method, e.path) == (method, path)] or exchanges
+
+    def likeness(exchange: RecordedExchange, quick: bool) -> float:
+        matcher = difflib.SequenceMatcher(None, exchange.key[:4000], wanted, autojunk=False)
+        return matcher.quick_ratio() if quick else matcher.ratio()
+
+    shortlist = sorted(same_route, key=lambda e: -likeness(e, True))[:10]
+    return max(shortlist, key=lambda e: likeness(e, False))
+
+
+def _first_difference(recorded: Any, sent: Any, where: list) -> tuple[list, str, str]:
+    """Where two bodies first differ, and what each has there (shortened)."""
+    if isinstance(recorded, dict) and isinstance(sent, dict):
+        for key in [*sent, *(key for key in recorded if key not in sent)]:
+            if key not in recorded:
+                return where + [key], "nothing", _shown_json(sent[key])
+            if key not in sent:
+                return where + [key], _shown_json(recorded[key]), "nothing"
+            if not _alike(recorded[key], sent[key]):
+                return _first_difference(recorded[key], sent[key], where + [key])
+    elif isinstance(recorded, list) and isinstance(sent, list):
+        for index in range(max(len(recorded), len(sent))):
+            if index >= len(recorded):
+                return where + [index], "nothing", _shown_json(sent[index])
+            if index >= len(sent):
+                return where + [index], _shown_json(recorded[index]), "nothing"
+            if not _alike(recorded[index], sent[index]):
+                return _first_difference(recorded[index], sent[index], where + [index])
+    return where, _shown_json(recorded), _shown_json(sent)
+
+
+def _alike(recorded: Any, sent: Any) -> bool:
+    return _match_key("", "", recorded) == _match_key("", "", sent)
+
+
+def _shown_json(value: Any) -> str:
+    return _shortened(json.dumps(value, ensure_ascii=False), 80)
+
+
+# =============================================================================
+# Metrics
+# =============================================================================
+# GET /metrics, in Prometheus' text format. A request costs a few dict and list increments in
+# on_finish(); the text is made only when scraped. With several workers, each writes a
+# snapshot of its counters to a folder they share, at most once a second and whenever it is
+# scraped, and the worker that answers a scrape adds up every snapshot: each scrape shows the
+# whole server, the other workers' counts at most a second old.
+
+# Upper bounds of the latency histogram, in seconds: from a cached reply to a long stream.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 300.0)
+METRICS_SHARE_SECONDS = 1.0
+UNMATCHED_ROUTE = "(unmatched)"
+
+# (name, type, help) of each family, in the order /metrics shows them.
+METRIC_FAMILIES = (
+    ("ozwell_requests_total", "counter",
+     "Requests answered, by route (as the route table writes it), method and status."),
+    ("ozwell_request_duration_seconds", "histogram",
+     "Time from a request's arrival to the end of its answer, by route (a stream: its whole "
+     "length)."),
+    ("ozwell_requests_in_flight", "gauge", "Requests being answered now."),
+    ("ozwell_streams_in_flight", "gauge", "Server-sent event streams open now."),
+    ("ozwell_upstream_calls_total", "counter",
+     "Calls to the Llama backend, by what answered them: upstream (the backend) or replay "
+     "(a cassette)."),
+    ("ozwell_upstream_errors_total", "counter",
+     "Calls to the Llama backend that failed, by kind: the error code the client was given "
+     "(upstream_unavailable, upstream_timeout, upstream_interrupted, ...), or http_<status> for "
+     "an error the backend answered with."),
+    ("ozwell_fixture_replies_total", "counter",
+     "Replies a test rig's fixture made, by endpoint (chat, responses, embeddings)."),
+    ("ozwell_faults_fired_total", "counter",
+     "Planned faults a test rig fired, by endpoint and type (error, stall, cut, ...)."),
+)
+
+
+class RouteMetrics:
+    """One route's counters: answers by method and status, and the latency histogram."""
+
+    __slots__ = ("template", "answers", "latency", "latency_sum")
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        self.answers: dict[str, dict[int, int]] = {}  # method -> status -> count
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket, the last one +Inf
+        self.latency_sum = 0.0
+
+
+class Metrics:
+    """The counters of one application (one worker): cheap to count, made into text when read."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self.routes = {route.handler: RouteMetrics(route.template) for route in routes}
+        self.unmatched = RouteMetrics(UNMATCHED_ROUTE)
+        self.streams = 0
+        self.upstream_calls = {"upstream": 0, "replay": 0}
+        self.upstream_errors: dict[str, int] = {}
+        self.fixture_replies = dict.fromkeys(RIG_ENDPOINTS, 0)
+        self.faults_fired: dict[str, dict[str, int]] = {}  # endpoint -> fault type -> count
+        self.in_flight: Callable[[], int] = lambda: 0
+        self.shared_folder: str | None = None
+        self._last_shared = ""
+
+    def count(self, handler_class: type, method: str, status: int, seconds: float) -> None:
+        route = self.routes.get(handler_class, self.unmatched)
+        statuses = route.answers.get(method)
+        if statuses is None:
+            statuses = route.answers[method] = {}
+        statuses[status] = statuses.get(status, 0) + 1
+        route.latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        route.latency_sum += seconds
+
+    def count_upstream_error(self, kind: str) -> None:
+        self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
+
+    def count_fault(self, endpoint: str, fault_type: str) -> None:
+        fired = self.faults_fired.setdefault(endpoint, {})
+        fired[fault_type] = fired.get(fault_type, 0) + 1
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        """Every series, by its name and labels as /metrics writes them: counters and gauges."""
+        counters: dict[str, float] = {}
+        for route in [*self.routes.values(), self.unmatched]:
+            if not route.answers:
+                continue
+            labels = f'route="{_label(route.template)}"'
+            for method, statuses in route.answers.items():
+                for status, count in statuses.items():
+                    counters[f'ozwell_requests_total{{{labels},method="{_label(method)}",'
+                             f'status="{status}"}}'] = count
+            below = 0
+            for bound, count in zip([*map(repr, LATENCY_BUCKETS), "+Inf"], route.latency):
+                below += count
+                counters[f'ozwell_request_duration_seconds_bucket{{{labels},le="{bound}"}}'] = below
+            counters[f"ozwell_request_duration_seconds_sum{{{labels}}}"] = route.latency_sum
+            counters[f"ozwell_request_duration_seconds_count{{{labels}}}"] = below
+        for source, count in self.upstream_calls.items():
+            counters[f'ozwell_upstream_calls_total{{answered_by="{source}"}}'] = count
+        for kind, count in self.upstream_errors.items():
+            counters[f'ozwell_upstream_errors_total{{kind="{_label(kind)}"}}'] = count
+        for endpoint, count in self.fixture_replies.items():
+            counters[f'ozwell_fixture_replies_total{{endpoint="{endpoint}"}}'] = count
+        for endpoint, fired in self.faults_fired.items():
+            for fault_type, count in fired.items():
+                counters[f'ozwell_faults_fired_total{{endpoint="{endpoint}",'
+                         f'type="{_label(fault_type)}"}}'] = count
+        gauges = {"ozwell_requests_in_flight": float(self.in_flight()),
+                  "ozwell_streams_in_flight": float(self.streams)}
+        return {"counters": counters, "gauges": gauges}
+
+    def text(self) -> str:
+        """The Prometheus text of this server: with workers, all of them added up."""
+        counters: dict[str, float] = {}
+        gauges: dict[str, float] = {}
+        for snapshot, alive in self._snapshots():
+            for series, value in snapshot["counters"].items():
+                counters[series] = counters.get(series, 0) + value
+            if alive:  # a worker that has gone keeps its counts, not what it had in flight
+                for series, value in snapshot["gauges"].items():
+                    gauges[series] = gauges.get(series, 0) + value
+        lines = []
+        for name, kind, help_text in METRIC_FAMILIES:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            for series, value in (gauges if kind == "gauge" else counters).items():
+                if _family(series) == name:
+                    lines.append(f"{series} {_number(value)}")
+        return "\n".join(lines) + "\n"
+
+    def share(self, folder: str) -> None:
+        """Count with the other workers whose snapshots are in `folder` (made here if need be)."""
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            info = os.lstat(folder)
+            if hasattr(os, "getuid") and (info.st_uid != os.getuid() or not stat.S_ISDIR(info.st_mode)):
+                raise OSError(f"{folder} belongs to another user")
+        except OSError as exc:
+            log.warning("/metrics shows this worker's counts only: cannot share them (%s)", exc)
+            return
+        self.shared_folder = folder
+        tornado.ioloop.PeriodicCallback(self.publish, METRICS_SHARE_SECONDS * 1000).start()
+
+    def publish(self, snapshot: dict[str, dict[str, float]] | None = None) -> None:
+        """Write this worker's snapshot for the others, if it has changed."""
+        if self.shared_folder is None:
+            return
+        text = json.dumps(snapshot or self.snapshot())
+        if text != self._last_shared:
+            with contextlib.suppress(OSError):
+                write_atomically(os.path.join(self.shared_folder, f"{os.getpid()}.json"),
+                                 text.encode())
+                self._last_shared = text
+
+    def _snapshots(self) -> Iterator[tuple[dict[str, dict[str, float]], bool]]:
+        own = self.snapshot()
+        yield own, True
+        if self.shared_folder is None:
+            return
+        self.publish(own)
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.shared_folder):
+                pid = entry.name.removesuffix(".json")
+                if not pid.isdigit() or int(pid) == os.getpid():
+                    continue
+                try:
+                    with open(entry.path, "rb") as snapshot:
+                        yield json.load(snapshot), _alive(int(pid))
+                except (OSError, ValueError):
+                    continue  # being replaced just now: its next snapshot counts
+
+
+def _family(series: str) -> str:
+    """The family a series belongs to: a histogram's _bucket, _sum and _count are one."""
+    name = series.partition("{")[0]
+    histogram = "ozwell_request_duration_seconds"
+    return histogram if name.startswith(histogram + "_") else name
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+def metrics_folder(main_pid: int) -> str:
+    """Where the workers of the server started as `main_pid` share their counts."""
+    user = os.getuid() if hasattr(os, "getuid") else 0
+    return os.path.join(tempfile.gettempdir(), f"ozwell-{user}-{main_pid}-metrics")
 
 
 # =============================================================================
@@ -4833,6 +5546,7 @@ async def consult_rig(handler: BaseHandler, endpoint: str, body: Mapping[str, An
         handler.rig_outcome["fault"] = {"name": fault.name, "type": fault.type, "call": call}
         session.fired.setdefault(fault, collections.deque(maxlen=FIRED_KEPT)).append(
             {"endpoint": endpoint, "call": call})
+        handler.context.metrics.count_fault(endpoint, fault.type)
         await _fire(handler, fault, endpoint, call, bool(body.get("stream")))
         local = fault.type in STREAM_FAULTS or fault.type == "slow"
     view = RequestView(endpoint, body, handler.request.headers, session.name, handler.context)
@@ -4842,6 +5556,7 @@ async def consult_rig(handler: BaseHandler, endpoint: str, body: Mapping[str, An
     if found is not None:
         fixture, reply = found
         handler.rig_outcome["fixture"] = fixture.name
+        handler.context.metrics.fixture_replies[endpoint] += 1
         handler.set_header(GENERATOR_HEADER, "fixture")
         generation = scripted_generation(fixture, reply, view)
         latency = fixture.latency or latency
@@ -4923,7 +5638,9 @@ class Context:
         self.responses = ResponseStore(settings.data_dir)
         self.conversations = ConversationStore(settings.data_dir)
         self.chat_completions = ChatCompletionStore(settings.data_dir)
-        self.upstream = Upstream(settings)
+        self.metrics = Metrics(ROUTES)
+        self.metrics.in_flight = lambda: self.in_flight
+        self.upstream = Upstream(settings, schemas, self.metrics)
         self.embedders = {
             model: HashedEmbedder(model, size, resizable=model not in FIXED_SIZE_EMBEDDING_MODELS)
             for model, size in EMBEDDING_MODELS.items()}
@@ -5058,6 +5775,8 @@ class BaseHandler(tornado.web.RequestHandler):
         if self._counted:
             self.context.in_flight -= 1
             self._counted = False
+            self.context.metrics.count(type(self), self.request.method, self.get_status(),
+                                       self.request.request_time())
             if self.request.path.startswith("/v1/"):
                 self.context.rig.journal.record(journal_entry(self))
 
@@ -5086,6 +5805,8 @@ class BaseHandler(tornado.web.RequestHandler):
             raise APIError(401, "You didn't provide an API key. You need to provide your API key "
                                 "in an Authorization header using Bearer auth "
                                 "(i.e. Authorization: Bearer YOUR_KEY).")
+        if self.context.upstream.redacts_client_keys:
+            _client_key.set(token)
         allowed = self.context.settings.api_keys
         if allowed and not _is_listed(token, allowed):
             shown = token[:3] + "*" * 4 + token[-4:] if len(token) > 8 else "*" * len(token)
@@ -5327,7 +6048,8 @@ class UpstreamHandler(BaseHandler):
         super().on_connection_close()
 
     async def open_upstream(self, path: str, body: bytes) -> UpstreamCall | None:
-        """The backend's answer, its status and headers in; None if the client left meanwhile."""
+        """The backend's answer (or a cassette's), its status and headers in; None if the client
+        left meanwhile."""
         call = self.upstream_call = self.context.upstream.call(path, body)
         try:
             await call.open()
@@ -5335,6 +6057,7 @@ class UpstreamHandler(BaseHandler):
             if self.client_gone:
                 return None  # nobody is left to tell
             raise
+        self.set_header(GENERATOR_HEADER, call.generator)
         return call
 
     def pass_on_failure(self, call: UpstreamCall, answer: bytes) -> bool:
@@ -5751,11 +6474,12 @@ def response_record(response: dict[str, Any], input_items: list[dict[str, Any]],
 
 def keep_upstream_response(context: Context, response: dict[str, Any], turns: list[Turn],
                            input_items: list[dict[str, Any]], conversation_id: str | None,
-                           deltas: list[list] | None = None) -> None:
-    """Keep a response of the Llama backend as the built-in model's are kept: stored unless it
-    says `store: false`, and its items added to its conversation unless it failed."""
+                           generator: str, deltas: list[list] | None = None) -> None:
+    """Keep a response of the Llama backend (or of a cassette: `generator`) as the built-in
+    model's are kept: stored unless it says `store: false`, and its items added to its
+    conversation unless it failed."""
     if response["store"]:
-        record = response_record(response, input_items, turns, "upstream")
+        record = response_record(response, input_items, turns, generator)
         if deltas is not None:
             record["deltas"] = deltas
         context.responses.save(response["id"], record)
@@ -5913,7 +6637,6 @@ class ResponsesHandler(UpstreamHandler):
         call = await self.open_upstream("/chat/completions", request)
         if call is None:
             return
-        self.set_header(GENERATOR_HEADER, "upstream")
         if stream and call.status < 300 and call.is_event_stream:
             await self._translate_stream(call, started, turns, input_items,
                                          earlier.conversation_id)
@@ -5923,7 +6646,7 @@ class ResponsesHandler(UpstreamHandler):
             return
         response = response_from_completion(started, call, answer)
         keep_upstream_response(self.context, response, turns, input_items,
-                               earlier.conversation_id)
+                               earlier.conversation_id, call.generator)
         if stream:  # the backend answered a stream request whole: stream that
             await _stream_response(self, {"response": response})
         else:
@@ -5956,7 +6679,7 @@ class ResponsesHandler(UpstreamHandler):
                 return
             events = translation.finish()
             keep_upstream_response(self.context, translation.response, turns, input_items,
-                                   conversation_id, translation.events.deltas)
+                                   conversation_id, call.generator, translation.events.deltas)
             await send_events(stream, events)
         except tornado.iostream.StreamClosedError:
             call.abort()
@@ -6115,7 +6838,6 @@ class ChatCompletionsHandler(UpstreamHandler):
         call = await self.open_upstream("/chat/completions", self.body_bytes())
         if call is None:
             return
-        self.set_header(GENERATOR_HEADER, "upstream")
         if body.get("stream") and call.status < 300 and call.is_event_stream:
             await self._relay_stream(call, body)
             return
@@ -6124,7 +6846,7 @@ class ChatCompletionsHandler(UpstreamHandler):
             return
         call.json(answer)  # checked, then passed on as it came
         if body.get("store"):
-            answer = _keep_proxied_completion(self.context, body, answer)
+            answer = _keep_proxied_completion(self.context, body, answer, call.generator)
         self.set_status(call.status)
         self.set_header("Content-Type", call.headers["Content-Type"])
         self.finish(answer)
@@ -6137,7 +6859,7 @@ class ChatCompletionsHandler(UpstreamHandler):
             try:
                 await EventRelay(call, keeper or stream).run()
                 if keeper is not None and not call.aborted:
-                    keeper.keep(self.context, body)
+                    keeper.keep(self.context, body, call.generator)
             except APIError as failure:  # the upstream broke off: say so inside the stream
                 await stream.send_error(failure)
         except tornado.iostream.StreamClosedError:
@@ -6274,7 +6996,8 @@ def _stored_chat_message(message_id: str, message: dict[str, Any]) -> dict[str, 
     return stored
 
 
-def _keep_proxied_completion(context: Context, body: dict[str, Any], answer: bytes) -> bytes:
+def _keep_proxied_completion(context: Context, body: dict[str, Any], answer: bytes,
+                             generator: str) -> bytes:
     """Keep the upstream's completion under an id of this server's own (upstreams such as
     Ollama repeat theirs), and give the client that id; an answer that is not a completion
     passes unchanged and is not kept."""
@@ -6285,7 +7008,7 @@ def _keep_proxied_completion(context: Context, body: dict[str, Any], answer: byt
     if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
         return answer
     completion["id"] = new_id("chatcmpl-")
-    keep_chat_completion(context, body, completion, "upstream")
+    keep_chat_completion(context, body, completion, generator)
     return json.dumps(completion, ensure_ascii=False).encode()
 
 
@@ -6340,7 +7063,7 @@ class KeptChatStream:
                 slot["function"]["arguments"] += function.get("arguments") or ""
             kept["finish_reason"] = choice.get("finish_reason") or kept["finish_reason"]
 
-    def keep(self, context: Context, body: dict[str, Any]) -> None:
+    def keep(self, context: Context, body: dict[str, Any], generator: str) -> None:
         if self.head is None:
             return  # no chunk came: nothing to keep
         choices = []
@@ -6355,7 +7078,7 @@ class KeptChatStream:
                       "choices": choices}
         if self.usage is not None:
             completion["usage"] = self.usage
-        keep_chat_completion(context, body, completion, "upstream")
+        keep_chat_completion(context, body, completion, generator)
 
 
 def _json_or_none(text: bytes) -> Any:
@@ -6461,7 +7184,6 @@ class EmbeddingsHandler(UpstreamHandler):
         call = await self.open_upstream("/embeddings", sent)
         if call is None:
             return
-        self.set_header(GENERATOR_HEADER, "upstream")
         answer = await call.read()
         if self.pass_on_failure(call, answer):
             return
@@ -6984,6 +7706,18 @@ def content_disposition(filename: str) -> str:
             f"filename*=UTF-8''{urllib.parse.quote(filename, safe='')}")
 
 
+class MetricsHandler(BaseHandler):
+    """Prometheus' text format. It needs a key like /v1 does: a scrape job sends one with
+    `authorization: {credentials: KEY}`."""
+
+    api = {"get": Operation("Metrics in Prometheus' text format", "System",
+                            response_media="text/plain", errors=(401, 500))}
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(self.context.metrics.text())
+
+
 # =============================================================================
 # Conversations
 # =============================================================================
@@ -7248,6 +7982,27 @@ class RigResetHandler(BaseHandler):
         self.write_json({"object": "session", "session": self.session.name, "reset": True})
 
 
+class ReplayHandler(BaseHandler):
+    """What replay has answered from its cassette: the recordings never played are what a test
+    expected the application to ask and it did not."""
+
+    api = {"get": Operation("What the replayed cassette holds, and which recordings have not been "
+                            "played", RIG_TAG, response="ReplayReport", errors=(401, 500))}
+
+    def get(self) -> None:
+        replay = self.context.upstream.replay
+        if replay is None:
+            self.write_json({"object": "replay", "cassette": None, "recordings": 0, "played": 0,
+                             "misses": 0, "unplayed": []})
+            return
+        unplayed = replay.unplayed()
+        self.write_json({
+            "object": "replay", "cassette": replay.path, "recordings": len(replay.exchanges),
+            "played": len(replay.exchanges) - len(unplayed), "misses": replay.misses,
+            "unplayed": [{"line": exchange.line, "method": exchange.method, "path": exchange.path,
+                          "body": exchange.body} for exchange in unplayed]})
+
+
 # =============================================================================
 # Route table
 # =============================================================================
@@ -7279,6 +8034,7 @@ class Route:
 
 ROUTES: tuple[Route, ...] = (
     Route("/health", HealthHandler),
+    Route("/metrics", MetricsHandler),
     Route("/openapi.json", OpenAPIHandler, in_openapi=False),
     Route("/docs", DocsHandler, in_openapi=False),
     Route("/v1/models", ModelsHandler),
@@ -7303,6 +8059,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/_ozwell/faults", RigFaultsHandler),
     Route("/_ozwell/requests", RigRequestsHandler),
     Route("/_ozwell/reset", RigResetHandler),
+    Route("/_ozwell/replay", ReplayHandler),
 )
 
 
@@ -7609,12 +8366,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The sockets listen from here on: a connection waits in their backlog until the
         # server (or a worker) accepts it, so a script may connect as soon as the file is there.
         _write_ready_file(settings, ready)
+        shared_metrics = metrics_folder(os.getpid())
+        shutil.rmtree(shared_metrics, ignore_errors=True)  # an earlier server's with this pid
         try:
             if workers > 1:
                 return _run_workers(settings, sockets, workers)  # each worker builds its own app
             return asyncio.run(serve(settings, sockets, app))
         finally:
             _remove_ready_file(settings)
+            shutil.rmtree(shared_metrics, ignore_errors=True)
     except SettingsError as exc:
         print(f"ozwell: {exc}", file=sys.stderr)
         return 2
@@ -7722,6 +8482,8 @@ def _remove_ready_file(settings: Settings) -> None:
 
 def _log_upstream_reachability(settings: Settings) -> None:
     """One line at start when the Llama backend is not there yet; the server serves anyway."""
+    if settings.replay and settings.replay_miss == "error":
+        return  # the cassette answers every call, or refuses it: the backend is never called
     url = urllib.parse.urlsplit(settings.llama_base_url)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
@@ -7801,6 +8563,8 @@ async def serve(settings: Settings, sockets: list[socket.socket],
     app = app or make_app(settings)
     context: Context = app.settings["ozwell"]
     context.main_pid = main_pid or context.main_pid
+    if main_pid is not None:  # a worker: every worker's counts are on each one's /metrics
+        context.metrics.share(metrics_folder(main_pid))
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     server = HTTPServer(app, max_body_size=settings.max_request_bytes)
     server.add_sockets(sockets)
@@ -7817,6 +8581,8 @@ async def serve(settings: Settings, sockets: list[socket.socket],
     while context.in_flight > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     await server.close_all_connections()
+    context.upstream.close()
+    context.metrics.publish()
     log.info("stopped")
     return 0
 

@@ -37,7 +37,8 @@ OPTIONS = {
     "clock": ("clock", "fixed created/created_at (OZWELL_CLOCK: Unix seconds, ISO 8601, start)"),
     "fixtures": ("fixtures", "fixtures file loaded by the server (OZWELL_FIXTURES)"),
 }
-PATH_OPTIONS = ("data_dir", "fixtures")
+# Settings that name a file or folder: a relative one is read from where it was given.
+PATH_SETTINGS = ("data_dir", "fixtures", "record", "replay")
 # Where and how the plugin's servers listen: not the test's to choose.
 FIXED = {"host": "127.0.0.1", "port": 0, "workers": 1, "ready_file": ""}
 DEFAULT_API_KEY = "test"
@@ -112,6 +113,7 @@ class Server:
         await self._stopping.wait()
         server.stop()
         await server.close_all_connections()
+        app.settings["ozwell"].upstream.close()  # a cassette being recorded is synced
 
     def stop(self) -> None:
         if self._thread.is_alive():
@@ -160,7 +162,7 @@ class Servers:
                 named = f"ozwell_{option} = {value}"
                 base = config.inipath.parent if config.inipath else config.rootpath
             if value is not None:
-                given[field] = (str(base / value) if option in PATH_OPTIONS else value, named)
+                given[field] = (str(base / value) if field in PATH_SETTINGS else value, named)
         return given
 
     def _settings(self, wanted: dict[str, tuple[Any, str]]) -> Any:
@@ -240,7 +242,7 @@ def _marker_settings(node: pytest.Item) -> dict[str, tuple[Any, str]]:
                 raise pytest.UsageError(f"@pytest.mark.ozwell: {name!r} is not a setting; use "
                                         f"{', '.join(OPTIONS)} or a field of ozwell.Settings")
             named = f"@pytest.mark.ozwell({name}={value!r})"
-            settings[field] = (str(node.path.parent / value) if name in PATH_OPTIONS else value, named)
+            settings[field] = (str(node.path.parent / value) if field in PATH_SETTINGS else value, named)
     return settings
 
 

@@ -16,6 +16,8 @@ request body's `rogue` object, which Ozwell forwards untouched, picks what goes 
     then_drop: true     answer, then close the connection when its next request arrives (as a
                         server does whose idle timer fires just then)
     status, content_type, body, headers: answer exactly this instead
+    echo_authorization: true   a JSON answer: the Authorization header received, sent back in
+                        an `x-seen-authorization` header
     location: url       a redirect (status 307 unless `status` says otherwise)
 
 `GET /stats` answers {"connections": connections that carried a chat request, "open": those
@@ -68,8 +70,10 @@ async def answer(request: dict, reader: asyncio.StreamReader, writer: asyncio.St
                                         "logprobs": None, "finish_reason": "stop"}],
                            "usage": {"prompt_tokens": 3, "completion_tokens": 2,
                                      "total_tokens": 5}}).encode()
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(body))
+        echoed = (f"x-seen-authorization: {stats['authorization']}\r\n".encode()
+                  if plan.get("echo_authorization") else b"")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n%s"
+                     b"Content-Length: %d\r\n\r\n" % (echoed, len(body)))
         if plan.get("stall_body") or plan.get("reset_body"):
             writer.write(body[:len(body) // 2])
             await writer.drain()

@@ -203,6 +203,11 @@ def test_the_upstream_option_reaches_the_backend(ozwell):
     assert raw.parse().choices[0].message.content == "echo: Hi upstream"
 
 
+@pytest.mark.ozwell(record="recorded.jsonl")
+def test_a_marker_records_the_backends_answers_beside_the_test(ozwell):
+    assert say(ozwell.client, "Hi recorder", model="llama3") == "echo: Hi recorder"
+
+
 def test_a_wrong_expectation_fails(ozwell):
     assert say(ozwell.client, "Hello") == "Goodbye"
 
@@ -220,6 +225,7 @@ EXPECTED = {
     **{f"test_each_test_counts_its_own_calls[{number}]": "passed" for number in range(6)},
     "test_a_marker_gives_the_test_a_server_with_its_settings": "passed",
     "test_the_upstream_option_reaches_the_backend": "passed",
+    "test_a_marker_records_the_backends_answers_beside_the_test": "passed",
     "test_a_wrong_expectation_fails": "failure",
     "test_a_fixtures_file_that_is_not_there": "error",
 }
@@ -289,6 +295,9 @@ def test_a_downstream_project_runs_on_the_installed_plugin_alone_and_in_parallel
     assert "- Goodbye\n" in output and "+ Hello from the ini's fixtures file.\n" in output
     assert "ozwell could not start: fixtures file" in outcomes["test_a_fixtures_file_that_is_not_there"][1]
     assert "cannot be read" in outcomes["test_a_fixtures_file_that_is_not_there"][1]
+    cassette = project / "tests" / "recorded.jsonl"
+    assert [json.loads(line)["request"]["body"]["messages"][0]["content"]
+            for line in cassette.read_text().splitlines()] == ["Hi recorder"]
 
     # From another folder: the ini file's paths are still read from the ini file's folder.
     parallel, parallel_recorded, output = downstream("--ozwell-upstream", llama.url, "-n", "2",

@@ -72,6 +72,9 @@ def _assert_api_answer(command: str, output: str) -> None:
     if output.startswith(("data:", "event:")):  # a stream
         assert '"error"' not in output, (command, output[:300])
         return
+    if command.split()[2].endswith("/metrics"):  # Prometheus' text
+        assert output.startswith("# HELP ozwell_"), (command, output[:300])
+        return
     reply = json.loads(output)
     assert reply.get("error") is None, (command, reply)
 

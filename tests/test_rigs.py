@@ -440,7 +440,8 @@ async def test_control_routes_need_the_api_key_and_are_documented(http_client, b
     assert status == 401
     document = json.loads((await http_client.fetch(f"{base_url}/openapi.json")).body)
     rig_paths = {path: item for path, item in document["paths"].items() if path.startswith("/_ozwell/")}
-    assert set(rig_paths) == {"/_ozwell/fixtures", "/_ozwell/faults", "/_ozwell/requests", "/_ozwell/reset"}
+    assert set(rig_paths) == {"/_ozwell/fixtures", "/_ozwell/faults", "/_ozwell/requests", "/_ozwell/reset",
+                              "/_ozwell/replay"}
     for item in rig_paths.values():
         for operation in item.values():
             assert operation["tags"] == ["Test rig"] and operation["security"] == [{"ApiKeyAuth": []}]
