@@ -266,7 +266,7 @@ class Settings:
             raw = environ.get(field.metadata["env"])
             if raw is not None and raw != "":
                 given[field.name] = f"{field.metadata['env']}={shlex.quote(raw)}"
-                values[field.name] = _parse_setting(field, raw, given[field.name])
+                values[field.name] = parse_setting(field, raw, given[field.name])
         for field in dataclasses.fields(cls):
             value = overrides.get(field.name)
             if value is not None:
@@ -338,7 +338,7 @@ class SettingsError(Exception):
 _EXPECTED = {int: "a whole number", float: "a number", _boolean: "true or false"}
 
 
-def _parse_setting(field: dataclasses.Field, raw: str, given: str) -> Any:
+def parse_setting(field: dataclasses.Field, raw: str, given: str) -> Any:
     """`raw` parsed for `field`; `given` is how it was given (`--port abc`, `PORT=abc`)."""
     parse = field.metadata["parse"]
     try:
@@ -425,7 +425,7 @@ def settings_from_command_line(argv: Sequence[str], environ: Mapping[str, str]) 
     for field in dataclasses.fields(Settings):
         raw = getattr(args, field.name, None)
         if raw is not None:
-            flags[field.name] = _parse_setting(field, raw, f"{_flag(field)} {shlex.quote(raw)}")
+            flags[field.name] = parse_setting(field, raw, f"{_flag(field)} {shlex.quote(raw)}")
     return args.command, Settings.from_environment(environ, **flags)
 
 

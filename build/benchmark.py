@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "build"))
 
-AREAS = ("core", "chat", "responses", "embeddings", "files", "tools", "loop", "rigs", "metrics")
+AREAS = ("core", "chat", "responses", "embeddings", "files", "tools", "loop", "rigs", "metrics", "plugin")
 SECONDS = 5
 CONNECTIONS = 16
 BASELINE = os.environ.get("OZWELL_BENCH_BASELINE", "main")
