@@ -33,6 +33,7 @@ import datetime
 import difflib
 import errno
 import functools
+import gc
 import gzip
 import hashlib
 import heapq
@@ -5402,7 +5403,12 @@ class RequestView:
             if isinstance(given, str):
                 return given
             return "\n".join(text for text in given if isinstance(text, str))
-        return next((text for role, text in reversed(self.messages) if role == "user"), "")
+        earlier = self._earlier
+        # From the end: the whole list of messages is worked out only if a fixture asks for it.
+        for item in reversed(self._items):
+            if item.get("type", "message") == "message" and item.get("role") == "user":
+                return message_text(item.get("content"))
+        return next((turn.text for turn in reversed(earlier) if turn.role == "user"), "")
 
     @functools.cached_property
     def system(self) -> str:
@@ -6150,7 +6156,8 @@ class Rig:
     def find_fixture(self, session: Session,
                      view: RequestView) -> tuple[Fixture, dict[str, Any]] | None:
         """The first fixture that matches and is not used up, with its reply; its use counted."""
-        for fixture in itertools.chain(session.fixtures, self.fixtures.candidates(view.last_user)):
+        filed = self.fixtures.candidates(view.last_user) if self.fixtures.fixtures else ()
+        for fixture in itertools.chain(session.fixtures, filed):
             if fixture.holds(view):
                 reply = session.take_reply(fixture)
                 if reply is not None:
@@ -6394,6 +6401,44 @@ def _without_lone_surrogates(value: Any) -> Any:
     return value
 
 
+class FullCollections:
+    """Holds off Python's full garbage collections while large requests are worked on.
+
+    A full collection walks every object the collector tracks, holding the interpreter all the
+    while. The work on a large request (30 MB of small messages) makes millions of them, and
+    each time that many more have lived through the young collections a full one starts, in
+    whichever thread is allocating: up to 150 ms during which the event loop cannot run. While
+    `held_off()` is in force in any thread, the young generations are still collected (their
+    cycles too), and the full collections wait until no large request is being worked on.
+    There is one collector per process, so there is one of these (FULL_COLLECTIONS).
+    """
+
+    NEVER = 2 ** 31 - 1  # young collections between full ones: never reached in practice
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._thresholds = gc.get_threshold()
+
+    @contextlib.contextmanager
+    def held_off(self) -> Iterator[None]:
+        with self._lock:
+            if self._holders == 0:
+                self._thresholds = gc.get_threshold()
+                gc.set_threshold(*self._thresholds[:2], self.NEVER)
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if self._holders == 0:
+                    gc.set_threshold(*self._thresholds)
+
+
+FULL_COLLECTIONS = FullCollections()
+
+
 # Says on every generated reply what answered it: deterministic, upstream, fixture or replay.
 GENERATOR_HEADER = "x-ozwell-generator"
 
@@ -6519,12 +6564,17 @@ class BaseHandler(tornado.web.RequestHandler):
 
     async def compute(self, work: Callable[[], T], large: bool) -> T:
         """`work()`, on a worker thread when it is `large`, so that the event loop goes on
-        serving everyone else meanwhile."""
+        serving everyone else meanwhile (with full collections held off, see
+        FULL_COLLECTIONS)."""
         if not large:
             return work()
+
+        def held_off() -> T:
+            with FULL_COLLECTIONS.held_off():
+                return work()
         # In the request's context, so that new_id() and unix_now() there use its Mint.
         return await asyncio.get_running_loop().run_in_executor(
-            None, contextvars.copy_context().run, work)
+            None, contextvars.copy_context().run, held_off)
 
     async def read_payload(self) -> dict[str, Any]:
         """`payload`, worked out off the event loop when the body is large."""
@@ -9494,6 +9544,10 @@ async def serve(settings: Settings, sockets: list[socket.socket],
     if main_pid is not None:  # a worker: every worker's counts are on each one's /metrics
         context.metrics.share(metrics_folder(main_pid))
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    # What is built by now lives as long as the process: left out of every later collection,
+    # a full one walks only what requests made (5 to 25 ms less each time, on the event loop).
+    gc.collect()
+    gc.freeze()
     server = HTTPServer(app, max_body_size=settings.max_request_bytes,
                         idle_connection_timeout=settings.idle_timeout)
     context.access_log.write_to(sys.stderr)
