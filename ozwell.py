@@ -6349,7 +6349,15 @@ def parse_json(text: str) -> Any:
     """A request's JSON as OpenAI reads it: NaN and Infinity are not JSON (nor is a number too
     large for a float), a number with an integral value (`2.0`) is that integer, a lone
     surrogate escape (`"\\ud800"`) is U+FFFD, and nesting has a limit. A ValueError says why
-    the text is refused."""
+    the text is refused.
+
+    A long text is parsed a piece at a time (_parsed_in_pieces): Python's parser holds the
+    interpreter for the whole of one call, 140 ms for 30 MB, and meanwhile every other thread
+    (the event loop's) waits. Should that fail, the whole text is parsed in one call, which
+    says what is wrong, in the same words whatever the length."""
+    if len(text) > _JSON_PIECES_FROM:
+        with contextlib.suppress(ValueError, RecursionError, StopIteration, _NotInPieces):
+            return _parsed_in_pieces(text)
     try:
         value = _JSON_DECODER.decode(text)
     except RecursionError:
@@ -6388,6 +6396,146 @@ def _deeper_than(value: Any, limit: int) -> bool:
         children = node.values() if isinstance(node, dict) else node
         pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
     return False
+
+
+# Texts longer than this are parsed in pieces of about _JSON_PIECE_CHARS (a millisecond each).
+_JSON_PIECES_FROM = 1 << 20
+_JSON_PIECE_CHARS = 1 << 18
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_CLOSER = {"{": "}", "[": "]"}
+_RUN_GUESSES = 4    # cuts tried for a run of members before the first member is taken alone
+
+
+class _NotInPieces(Exception):
+    """The text is not parsed in pieces: parse_json() parses it whole, to word why."""
+
+
+def _parsed_in_pieces(text: str) -> Any:
+    """What _JSON_DECODER.decode(text) gives, with parse_json()'s checks, worked out in calls
+    that each read at most a few pieces of the text. The arrays and objects too long for one
+    piece are walked here, their members taken a run at a time (as many as fit in a piece, in
+    one call); a single member longer than a piece is taken alone (a string or a number in
+    one call, however long: that is a copy, not a parse)."""
+    start = _JSON_SPACE.match(text).end()
+    if text[start:start + 1] not in _CLOSER:
+        raise _NotInPieces
+    value, end = _walked(text, start, 1)
+    if _JSON_SPACE.match(text, end).end() != len(text):
+        raise _NotInPieces  # more after the value
+    return value
+
+
+def _walked(text: str, start: int, depth: int) -> tuple[Any, int]:
+    """The array or object at text[start] (`depth` levels deep), and the index after it."""
+    if depth > MAX_JSON_DEPTH:
+        raise _NotInPieces
+    opener = text[start]
+    closer = _CLOSER[opener]
+    value: Any = {} if opener == "{" else []
+    at = _JSON_SPACE.match(text, start + 1).end()
+    if text.startswith(closer, at):
+        return value, at + 1
+    while True:
+        run = _run_of_members(text, at, opener, closer, depth)
+        if run is not None:
+            members, at, ended = run
+            if opener == "{":
+                value.update(members)
+            else:
+                value.extend(members)
+            if ended:
+                return value, at
+        else:
+            if opener == "{":
+                if not text.startswith('"', at):
+                    raise _NotInPieces
+                key, at = _member(text, at, depth)
+                at = _JSON_SPACE.match(text, at).end()
+                if not text.startswith(":", at):
+                    raise _NotInPieces
+                at = _JSON_SPACE.match(text, at + 1).end()
+                value[key], at = _member(text, at, depth)
+            else:
+                member, at = _member(text, at, depth)
+                value.append(member)
+            at = _JSON_SPACE.match(text, at).end()
+            if text.startswith(closer, at):
+                return value, at + 1
+            if not text.startswith(",", at):
+                raise _NotInPieces
+        at = _JSON_SPACE.match(text, at + 1).end()  # past the comma
+        if text.startswith(closer, at):
+            raise _NotInPieces  # a comma before the closing bracket
+
+
+def _run_of_members(text: str, at: int, opener: str, closer: str,
+                    depth: int) -> tuple[Any, int, bool] | None:
+    """The members of the container `depth` levels deep that begin at text[at], as many as
+    fit in a piece, parsed in one call: (them as a list or dict, the index after them, whether
+    the container ended there); None when the first member alone is longer than a piece.
+
+    The piece is cut at a comma or a closing bracket, and wrapped in the container's own
+    brackets: it parses only if the cut falls between two members of this container (cut in
+    a string or in a nested container, it lacks a closing quote or bracket), or after the
+    container's end (the parse then stops there)."""
+    for cut in itertools.islice(_cuts(text, at, closer), _RUN_GUESSES):
+        piece = opener + text[at:cut] + closer
+        try:
+            members, end = _JSON_DECODER.scan_once(piece, 0)
+        except (ValueError, StopIteration, RecursionError):
+            continue
+        if end < len(piece):  # the container ended inside the piece
+            after = at + end - 1
+            ended = True
+        else:
+            after, ended = cut, text[cut] == closer
+            after += ended
+        return _checked(members, text, at, after, depth), after, ended
+    return None
+
+
+def _cuts(text: str, at: int, closer: str) -> Iterator[int]:
+    """Where a run of members from text[at] may end, within a piece, best guess first: after the
+    last member in the piece shaped like the first (a run of objects ends after a '}'), then
+    at each comma or closing bracket from the end."""
+    limit = min(at + _JSON_PIECE_CHARS, len(text))
+    ending = {"{": "}", "[": "]", '"': '"'}.get(text[at:at + 1])
+    if ending is not None:
+        last = text.rfind(ending, at + 1, limit)
+        cut = _JSON_SPACE.match(text, last + 1).end() if last > at else limit
+        if cut < limit and text[cut] in (",", closer):
+            yield cut
+    cut = limit
+    while (cut := max(text.rfind(",", at, cut), text.rfind(closer, at, cut))) > at:
+        yield cut
+
+
+def _member(text: str, at: int, depth: int) -> tuple[Any, int]:
+    """The value at text[at], a member of a container `depth` levels deep, and the index after
+    it: an array or object that fits in a piece is parsed in one call, a longer one is walked."""
+    if text[at:at + 1] in _CLOSER:
+        piece = text[at:at + _JSON_PIECE_CHARS]
+        try:
+            value, end = _JSON_DECODER.scan_once(piece, 0)
+        except (ValueError, StopIteration, RecursionError):
+            if len(piece) < _JSON_PIECE_CHARS:
+                raise _NotInPieces from None
+            return _walked(text, at, depth + 1)
+        return _checked([value], text, at, at + end, depth)[0], at + end
+    value, end = _JSON_DECODER.scan_once(text, at)
+    return _checked([value], text, at, end, depth)[0], end
+
+
+def _checked(members: Any, text: str, start: int, end: int, depth: int) -> Any:
+    """Members parsed from text[start:end], of a container `depth` levels deep, with
+    parse_json()'s checks: not too deep, no lone surrogates."""
+    # Each level takes an opening bracket: few of them make the walk needless.
+    if (depth + text.count("[", start, end) + text.count("{", start, end) > MAX_JSON_DEPTH
+            and _deeper_than(members, MAX_JSON_DEPTH + 1 - depth)):
+        raise _NotInPieces
+    if _LONE_SURROGATE_ESCAPE.search(text, start, end):
+        return _without_lone_surrogates(members)
+    return members
 
 
 def _without_lone_surrogates(value: Any) -> Any:
