@@ -4,6 +4,7 @@ Bodies are written by hand here (NaN, lone surrogate escapes, 2.0 for 2, deep ne
 json.dumps would not write them that way.
 """
 import json
+import random
 
 import pytest
 import tornado.httpserver
@@ -292,3 +293,76 @@ async def test_a_failing_response_stream_ends_with_an_error_event(failing_pacer,
     assert names[-1] == "error" and names.count("response.output_text.delta") == 2
     assert last["sequence_number"] == len(blocks) - 1
     assert list(REGISTRY.errors("ResponseStreamEvent", last)) == []
+
+
+# --- long bodies, parsed a piece at a time -----------------------------------------------------
+
+AWKWARD_STRINGS = ["", "plain", "a,b", "]", "}", "[", "{", ",", '\\"', "\\\\", "\\\\\\\"],",
+                   "\\ud800", "\\ud83d\\ude00", "\\\\ud800", "日本", "\\n\\t", '}, {"a": 1}']
+
+
+def random_json_text(rng, depth=0):
+    """JSON text as people write it, and as they should not: brackets and commas inside strings,
+    escapes, 2.0 for 2, duplicate keys, odd spacing, and now and then a fault."""
+    space = rng.choice(["", " ", "\n  ", "\t"])
+    roll = rng.random()
+    if depth < 4 and roll < 0.45:
+        members = [random_json_text(rng, depth + 1) for _ in range(rng.choice([0, 1, 3, 12, 40]))]
+        if rng.random() < 0.5:
+            return "[" + space + ("," + space).join(members) + space + "]"
+        keys = [rng.choice(["a", "b", "model", ",", "}"]) for _ in members]
+        return "{" + space + ("," + space).join(
+            f'"{key}"{space}:{space}{member}' for key, member in zip(keys, members)) + space + "}"
+    if roll < 0.75:
+        return '"' + rng.choice(AWKWARD_STRINGS) + '"'
+    if roll < 0.985:
+        return rng.choice(["0", "-1", "2.0", "3.5", "1e3", "true", "false", "null", "-0.0"])
+    return rng.choice(["NaN", "Infinity", "[1,]", '{"a" 1}', "[1 2]", '"open', "1e999", "]"])
+
+
+def parsed(text):
+    try:
+        return "value", repr(ozwell.parse_json(text))  # repr: 2 and 2.0 differ, and key order
+    except ValueError as error:
+        return "refused", str(error)
+
+
+@pytest.mark.parametrize("piece_chars", [4, 16, 64, 1024])
+def test_a_long_text_parses_as_it_would_whole(monkeypatch, piece_chars):
+    """Every text gives the same value, or is refused in the same words, in pieces as whole."""
+    rng = random.Random(piece_chars)
+    texts = [random_json_text(rng) for _ in range(1500)]
+    texts += ["[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1),
+              "[" * MAX_DEPTH + "1" + "]" * MAX_DEPTH,
+              '[{"a": [1, 2]}, {"a": [3]}] ', '[1, 2] [3]', '[1, 2],', '  {"a": 1}  x',
+              '["' + "x," * 100 + '"]', '[' + '"]",' * 50 + '"end"]']
+    whole = {}
+    monkeypatch.setattr(ozwell, "_JSON_PIECES_FROM", 1 << 40)
+    for text in texts:
+        whole[text] = parsed(text)
+    monkeypatch.setattr(ozwell, "_JSON_PIECES_FROM", 0)
+    monkeypatch.setattr(ozwell, "_JSON_PIECE_CHARS", piece_chars)
+    for text in texts:
+        assert parsed(text) == whole[text], text
+    assert {kind for kind, _ in whole.values()} == {"value", "refused"}
+
+
+def test_a_long_text_is_parsed_in_calls_that_each_read_a_piece(monkeypatch):
+    """No call to the parser reads much more than a piece of a long list of small messages
+    (the event loop's thread gets the interpreter between calls)."""
+    message = {"role": "user", "content": 'Hello, [there] {you} "all"'}
+    text = json.dumps({"model": MODEL, "messages": [message] * 20_000, "n": 2.0})
+    longest = []
+    decoder = json.JSONDecoder(parse_float=ozwell._json_float,
+                               parse_constant=ozwell._json_constant)
+    scan_once = decoder.scan_once  # what decode() calls too
+
+    def counted_scan_once(text, at):
+        value, end = scan_once(text, at)
+        longest.append(end - at)
+        return value, end
+
+    decoder.scan_once = counted_scan_once
+    monkeypatch.setattr(ozwell, "_JSON_DECODER", decoder)
+    assert ozwell.parse_json(text) == {"model": MODEL, "messages": [message] * 20_000, "n": 2}
+    assert len(text) > ozwell._JSON_PIECES_FROM and max(longest) <= ozwell._JSON_PIECE_CHARS + 2
