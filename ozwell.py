@@ -3287,7 +3287,7 @@ class EventStream:
         if chunk:
             self.handler.write(chunk)
         self._last_write = time.monotonic()
-        await self.handler.flush()
+        await self.handler.flush_in_turn()
 
     async def _keep_alive(self) -> None:
         try:
@@ -6635,6 +6635,9 @@ class BaseHandler(tornado.web.RequestHandler):
     # that it never holds up the others; a small one is done at once (a thread hop would cost
     # more than its work).
     INLINE_BODY_BYTES = 16 * 1024
+    # A reply written in a loop of flushes gives the others a turn at least this often.
+    TURN_SECONDS = 0.002
+    _turn_began = 0.0  # when it last did
 
     def initialize(self, context: Context) -> None:
         self.context = context
@@ -6747,6 +6750,16 @@ class BaseHandler(tornado.web.RequestHandler):
     @property
     def large_body(self) -> bool:
         return self._body_size > self.INLINE_BODY_BYTES
+
+    async def flush_in_turn(self) -> None:
+        """flush(), and a turn for everyone else when this reply has held the event loop for
+        TURN_SECONDS: a flush the socket takes whole is done at once, so a loop of them (a
+        52 MB reply, a long stream, to a client reading fast) would hold it to the end."""
+        await self.flush()
+        now = time.monotonic()
+        if now - self._turn_began >= self.TURN_SECONDS:
+            await asyncio.sleep(0)
+            self._turn_began = time.monotonic()
 
     async def compute(self, work: Callable[[], T], large: bool) -> T:
         """`work()`, on a worker thread when it is `large`, so that the event loop goes on
@@ -8116,7 +8129,7 @@ class EmbeddingsHandler(UpstreamHandler):
         try:
             for start in range(0, len(items), self.BATCH_INPUTS):
                 if start:
-                    await self.flush()
+                    await self.flush_in_turn()
                     self.write(",")
                 self.write(",".join(items[start:start + self.BATCH_INPUTS]))
         except tornado.iostream.StreamClosedError:
@@ -8637,7 +8650,7 @@ class FileContentHandler(BaseHandler):
             try:
                 while chunk := content.read(self.CHUNK_BYTES):
                     self.write(chunk)
-                    await self.flush()
+                    await self.flush_in_turn()
             except tornado.iostream.StreamClosedError:
                 return  # the client left
         self.finish()

@@ -13,8 +13,9 @@ import http.client
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 
 from benchmark import ozwell_server, p99, probe_health, rss_mb
@@ -71,23 +72,31 @@ def rows() -> list[tuple[str, str]]:
     return out
 
 
+# The large request is sent from a process of its own: from a thread of this one, its reading
+# of a 52 MB reply would hold this process's interpreter, and the probes' latencies with it.
+_SENDER = """
+import http.client, json, sys, time
+port, path, body_file, headers = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+with open(body_file, "rb") as file:
+    body = file.read()
+connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+started = time.perf_counter()
+connection.request("POST", path, body, headers)
+reply = connection.getresponse()
+size = len(reply.read())
+print(json.dumps({"status": reply.status, "seconds": time.perf_counter() - started, "size": size}))
+"""
+
+
 def _while_answering(port: int, path: str, body: bytes) -> tuple[int, float, int, list[float]]:
-    result = {}
-
-    def send() -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        started = time.perf_counter()
-        connection.request("POST", path, body, HEADERS)
-        reply = connection.getresponse()
-        data = reply.read()
-        result.update(status=reply.status, seconds=time.perf_counter() - started, size=len(data))
-        connection.close()
-
-    sender = threading.Thread(target=send)
-    sender.start()
-    time.sleep(0.05)  # the body is on its way
-    busy = probe_health(port, lambda _: sender.is_alive())
-    sender.join()
+    with tempfile.NamedTemporaryFile(suffix=".json") as body_file:
+        body_file.write(body)
+        body_file.flush()
+        sender = subprocess.Popen([sys.executable, "-c", _SENDER, str(port), path, body_file.name,
+                                   json.dumps(HEADERS)], stdout=subprocess.PIPE)
+        time.sleep(0.3)  # the sender has started and its body is on its way
+        busy = probe_health(port, lambda _: sender.poll() is None)
+        result = json.loads(sender.communicate()[0])
     return result["status"], result["seconds"], result["size"], busy
 
 

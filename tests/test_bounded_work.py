@@ -4,6 +4,7 @@ stay exactly what they were.
 
 (The figures, /health latencies and peak memory, are in build/bench_loop.py.)
 """
+import asyncio
 import hashlib
 import http.client
 import json
@@ -105,6 +106,39 @@ def test_a_quote_reads_only_the_first_words():
 
 
 # --- the loop keeps serving while a large request is answered ------------------------------
+
+class RepliesAtOnce:
+    """A handler whose every flush is taken whole by the socket at once."""
+    TURN_SECONDS = ozwell.BaseHandler.TURN_SECONDS
+    _turn_began = 0.0
+    flush_in_turn = ozwell.BaseHandler.flush_in_turn
+
+    async def flush(self):
+        pass
+
+
+@pytest.mark.gen_test
+async def test_a_reply_the_socket_always_takes_at_once_still_gives_others_turns():
+    """A long reply written in flushes (a 52 MB embeddings reply, a file, a long stream) to a
+    client reading as fast as it is written never waits for the socket, so it gives the event
+    loop a turn itself, at least every TURN_SECONDS of writing."""
+    turns = 0
+
+    async def someone_else():
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.ensure_future(someone_else())
+    await asyncio.sleep(0)
+    handler, turns = RepliesAtOnce(), 0
+    started = time.monotonic()
+    while time.monotonic() - started < 50 * handler.TURN_SECONDS:
+        await handler.flush_in_turn()
+    other.cancel()
+    assert turns >= 25
+
 
 def small_messages_body(size):
     message = {"role": "user", "content": "Hello there, how are you today?"}
