@@ -6604,6 +6604,26 @@ class FullCollections:
 
 FULL_COLLECTIONS = FullCollections()
 
+# Freeing a list of half a million messages is one call that holds the interpreter for 30 ms
+# or more, in whichever thread lets go of it last; let_go() frees such lists this many items
+# at a time, so the event loop's thread gets a turn in between.
+LET_GO_SLICE = 4096
+
+
+def let_go(held: list[Any]) -> None:
+    """Free what `held` (a list of one, so that no caller's variable holds it) holds: it, when
+    a list, or the lists it holds, when a dict, a slice at a time. A list that anything else
+    still holds is left alone."""
+    value = held.pop()
+    if sys.getrefcount(value) > 2:  # held by `value`, and by getrefcount()'s argument: no more
+        return
+    for key in list(value) if isinstance(value, dict) else [None]:
+        items = value if key is None else value[key]
+        # Held by `value` (or is it), by `items`, and by getrefcount()'s argument: no more.
+        if isinstance(items, list) and len(items) > LET_GO_SLICE and sys.getrefcount(items) <= 3:
+            while items:
+                del items[-LET_GO_SLICE:]
+
 
 # Says on every generated reply what answered it: deterministic, upstream, fixture or replay.
 GENERATOR_HEADER = "x-ozwell-generator"
@@ -6696,6 +6716,14 @@ class BaseHandler(tornado.web.RequestHandler):
                                        self.request.request_time())
             if self.request.path.startswith("/v1/"):
                 self.context.rig.journal.record(self)
+            if self.large_body and "payload" in self.__dict__:
+                # Once the verb has returned (and its variables with it), the payload is
+                # freed on a worker thread, a slice at a time (let_go).
+                asyncio.get_running_loop().call_soon(self._let_go_of_payload)
+
+    def _let_go_of_payload(self) -> None:
+        held = [self.__dict__.pop("payload", None)]
+        asyncio.get_running_loop().run_in_executor(None, let_go, held)
 
     def on_connection_close(self) -> None:
         self.on_finish()
@@ -7826,7 +7854,11 @@ class ChatCompletionsHandler(UpstreamHandler):
             if scripted is not None:
                 return [scripted] * (body.get("n") or 1)
             options = chat_reply_options(body, turns, self.context.checked_schemas)
-            return offline_replies(model, turns, options, range(body.get("n") or 1))
+            generations = offline_replies(model, turns, options, range(body.get("n") or 1))
+            held = [turns]
+            del turns, options
+            let_go(held)
+            return generations
         generations = await self.compute(generate, self.large_body)
         head = {"id": new_id("chatcmpl-"), "created": unix_now(), "model": model}
         completion = chat_completion(head, generations)

@@ -12,6 +12,7 @@ import os
 import random
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -138,6 +139,47 @@ async def test_a_reply_the_socket_always_takes_at_once_still_gives_others_turns(
         await handler.flush_in_turn()
     other.cancel()
     assert turns >= 25
+
+
+class Messages(list):
+    """A list that its members can see (weakly) as they are freed."""
+
+
+class Message:
+    def __init__(self, seen, messages):
+        self.seen, self.messages = seen, weakref.ref(messages)
+
+    def __del__(self):
+        messages = self.messages()
+        self.seen.append(None if messages is None else len(messages))
+
+
+def long_messages(seen):
+    messages = Messages()
+    messages.extend(Message(seen, messages) for _ in range(3 * ozwell.LET_GO_SLICE + 5))
+    return messages
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_a_long_list_nothing_else_holds_is_freed_a_slice_at_a_time(as_dict):
+    """Freed whole, the list is gone before its members; a slice at a time, each member sees
+    what is left of it, so the event loop's thread had a turn between slices."""
+    seen = []
+    held = [{"messages": long_messages(seen), "model": MODEL} if as_dict else long_messages(seen)]
+    ozwell.let_go(held)
+    assert held == [] and len(seen) == 3 * ozwell.LET_GO_SLICE + 5
+    assert None not in seen and max(seen) == 2 * ozwell.LET_GO_SLICE + 5 and min(seen) == 0
+
+
+def test_what_something_else_holds_is_left_alone():
+    seen = []
+    body = {"messages": long_messages(seen)}
+    journal = [body]  # as the request journal holds a small body
+    ozwell.let_go([body])
+    assert len(journal[0]["messages"]) == 3 * ozwell.LET_GO_SLICE + 5 and not seen
+    messages = long_messages(seen)
+    ozwell.let_go([{"messages": messages}])
+    assert len(messages) == 3 * ozwell.LET_GO_SLICE + 5 and not seen
 
 
 def small_messages_body(size):
