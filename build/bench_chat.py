@@ -4,7 +4,7 @@
     python build/bench_chat.py --baseline REF       # the old proxy: ozwell.py at git REF
 
 Starts a minimal OpenAI-compatible upstream (this file with --upstream PORT), an Ozwell server
-(`python ozwell.py`) pointed at it, and a baseline Ozwell: ozwell.py as it was at BASELINE_REF
+(`python -m ozwell`) pointed at it, and a baseline Ozwell: ozwell.py as it was at BASELINE_REF
 (by default the last version whose upstream client opened a new connection per request),
 all on 127.0.0.1. A small keep-alive HTTP/1.1 client alternates calls straight to the upstream
 ("direct"), through Ozwell ("proxied") and through the baseline in the same run; each figure is

@@ -1,6 +1,6 @@
 """Benchmark rows for POST /v1/embeddings: `python build/bench_embeddings.py` prints them.
 
-Starts its own server (`python ozwell.py` on 127.0.0.1, a temporary data dir), measures with
+Starts its own server (`python -m ozwell` on 127.0.0.1, a temporary data dir), measures with
 bounded loads, and stops it. Requests per second come from `wrk` (one thread, 16 keep-alive
 connections) when it is installed, else from one keep-alive http.client connection; each row
 says which.

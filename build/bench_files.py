@@ -1,6 +1,6 @@
 """Benchmark rows for /v1/files: `python build/bench_files.py` prints them.
 
-Starts its own servers (`python ozwell.py` on 127.0.0.1, temporary data dirs), measures with
+Starts its own servers (`python -m ozwell` on 127.0.0.1, temporary data dirs), measures with
 bounded loops over one keep-alive connection, and small uploads with wrk against the baseline
 revision (see benchmark.py), and stops them. The 1 GB upload is made by a
 generator as it is sent, never held in memory; the server's memory is read from /proc (Linux).
@@ -159,7 +159,7 @@ def _median_upload_ms(connection: http.client.HTTPConnection) -> float:
 
 
 def _server(data_dir: str, baseline: str | None = None) -> Server:
-    """`python ozwell.py` with a 2 GiB upload limit, configured by its command line alone."""
+    """`python -m ozwell` with a 2 GiB upload limit, configured by its command line alone."""
     return ozwell_server(data_dir, "--max-upload-bytes", str(2 * UPLOAD_BYTES),
                          inherit_ozwell_env=False, baseline=baseline)
 

@@ -97,7 +97,7 @@ class _subprocess_server:
             [sys.executable, "-m", "ozwell", "--host", "127.0.0.1", "--port", "0",
              "--data-dir", str(self.folder / "data"), "--ready-file", str(self.ready_file)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": str(ROOT)})
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
 
     def __enter__(self) -> str:
         deadline = time.monotonic() + 60

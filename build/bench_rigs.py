@@ -2,7 +2,7 @@
 
     python build/bench_rigs.py          # prints the rows
 
-Starts `python ozwell.py` once per fixtures file (an empty one too) and measures
+Starts `python -m ozwell` once per fixtures file (an empty one too) and measures
 POST /v1/chat/completions on each, in the same run as its baseline. Figures are printed, never
 asserted.
 """

@@ -1,7 +1,7 @@
 """Benchmark rows for the built-in model's tool calls and structured output:
 `python build/bench_tools.py` prints them.
 
-Starts its own server (`python ozwell.py` on 127.0.0.1, a temporary data dir) and measures,
+Starts its own server (`python -m ozwell` on 127.0.0.1, a temporary data dir) and measures,
 over one keep-alive connection with bounded loops, a plain chat reply, a reply that calls a
 tool, and a json_schema reply with a 20-property schema, in turns so they share the machine's
 state; each figure is printed beside the plain one.

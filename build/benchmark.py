@@ -132,16 +132,47 @@ def _baseline_tree(revision: str) -> Path:
 
 
 def ozwell_server(data_dir: str, *extra: str, env: dict | None = None,
-                  inherit_ozwell_env: bool = True, baseline: str | None = None) -> Server:
+                  inherit_ozwell_env: bool = True, baseline: str | None = None,
+                  slow_fsync: float = 0.0) -> Server:
     """`python -m ozwell` (what `.venv/bin/ozwell` runs) on a free port; `inherit_ozwell_env=False`
     drops the caller's OZWELL_* variables so that only the command line and `env` configure it.
-    `baseline`, a git revision, runs ozwell.py as it was there instead of this one."""
+    `baseline`, a git revision, runs ozwell.py as it was there instead of this one.
+    `slow_fsync` seconds are added to every fsync, as on a disk slower than this one."""
     inherited = {k: v for k, v in os.environ.items() if inherit_ozwell_env or not k.startswith("OZWELL_")}
     folder = ROOT if baseline is None else _baseline_tree(baseline)
     bytecode_cached(folder / "ozwell.py")
+    path = [str(folder)]
+    if slow_fsync:
+        path.insert(0, str(_slow_fsync_site()))
+        inherited["BENCH_SLOW_FSYNC_SECONDS"] = str(slow_fsync)
+    # Started in that folder: `-m` looks in the working folder first, before PYTHONPATH.
     return Server([sys.executable, "-m", "ozwell", "--host", "127.0.0.1", "--port", "{port}",
                    "--data-dir", data_dir, *extra],
-                  env={**inherited, "PYTHONPATH": str(folder), **(env or {})})
+                  env={**inherited, "PYTHONPATH": os.pathsep.join(path), **(env or {})},
+                  cwd=folder)
+
+
+SLOW_FSYNC = """\
+import os, time
+_fsync = os.fsync
+
+
+def _slow_fsync(descriptor):
+    time.sleep(float(os.environ["BENCH_SLOW_FSYNC_SECONDS"]))  # a disk's wait: the GIL is free
+    return _fsync(descriptor)
+
+
+os.fsync = _slow_fsync
+"""
+
+
+@functools.cache
+def _slow_fsync_site() -> Path:
+    """A folder whose sitecustomize makes every fsync of the server started with it slower."""
+    folder = Path(tempfile.mkdtemp(prefix="ozwell-slow-fsync-"))
+    atexit.register(shutil.rmtree, folder, True)
+    (folder / "sitecustomize.py").write_text(SLOW_FSYNC)
+    return folder
 
 
 @functools.cache
