@@ -9,7 +9,6 @@ other processes' load shows in them.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import statistics

@@ -8,7 +8,6 @@ import sys
 import xml.etree.ElementTree
 from pathlib import Path
 
-import openai
 import pytest
 
 import ozwell_pytest
